@@ -1,0 +1,131 @@
+//! The policy file: parsing, validation and the resolved runtime model.
+//!
+//! Configuration lives in two types, as in every Breakwater policy:
+//! [`raw::RawConfig`] mirrors the YAML (optional fields, source positions,
+//! unknown fields rejected) and [`Config`] is what the sidecar runs on
+//! (validated, defaults applied, no `Option`s left to interpret, cheap to
+//! share). [`parse`] goes from text to `Config` and reports every problem as
+//! `file:line:column: field: message`.
+
+mod error;
+mod raw;
+mod resolve;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use http::uri::Authority;
+use serde::{Deserialize, Serialize, Serializer};
+
+pub use error::{ConfigError, Diagnostic};
+
+/// Default address of the admin endpoint (health, readiness, metrics, config).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
+/// Default address of the shared proxy port, routed by `Host` / `:authority`.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:15001";
+
+/// The wire protocol Breakwater speaks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 over cleartext TCP, connections pooled with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP with prior knowledge (h2c), multiplexed.
+    Http2,
+    /// gRPC: HTTP/2 with gRPC status mapping for synthetic answers.
+    Grpc,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+        })
+    }
+}
+
+impl Protocol {
+    /// Whether requests to this upstream go out over HTTP/2.
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+/// A resolved, validated sidecar configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// The file this configuration came from (or `<embedded>`).
+    pub source: String,
+    /// Where the admin endpoint listens.
+    pub admin: ListenConfig,
+    /// Where the shared proxy port listens.
+    pub proxy: ListenConfig,
+    /// Every upstream, sorted by name.
+    pub upstreams: Vec<Arc<UpstreamConfig>>,
+}
+
+/// A listening address.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ListenConfig {
+    /// The socket address to bind; port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+/// One upstream and how callers reach it through the sidecar.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamConfig {
+    /// The upstream's name: a label in metrics, and a host routed to it.
+    pub name: Arc<str>,
+    /// Where the upstream listens (`host:port`).
+    #[serde(serialize_with = "display")]
+    pub address: Authority,
+    /// The protocol spoken to the upstream.
+    pub protocol: Protocol,
+    /// A dedicated local port for this upstream, if any.
+    pub listen: Option<SocketAddr>,
+    /// Names routed to this upstream on the shared port, lowercase. The
+    /// upstream's name is always among them.
+    pub hosts: Vec<String>,
+}
+
+fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
+impl Config {
+    /// Finds an upstream by name.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<UpstreamConfig>> {
+        self.upstreams.iter().find(|u| &*u.name == name)
+    }
+}
+
+/// Parses and validates a policy file's text. `file` names the source in
+/// error messages.
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+    let raw = resolve::deserialize(file, text)?;
+    resolve::resolve(file, raw)
+}
+
+/// Reads, parses and validates a policy file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::single(
+            &file,
+            Diagnostic {
+                line: 0,
+                column: 0,
+                field: String::new(),
+                message: format!("cannot read the file: {e}"),
+            },
+        )
+    })?;
+    parse(&file, &text)
+}
+
+#[cfg(test)]
+mod tests;

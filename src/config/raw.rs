@@ -1,0 +1,90 @@
+//! The policy file as written: serde structs that mirror the YAML.
+//!
+//! Everything here is optional where the user may leave it out, keeps the
+//! source position of values that later checks may complain about, and
+//! rejects unknown fields. [`super::resolve`] turns it into the validated
+//! [`super::Config`] the sidecar runs on.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_saphyr::Spanned;
+
+use super::Protocol;
+
+/// The whole policy file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub admin: Option<RawListen>,
+    pub proxy: Option<RawListen>,
+    #[serde(default)]
+    pub upstreams: Entries<String, RawUpstream>,
+    /// The position of each upstream's name, filled in after parsing.
+    #[serde(skip)]
+    pub upstream_names: Vec<Spanned<()>>,
+}
+
+/// Where each upstream's name sits in the file. Read in a second pass
+/// because a position-carrying map key would hide the key from the field
+/// path of deserialization errors.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawKeyPositions {
+    #[serde(default)]
+    pub upstreams: Entries<Spanned<String>, serde::de::IgnoredAny>,
+}
+
+/// A block that only names a listening address.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListen {
+    pub listen: Option<Spanned<String>>,
+}
+
+/// One upstream's block under `upstreams`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstream {
+    pub address: Spanned<String>,
+    pub protocol: Option<Protocol>,
+    pub listen: Option<Spanned<String>>,
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+}
+
+/// A YAML mapping kept in file order, with keys that may carry their
+/// position (a `BTreeMap` would need `Ord` keys and lose the order).
+#[derive(Debug)]
+pub(crate) struct Entries<K, V>(pub Vec<(K, V)>);
+
+impl<K, V> Default for Entries<K, V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<'de, K: Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for Entries<K, V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor<K, V>(PhantomData<(K, V)>);
+
+        impl<'de, K: Deserialize<'de>, V: Deserialize<'de>> Visitor<'de> for EntriesVisitor<K, V> {
+            type Value = Entries<K, V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+
+        deserializer.deserialize_map(EntriesVisitor(PhantomData))
+    }
+}

@@ -1,0 +1,363 @@
+//! From YAML text to a validated [`Config`]: syntax and type errors from the
+//! deserializer, then the checks serde cannot express (addresses, ports,
+//! host claims), all reported with the position of the offending value.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::uri::Authority;
+use serde_saphyr::Spanned;
+
+use super::raw::{RawConfig, RawKeyPositions, RawListen};
+use super::{
+    Config, ConfigError, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN, Diagnostic, ListenConfig,
+    UpstreamConfig,
+};
+
+/// Deserializes the raw model, turning serde's error into a diagnostic with
+/// the field path.
+pub(super) fn deserialize(file: &str, text: &str) -> Result<RawConfig, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(RawConfig::default());
+    }
+    let mut raw: RawConfig = deserialize_with_path(file, text)?;
+    let positions: RawKeyPositions = deserialize_with_path(file, text)?;
+    for ((name, _), (key, _)) in raw.upstreams.0.iter_mut().zip(positions.upstreams.0) {
+        debug_assert_eq!(*name, key.value);
+        raw.upstream_names.push(unit(&key));
+    }
+    Ok(raw)
+}
+
+fn deserialize_with_path<'de, T: serde::Deserialize<'de>>(
+    file: &str,
+    text: &'de str,
+) -> Result<T, ConfigError> {
+    let mut path = String::new();
+    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = clean_path(&e.path().to_string());
+            e.into_inner()
+        })
+    });
+    parsed.map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        let message = e.without_snippet().to_string();
+        let message = match message.rfind(" at line ") {
+            Some(cut) => message[..cut].to_owned(),
+            None => message,
+        };
+        ConfigError::single(
+            file,
+            Diagnostic {
+                line,
+                column,
+                field: path,
+                message: message.replace('`', "\""),
+            },
+        )
+    })
+}
+
+/// Drops the parts of a serde path that are implementation details: the
+/// `value` field of a [`Spanned`] wrapper and unknown (`?`) segments.
+fn clean_path(path: &str) -> String {
+    let mut segments: Vec<&str> = path.split('.').collect();
+    while matches!(segments.last(), Some(&"value" | &"?" | &"")) {
+        segments.pop();
+    }
+    segments.join(".")
+}
+
+/// Collects diagnostics while resolving, so that one run reports them all.
+struct Checker {
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Checker {
+    fn error<T>(&mut self, at: &Spanned<T>, field: impl Into<String>, message: impl Into<String>) {
+        self.diagnostics.push(Diagnostic {
+            line: at.referenced.line(),
+            column: at.referenced.column(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn listen(
+        &mut self,
+        block: Option<&RawListen>,
+        field: &str,
+        default: &str,
+    ) -> Option<(SocketAddr, Option<Spanned<()>>)> {
+        match block.and_then(|b| b.listen.as_ref()) {
+            None => Some((default.parse().expect("default listen address"), None)),
+            Some(s) => self.socket_addr(s, field).map(|a| (a, Some(unit(s)))),
+        }
+    }
+
+    fn socket_addr(&mut self, s: &Spanned<String>, field: &str) -> Option<SocketAddr> {
+        match s.value.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    s,
+                    field,
+                    format!(
+                        "invalid listen address {:?}: expected ip:port, such as 127.0.0.1:15001",
+                        s.value
+                    ),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn unit<T>(s: &Spanned<T>) -> Spanned<()> {
+    Spanned {
+        value: (),
+        referenced: s.referenced,
+        defined: s.defined,
+    }
+}
+
+/// A name claimed on the shared port, and by whom.
+struct Claim {
+    upstream: usize,
+    explicit: bool,
+}
+
+/// Validates the raw model and resolves it into the runtime [`Config`].
+pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut check = Checker {
+        diagnostics: Vec::new(),
+    };
+    let admin = check.listen(raw.admin.as_ref(), "admin.listen", DEFAULT_ADMIN_LISTEN);
+    let proxy = check.listen(raw.proxy.as_ref(), "proxy.listen", DEFAULT_PROXY_LISTEN);
+
+    let mut listens: Vec<(SocketAddr, String, Option<Spanned<()>>)> = Vec::new();
+    for (addr, field) in [(&admin, "admin.listen"), (&proxy, "proxy.listen")] {
+        if let Some((addr, at)) = addr {
+            listens.push((*addr, field.to_owned(), at.clone()));
+        }
+    }
+
+    let mut upstreams = Vec::with_capacity(raw.upstreams.0.len());
+    for (i, (name, up)) in raw.upstreams.0.iter().enumerate() {
+        let at = &raw.upstream_names[i];
+        let name = Spanned {
+            value: name.clone(),
+            referenced: at.referenced,
+            defined: at.defined,
+        };
+        let name = &name;
+        let prefix = format!("upstreams.{}", name.value);
+        if !valid_name(&name.value) {
+            check.error(
+                name,
+                &prefix,
+                "an upstream name must be 1-63 characters of a-z, 0-9, '-', '_' or '.'",
+            );
+        }
+        let address = match parse_address(&up.address.value) {
+            Ok(a) => Some(a),
+            Err(why) => {
+                check.error(&up.address, format!("{prefix}.address"), why);
+                None
+            }
+        };
+        let listen = up.listen.as_ref().and_then(|l| {
+            let field = format!("{prefix}.listen");
+            let addr = check.socket_addr(l, &field)?;
+            listens.push((addr, field, Some(unit(l))));
+            Some(addr)
+        });
+        let mut hosts = vec![name.value.to_ascii_lowercase()];
+        for (i, host) in up.hosts.iter().enumerate() {
+            match parse_host(&host.value) {
+                Ok(h) => hosts.push(h),
+                Err(why) => check.error(host, format!("{prefix}.hosts[{i}]"), why),
+            }
+        }
+        upstreams.push((
+            name.clone(),
+            address,
+            up.protocol.unwrap_or_default(),
+            listen,
+            hosts,
+        ));
+    }
+
+    check_listens(&mut check, &listens);
+
+    // Claims on the shared port. Names and `hosts` are explicit and must be
+    // unique; an address's `host:port` and bare host are implicit and only
+    // routed where no other upstream claims them.
+    let mut claims: HashMap<String, Claim> = HashMap::new();
+    for (i, (name, _, _, _, hosts)) in upstreams.iter().enumerate() {
+        for (h, host) in hosts.iter().enumerate() {
+            if let Some(prior) = claims.get(host) {
+                if prior.upstream != i {
+                    let other = &upstreams[prior.upstream].0.value;
+                    let (at, field) = if h == 0 {
+                        (unit(name), format!("upstreams.{}", name.value))
+                    } else {
+                        let entry = &raw.upstreams.0[i].1.hosts[h - 1];
+                        (
+                            unit(entry),
+                            format!("upstreams.{}.hosts[{}]", name.value, h - 1),
+                        )
+                    };
+                    check.error(
+                        &at,
+                        field,
+                        format!("host {host:?} is already routed to upstream {other:?}"),
+                    );
+                }
+                continue;
+            }
+            claims.insert(
+                host.clone(),
+                Claim {
+                    upstream: i,
+                    explicit: true,
+                },
+            );
+        }
+    }
+    let mut implicit: HashMap<String, Option<usize>> = HashMap::new();
+    for (i, (_, address, ..)) in upstreams.iter().enumerate() {
+        let Some(address) = address else { continue };
+        for key in [
+            address.as_str().to_ascii_lowercase(),
+            address.host().to_ascii_lowercase(),
+        ] {
+            if claims.get(&key).is_some_and(|c| c.explicit) {
+                continue;
+            }
+            implicit
+                .entry(key)
+                .and_modify(|owner| {
+                    if *owner != Some(i) {
+                        *owner = None;
+                    }
+                })
+                .or_insert(Some(i));
+        }
+    }
+    let mut implicit_hosts: Vec<Vec<String>> = vec![Vec::new(); upstreams.len()];
+    for (key, owner) in implicit {
+        if let Some(i) = owner {
+            implicit_hosts[i].push(key);
+        }
+    }
+
+    if !check.diagnostics.is_empty() {
+        check.diagnostics.sort_by_key(|d| (d.line, d.column));
+        return Err(ConfigError {
+            file: file.to_owned(),
+            diagnostics: check.diagnostics,
+        });
+    }
+
+    let mut resolved: Vec<Arc<UpstreamConfig>> = upstreams
+        .into_iter()
+        .zip(implicit_hosts)
+        .map(
+            |((name, address, protocol, listen, mut hosts), mut extra)| {
+                extra.sort();
+                hosts.extend(extra);
+                Arc::new(UpstreamConfig {
+                    name: Arc::from(name.value.as_str()),
+                    address: address.expect("checked above"),
+                    protocol,
+                    listen,
+                    hosts,
+                })
+            },
+        )
+        .collect();
+    resolved.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Config {
+        source: file.to_owned(),
+        admin: ListenConfig {
+            listen: admin.expect("checked above").0,
+        },
+        proxy: ListenConfig {
+            listen: proxy.expect("checked above").0,
+        },
+        upstreams: resolved,
+    })
+}
+
+/// Two listeners may not share a port (port 0 asks for any free port, so it
+/// never conflicts).
+fn check_listens(check: &mut Checker, listens: &[(SocketAddr, String, Option<Spanned<()>>)]) {
+    for (i, (addr, field, at)) in listens.iter().enumerate() {
+        if addr.port() == 0 {
+            continue;
+        }
+        let clash = listens[..i].iter().find(|(other, ..)| {
+            other.port() == addr.port()
+                && (other.ip() == addr.ip()
+                    || other.ip().is_unspecified()
+                    || addr.ip().is_unspecified())
+        });
+        if let Some((_, other_field, _)) = clash {
+            let message = format!("port {} is already used by {other_field}", addr.port());
+            match at {
+                Some(at) => check.error(at, field.clone(), message),
+                None => check.diagnostics.push(Diagnostic {
+                    line: 0,
+                    column: 0,
+                    field: field.clone(),
+                    message,
+                }),
+            }
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
+}
+
+/// Parses an upstream address: `host:port`, nothing else.
+fn parse_address(text: &str) -> Result<Authority, String> {
+    let hint = "expected host:port, such as ocr-agent:8080";
+    if text.contains("://") {
+        return Err(format!(
+            "invalid address {text:?}: {hint}, without a scheme"
+        ));
+    }
+    let authority: Authority = text
+        .parse()
+        .map_err(|_| format!("invalid address {text:?}: {hint}"))?;
+    if text.contains('@') || authority.host().is_empty() {
+        return Err(format!("invalid address {text:?}: {hint}"));
+    }
+    if authority.port_u16().is_none_or(|p| p == 0) {
+        return Err(format!("address {text:?} has no port: {hint}"));
+    }
+    Ok(authority)
+}
+
+/// Parses a name routed on the shared port: a host, optionally with a port.
+fn parse_host(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && !text.contains('@')
+        && !text.contains('/')
+        && text.parse::<Authority>().is_ok();
+    if valid {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "invalid host {text:?}: expected a host name, optionally with a port"
+        ))
+    }
+}

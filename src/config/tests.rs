@@ -1,0 +1,167 @@
+//! Config parsing and validation: every kind of error names the file, line,
+//! column and field.
+
+use super::*;
+
+fn error(text: &str) -> String {
+    parse("policies.yaml", text).unwrap_err().to_string()
+}
+
+#[test]
+fn defaults_apply_to_an_empty_file() {
+    let config = parse("p.yaml", "").unwrap();
+    assert_eq!(config.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+    assert_eq!(config.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
+    assert!(config.upstreams.is_empty());
+}
+
+#[test]
+fn resolves_upstreams_with_their_routed_hosts() {
+    let config = parse(
+        "p.yaml",
+        "upstreams:\n  ocr:\n    address: ocr-agent:8080\n    protocol: grpc\n    listen: 127.0.0.1:15011\n    hosts: [OCR.internal]\n  llm:\n    address: api.example.com:80\n",
+    )
+    .unwrap();
+    let names: Vec<&str> = config.upstreams.iter().map(|u| &*u.name).collect();
+    assert_eq!(names, ["llm", "ocr"], "sorted by name");
+    let ocr = config.upstream("ocr").unwrap();
+    assert_eq!(ocr.protocol, Protocol::Grpc);
+    assert_eq!(ocr.listen.unwrap().port(), 15011);
+    assert_eq!(
+        ocr.hosts,
+        ["ocr", "ocr.internal", "ocr-agent", "ocr-agent:8080"]
+    );
+    assert_eq!(config.upstream("llm").unwrap().protocol, Protocol::Http1);
+}
+
+#[test]
+fn unknown_variant_names_line_column_and_field() {
+    let text = "admin:\n  listen: 127.0.0.1:15000\nupstreams:\n  ocr:\n    address: ocr-agent:8080\n    protocol: grcp\n";
+    assert_eq!(
+        error(text),
+        "policies.yaml:6:15: upstreams.ocr.protocol: unknown variant \"grcp\", expected one of http1, http2, grpc"
+    );
+}
+
+#[test]
+fn unknown_fields_are_errors() {
+    let text = "upstreams:\n  ocr:\n    address: a:1\n    adress: b:2\n";
+    let message = error(text);
+    assert!(
+        message.starts_with("policies.yaml:4:5: upstreams.ocr.adress: unknown field \"adress\""),
+        "{message}"
+    );
+    let message = error("admin: {listen: 127.0.0.1:1, port: 2}\n");
+    assert!(
+        message.starts_with("policies.yaml:1:30: admin.port: unknown field"),
+        "{message}"
+    );
+}
+
+#[test]
+fn missing_and_mistyped_fields() {
+    let message = error("upstreams:\n  ocr:\n    protocol: grpc\n");
+    assert!(
+        message.starts_with("policies.yaml:3:5: upstreams.ocr: missing field \"address\""),
+        "{message}"
+    );
+    let message = error("upstreams:\n  ocr:\n    address: [a]\n");
+    assert!(
+        message.starts_with("policies.yaml:3:14: upstreams.ocr.address:"),
+        "{message}"
+    );
+}
+
+#[test]
+fn syntax_errors_have_a_position() {
+    let message = error("upstreams:\n  ocr:\n   address: a:1\n  - x\n");
+    assert!(message.starts_with("policies.yaml:4:"), "{message}");
+}
+
+#[test]
+fn address_without_port_or_with_scheme() {
+    assert_eq!(
+        error("upstreams:\n  ocr:\n    address: ocr-agent\n"),
+        "policies.yaml:3:14: upstreams.ocr.address: address \"ocr-agent\" has no port: expected host:port, such as ocr-agent:8080"
+    );
+    let message = error("upstreams:\n  ocr:\n    address: http://ocr:80\n");
+    assert!(message.contains("without a scheme"), "{message}");
+}
+
+#[test]
+fn duplicate_listen_ports() {
+    let text = "proxy: {listen: 127.0.0.1:15001}\nupstreams:\n  ocr:\n    address: a:1\n    listen: 0.0.0.0:15001\n";
+    assert_eq!(
+        error(text),
+        "policies.yaml:5:13: upstreams.ocr.listen: port 15001 is already used by proxy.listen"
+    );
+    // Port 0 asks for any free port: never a clash.
+    parse(
+        "p.yaml",
+        "admin: {listen: 127.0.0.1:0}\nproxy: {listen: 127.0.0.1:0}\nupstreams:\n  ocr: {address: a:1, listen: 127.0.0.1:0}\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn invalid_listen_address() {
+    assert_eq!(
+        error("proxy:\n  listen: localhost:80\n"),
+        "policies.yaml:2:11: proxy.listen: invalid listen address \"localhost:80\": expected ip:port, such as 127.0.0.1:15001"
+    );
+}
+
+#[test]
+fn two_upstreams_claiming_one_host() {
+    let text = "upstreams:\n  ocr:\n    address: a:1\n    hosts: [scan]\n  vision:\n    address: b:1\n    hosts: [Scan]\n";
+    assert_eq!(
+        error(text),
+        "policies.yaml:7:13: upstreams.vision.hosts[0]: host \"scan\" is already routed to upstream \"ocr\""
+    );
+    let text =
+        "upstreams:\n  ocr:\n    address: a:1\n    hosts: [vision]\n  vision:\n    address: b:1\n";
+    assert_eq!(
+        error(text),
+        "policies.yaml:5:3: upstreams.vision: host \"vision\" is already routed to upstream \"ocr\""
+    );
+}
+
+#[test]
+fn shared_address_hosts_are_routed_to_nobody() {
+    // Two upstreams on one machine: neither owns the bare host, each keeps
+    // its exact host:port.
+    let config = parse(
+        "p.yaml",
+        "upstreams:\n  a: {address: '10.0.0.1:80'}\n  b: {address: '10.0.0.1:81'}\n",
+    )
+    .unwrap();
+    assert_eq!(config.upstream("a").unwrap().hosts, ["a", "10.0.0.1:80"]);
+    assert_eq!(config.upstream("b").unwrap().hosts, ["b", "10.0.0.1:81"]);
+}
+
+#[test]
+fn invalid_upstream_name() {
+    assert_eq!(
+        error("upstreams:\n  OCR Agent:\n    address: a:1\n"),
+        "policies.yaml:2:3: upstreams.OCR Agent: an upstream name must be 1-63 characters of a-z, 0-9, '-', '_' or '.'"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_in_file_order() {
+    let text = "upstreams:\n  b:\n    address: nope\n  a:\n    address: x:1\n    listen: bad\n";
+    let error = parse("p.yaml", text).unwrap_err();
+    let lines: Vec<u64> = error.diagnostics.iter().map(|d| d.line).collect();
+    assert_eq!(lines, [3, 6]);
+}
+
+#[test]
+fn unreadable_file_names_the_file() {
+    let error = load(Path::new("/nonexistent/policies.yaml")).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("/nonexistent/policies.yaml: cannot read the file:"),
+        "{error}"
+    );
+}

@@ -1,0 +1,185 @@
+//! The edge: the one place where a failure becomes an answer to the caller.
+//!
+//! Layers return typed errors ([`ProxyError`]); nothing below this module
+//! formats a response. Each error maps to an HTTP status for HTTP callers,
+//! a gRPC status for gRPC callers (sent as a trailers-only response with
+//! HTTP 200, as gRPC requires) and a short machine-readable reason in the
+//! `x-breakwater-error` header, so that a calling agent can tell a
+//! Breakwater answer from its upstream's.
+
+use std::sync::Arc;
+
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{HeaderMap, Response, StatusCode};
+
+use crate::body::{self, Body, BoxError};
+
+/// The header that carries the reason for a synthetic answer.
+pub const ERROR_HEADER: &str = "x-breakwater-error";
+
+/// gRPC status codes used by synthetic answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum GrpcCode {
+    /// No upstream serves this request.
+    Unimplemented = 12,
+    /// The upstream could not be reached or failed mid-call.
+    Unavailable = 14,
+    /// The request itself is unusable.
+    InvalidArgument = 3,
+}
+
+/// Why the sidecar answered instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No configured upstream claims the request's host: the sidecar is
+    /// not an open proxy.
+    #[error("no upstream is configured for host {host:?}")]
+    UnknownHost {
+        /// The host the caller asked for.
+        host: String,
+    },
+    /// The request names no host at all.
+    #[error("the request has no Host header or authority to route by")]
+    NoHost,
+    /// A method the sidecar does not proxy, such as `CONNECT`.
+    #[error("method {method} is not supported by the sidecar")]
+    UnsupportedMethod {
+        /// The request's method.
+        method: http::Method,
+    },
+    /// No connection to the upstream could be made.
+    #[error("cannot connect to upstream {upstream}: {source}")]
+    Connect {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The transport error.
+        source: BoxError,
+    },
+    /// The connection failed after the request was sent.
+    #[error("upstream {upstream} failed: {source}")]
+    Upstream {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The transport error.
+        source: BoxError,
+    },
+}
+
+impl ProxyError {
+    /// The machine-readable reason sent in `x-breakwater-error`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownHost { .. } => "unknown-host",
+            ProxyError::NoHost => "no-host",
+            ProxyError::UnsupportedMethod { .. } => "unsupported-method",
+            ProxyError::Connect { .. } => "connect-failure",
+            ProxyError::Upstream { .. } => "upstream-reset",
+        }
+    }
+
+    fn http_status(&self) -> StatusCode {
+        match self {
+            ProxyError::UnknownHost { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoHost => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn grpc_code(&self) -> GrpcCode {
+        match self {
+            ProxyError::UnknownHost { .. } | ProxyError::UnsupportedMethod { .. } => {
+                GrpcCode::Unimplemented
+            }
+            ProxyError::NoHost => GrpcCode::InvalidArgument,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => GrpcCode::Unavailable,
+        }
+    }
+}
+
+/// Whether a request is a gRPC call, judged by its content type.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Builds the caller's answer for an error: a gRPC trailers-only response
+/// for gRPC calls, a plain-text HTTP error otherwise.
+pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
+    let reason = HeaderValue::from_static(error.reason());
+    let message = error.to_string();
+    if grpc {
+        let mut response = Response::new(body::empty());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(error.grpc_code() as i32));
+        if let Ok(value) = HeaderValue::from_str(&percent_encode(&message)) {
+            headers.insert("grpc-message", value);
+        }
+        headers.insert(ERROR_HEADER, reason);
+        return response;
+    }
+    let mut response = Response::new(body::full(message + "\n"));
+    *response.status_mut() = error.http_status();
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(ERROR_HEADER, reason);
+    response
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: every
+/// byte outside printable ASCII, and `%` itself.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_answers_are_trailers_only_with_status_and_reason() {
+        let err = ProxyError::Connect {
+            upstream: Arc::from("ocr"),
+            source: "connection refused".into(),
+        };
+        let response = error_response(&err, true);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "14");
+        assert_eq!(response.headers()[ERROR_HEADER], "connect-failure");
+        assert_eq!(
+            response.headers()["grpc-message"],
+            "cannot connect to upstream ocr: connection refused"
+        );
+    }
+
+    #[test]
+    fn http_answers_carry_status_and_reason() {
+        let err = ProxyError::UnknownHost {
+            host: "nope".into(),
+        };
+        let response = error_response(&err, false);
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(response.headers()[ERROR_HEADER], "unknown-host");
+        let grpc = error_response(&err, true);
+        assert_eq!(grpc.headers()["grpc-status"], "12");
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("50% é"), "50%25 %C3%A9");
+    }
+}

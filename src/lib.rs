@@ -1,0 +1,26 @@
+//! Breakwater: a resilience sidecar for AI-agent services.
+//!
+//! Multi-agent systems fail as graphs: one slow agent times out and every
+//! agent downstream of it is skipped or fed partial data. Breakwater runs
+//! beside each agent and applies each upstream's policy to the agent's
+//! outbound HTTP and gRPC calls.
+//!
+//! The library is the product; the `breakwater` binary only parses
+//! arguments and calls [`sidecar::run`], [`config::load`] and [`demo::run`].
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod edge;
+pub mod example;
+pub mod sidecar;
+pub mod telemetry;
+
+/// Generated code for the built-in example gRPC service.
+pub mod echo {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("breakwater.echo.v1");
+}

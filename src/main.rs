@@ -1,0 +1,174 @@
+//! The `breakwater` command: parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use breakwater::telemetry::logging::{self, LogFormat};
+use breakwater::{config, demo, sidecar};
+use clap::{Parser, Subcommand};
+
+/// Exit status for invalid configuration or arguments.
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "breakwater",
+    version,
+    about = "A resilience sidecar for AI-agent services"
+)]
+struct Cli {
+    /// Log line format (RUST_LOG selects what is logged).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar (the data plane) beside an agent.
+    Sidecar {
+        /// The policy file.
+        #[arg(long, short, env = "BREAKWATER_CONFIG")]
+        config: PathBuf,
+        /// Worker threads. A sidecar shares its pod's CPU with the agent.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: u16,
+        /// How long in-flight requests may take to finish after SIGTERM.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        grace_period: Duration,
+    },
+    /// Check a policy file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Run the built-in demo: example upstreams behind a sidecar.
+    Demo {
+        /// Requests per path and protocol.
+        #[arg(long, default_value_t = 500)]
+        requests: usize,
+        /// Leave everything running after the report, until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a policy file and print a summary of the resolved config.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(text)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => check(&file),
+        Command::Sidecar {
+            config,
+            threads,
+            grace_period,
+        } => {
+            let config = match config::load(&config) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("{error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let options = sidecar::Options { grace_period };
+            let result =
+                runtime(threads).block_on(sidecar::run(config, options, shutdown_signal()));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "sidecar failed to start");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo {
+            requests,
+            keep_running,
+        } => {
+            let options = demo::DemoOptions {
+                requests,
+                keep_running,
+            };
+            match runtime(2).block_on(demo::run(options)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("demo failed: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(file: &std::path::Path) -> ExitCode {
+    match config::load(file) {
+        Ok(config) => {
+            println!("{}: ok", config.source);
+            println!("  admin  {}", config.admin.listen);
+            println!("  proxy  {}", config.proxy.listen);
+            for upstream in &config.upstreams {
+                let listen = upstream
+                    .listen
+                    .map(|l| format!(" listen {l}"))
+                    .unwrap_or_default();
+                println!(
+                    "  upstream {} -> {} ({}){} hosts [{}]",
+                    upstream.name,
+                    upstream.address,
+                    upstream.protocol,
+                    listen,
+                    upstream.hosts.join(", ")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// A runtime with `threads` workers; one thread runs everything on the
+/// current thread, which avoids cross-thread wake-ups.
+fn runtime(threads: u16) -> tokio::runtime::Runtime {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads.into());
+        b
+    };
+    builder
+        .enable_all()
+        .thread_name("breakwater")
+        .build()
+        .expect("the tokio runtime starts")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

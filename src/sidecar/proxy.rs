@@ -1,0 +1,106 @@
+//! The proxy service: one request in, routed to its upstream, one answer
+//! out. It is the `hyper` service every sidecar listener serves.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::route::Routes;
+use super::upstream::Upstream;
+use crate::body::Body;
+use crate::edge::{self, ProxyError};
+use crate::telemetry::metrics::{Metrics, Outcome};
+
+/// Where a listener sends its requests.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A dedicated port: every request goes to this upstream.
+    Upstream(Arc<Upstream>),
+    /// The shared port: route by authority.
+    Shared(Arc<Routes>),
+}
+
+/// The service a listener serves.
+#[derive(Debug, Clone)]
+pub struct ProxyService {
+    target: Target,
+    metrics: Arc<Metrics>,
+}
+
+impl ProxyService {
+    /// A service sending requests to `target`.
+    pub fn new(target: Target, metrics: Arc<Metrics>) -> Self {
+        Self { target, metrics }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let grpc = edge::is_grpc(request.headers());
+        if request.method() == Method::CONNECT {
+            let error = ProxyError::UnsupportedMethod {
+                method: Method::CONNECT,
+            };
+            return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
+        }
+        let upstream = match &self.target {
+            Target::Upstream(upstream) => upstream.clone(),
+            Target::Shared(routes) => match routes.find(&request) {
+                Ok(upstream) => upstream.clone(),
+                Err(host) => {
+                    self.metrics.unrouted();
+                    let error = match host {
+                        Some(host) => ProxyError::UnknownHost { host },
+                        None => ProxyError::NoHost,
+                    };
+                    tracing::debug!(%error, "unrouted request");
+                    return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
+                }
+            },
+        };
+        Box::pin(forward(upstream, request, grpc))
+    }
+}
+
+/// Sends a request to its upstream and records the outcome.
+async fn forward(
+    upstream: Arc<Upstream>,
+    request: Request<Incoming>,
+    grpc: bool,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let _in_flight = upstream.metrics.start();
+    let (outcome, response) = match upstream.send(request).await {
+        Ok(response) => (classify(&response), response),
+        Err(error) => {
+            tracing::debug!(upstream = %upstream.config.name, %error, "upstream call failed");
+            (Outcome::Failure, edge::error_response(&error, grpc))
+        }
+    };
+    upstream
+        .metrics
+        .record(outcome, started.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+/// The outcome of an answered request, from what is known when its headers
+/// arrive: the HTTP status, and `grpc-status` when the answer is
+/// trailers-only.
+fn classify(response: &Response<Body>) -> Outcome {
+    if response.status() >= StatusCode::INTERNAL_SERVER_ERROR {
+        return Outcome::Error;
+    }
+    match response.headers().get("grpc-status") {
+        Some(status) if status.as_bytes() != b"0" => Outcome::Error,
+        _ => Outcome::Success,
+    }
+}

@@ -1,0 +1,217 @@
+//! The sidecar's Prometheus metrics.
+//!
+//! Every metric is registered here, with its help text, and handed out to
+//! the request path as pre-resolved per-upstream handles
+//! ([`UpstreamMetrics`]): recording a request is a few atomic operations, no
+//! label lookup, no allocation. Labels stay bounded: the upstream's name
+//! (from the config) and a fixed set of outcomes.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Latency buckets, in seconds: from sub-millisecond local calls to
+/// minute-long model calls.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// How a request ended, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered, without a server error.
+    Success,
+    /// The upstream answered with a server error (HTTP 5xx, or a gRPC
+    /// status other than OK in the response headers).
+    Error,
+    /// The upstream gave no answer; the sidecar answered for it.
+    Failure,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Error => "error",
+            Outcome::Failure => "failure",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    upstream: String,
+    outcome: &'static str,
+}
+
+/// The registry and metric families of one sidecar.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<OutcomeLabels, Counter>,
+    duration: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    in_flight: Family<UpstreamLabels, Gauge>,
+    unrouted: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every sidecar metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("breakwater");
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests proxied, by upstream and outcome (success, error, failure)",
+            requests.clone(),
+        );
+        let duration: Family<UpstreamLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to sending its response headers",
+            duration.clone(),
+        );
+        let in_flight = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests received and not yet answered, by upstream",
+            in_flight.clone(),
+        );
+        let unrouted = Counter::default();
+        registry.register(
+            "unrouted_requests",
+            "Requests for a host no upstream claims, answered 404 / UNIMPLEMENTED",
+            unrouted.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            in_flight,
+            unrouted,
+        }
+    }
+
+    /// Resolves the handles one upstream records into.
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        let labels = UpstreamLabels {
+            upstream: name.to_owned(),
+        };
+        let outcome = |o: Outcome| {
+            self.requests.get_or_create_owned(&OutcomeLabels {
+                upstream: name.to_owned(),
+                outcome: o.label(),
+            })
+        };
+        UpstreamMetrics(Arc::new(Handles {
+            success: outcome(Outcome::Success),
+            error: outcome(Outcome::Error),
+            failure: outcome(Outcome::Failure),
+            duration: self.duration.get_or_create_owned(&labels),
+            in_flight: self.in_flight.get_or_create_owned(&labels),
+        }))
+    }
+
+    /// Counts a request no upstream claimed.
+    pub fn unrouted(&self) {
+        self.unrouted.inc();
+    }
+
+    /// Renders every metric in the Prometheus / OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+struct Handles {
+    success: Counter,
+    error: Counter,
+    failure: Counter,
+    duration: Histogram,
+    in_flight: Gauge,
+}
+
+/// One upstream's metric handles, cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamMetrics(Arc<Handles>);
+
+impl std::fmt::Debug for UpstreamMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamMetrics").finish_non_exhaustive()
+    }
+}
+
+impl UpstreamMetrics {
+    /// Marks a request as in flight until the guard is dropped, so a
+    /// cancelled request is not counted forever.
+    pub fn start(&self) -> InFlight {
+        self.0.in_flight.inc();
+        InFlight(self.0.clone())
+    }
+
+    /// Records a finished request.
+    pub fn record(&self, outcome: Outcome, seconds: f64) {
+        match outcome {
+            Outcome::Success => self.0.success.inc(),
+            Outcome::Error => self.0.error.inc(),
+            Outcome::Failure => self.0.failure.inc(),
+        };
+        self.0.duration.observe(seconds);
+    }
+}
+
+/// Holds one request in the in-flight gauge.
+pub struct InFlight(Arc<Handles>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_outcomes_latency_and_in_flight() {
+        let metrics = Metrics::new();
+        let ocr = metrics.upstream("ocr");
+        let guard = ocr.start();
+        ocr.record(Outcome::Success, 0.003);
+        ocr.record(Outcome::Failure, 0.001);
+        let text = metrics.encode();
+        assert!(text.contains("breakwater_requests_in_flight{upstream=\"ocr\"} 1"));
+        drop(guard);
+        let text = metrics.encode();
+        assert!(text.contains("breakwater_requests_total{upstream=\"ocr\",outcome=\"success\"} 1"));
+        assert!(text.contains("breakwater_requests_total{upstream=\"ocr\",outcome=\"failure\"} 1"));
+        assert!(text.contains("breakwater_request_duration_seconds_count{upstream=\"ocr\"} 2"));
+        assert!(text.contains("breakwater_requests_in_flight{upstream=\"ocr\"} 0"));
+    }
+}
