@@ -6,8 +6,9 @@
 //!
 //! The gRPC service honours two request metadata keys, so that callers can
 //! script failures: `x-echo-status: <code>` answers that gRPC status (with
-//! `x-echo-message` as its message), and every `x-echo-*` key is echoed
-//! back as response metadata.
+//! `x-echo-message` as its message; a server stream sends its messages
+//! first and the status in its trailers), and every `x-echo-*` key is
+//! echoed back as response metadata.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -52,21 +53,10 @@ pub struct EchoService {
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
 
 impl EchoService {
+    /// Counts the call and answers the scripted status, if any.
     fn begin(&self, metadata: &MetadataMap) -> Result<(), Status> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let Some(code) = metadata.get("x-echo-status") else {
-            return Ok(());
-        };
-        let code = code
-            .to_str()
-            .ok()
-            .and_then(|c| c.parse::<i32>().ok())
-            .unwrap_or(2);
-        let message = metadata
-            .get("x-echo-message")
-            .and_then(|m| m.to_str().ok())
-            .unwrap_or("scripted failure");
-        Err(Status::new(Code::from_i32(code), message))
+        scripted_status(metadata).map_or(Ok(()), Err)
     }
 
     fn reply<T>(metadata: &MetadataMap, message: T) -> tonic::Response<T> {
@@ -74,6 +64,21 @@ impl EchoService {
         echo_metadata(metadata, response.metadata_mut());
         response
     }
+}
+
+/// The status asked for by `x-echo-status` / `x-echo-message`.
+fn scripted_status(metadata: &MetadataMap) -> Option<Status> {
+    let code = metadata.get("x-echo-status")?;
+    let code = code
+        .to_str()
+        .ok()
+        .and_then(|c| c.parse::<i32>().ok())
+        .unwrap_or(2);
+    let message = metadata
+        .get("x-echo-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or("scripted failure");
+    Some(Status::new(Code::from_i32(code), message))
 }
 
 /// Copies `x-echo-*` request metadata into the response metadata.
@@ -156,7 +161,7 @@ impl Echo for EchoService {
         &self,
         request: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<ReplyStream>, Status> {
-        self.begin(request.metadata())?;
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let metadata = request.metadata().clone();
         let message = request.into_inner();
         let mut guard = CancelGuard {
@@ -165,7 +170,10 @@ impl Echo for EchoService {
         };
         let interval = Duration::from_millis(message.interval_ms.into());
         let stream = async_stream(message, interval, move |done| guard.finish(done));
-        Ok(Self::reply(&metadata, stream))
+        // A scripted status comes after the messages, in the trailers.
+        let end = scripted_status(&metadata).filter(|s| s.code() != Code::Ok);
+        let stream = stream.chain(tokio_stream::iter(end.map(Err)));
+        Ok(Self::reply(&metadata, Box::pin(stream) as ReplyStream))
     }
 
     type BidiStreamStream = ReplyStream;

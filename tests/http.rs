@@ -1,0 +1,364 @@
+//! HTTP/1.1 and h2c pass-through against real in-process upstreams.
+
+mod support;
+
+use std::time::Duration;
+
+use breakwater::body;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use support::*;
+use tokio::sync::{mpsc, oneshot};
+
+#[tokio::test]
+async fn routes_by_host_and_passes_requests_through() {
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent:\n    address: {}\n    hosts: [agent.internal]\n",
+        upstream.addr
+    ))
+    .await;
+    let client = http1_client();
+    for host in ["agent", "agent.internal:15001", "AGENT"] {
+        let response = client
+            .request(request_to(
+                sidecar.proxy_addr,
+                host,
+                Method::POST,
+                "/v1/run?x=1",
+                "hello",
+            ))
+            .await
+            .unwrap();
+        let (parts, body) = read_body(response).await;
+        assert_eq!(parts.status, StatusCode::OK, "host {host}");
+        assert_eq!(body, "hello");
+    }
+    let seen = upstream.last_seen();
+    assert_eq!(seen.method, Method::POST);
+    assert_eq!(seen.uri, "/v1/run?x=1");
+    assert_eq!(
+        seen.headers["host"],
+        upstream.addr.to_string(),
+        "Host is set for the upstream"
+    );
+    assert_eq!(upstream.requests(), 3);
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "keep-alive pool reuses one connection"
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded_either_way() {
+    let upstream = HttpUpstream::start(|_req: Request<Incoming>| async {
+        Response::builder()
+            .header("connection", "x-upstream-hop")
+            .header("x-upstream-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("x-upstream-end", "kept")
+            .body(body::empty())
+            .unwrap()
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}'}}\n",
+        upstream.addr
+    ))
+    .await;
+    let mut request = request_to(sidecar.proxy_addr, "agent", Method::GET, "/", "");
+    let headers = request.headers_mut();
+    headers.insert("connection", "x-session".parse().unwrap());
+    headers.insert("x-session", "secret".parse().unwrap());
+    headers.insert("keep-alive", "timeout=5".parse().unwrap());
+    headers.insert("proxy-authorization", "Basic eA==".parse().unwrap());
+    headers.insert("upgrade", "websocket".parse().unwrap());
+    headers.insert("x-end-to-end", "kept".parse().unwrap());
+    let response = http1_client().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().get("x-upstream-hop").is_none());
+    assert!(response.headers().get("keep-alive").is_none());
+    assert_eq!(response.headers()["x-upstream-end"], "kept");
+    let seen = upstream.last_seen();
+    for hop in ["x-session", "keep-alive", "proxy-authorization", "upgrade"] {
+        assert!(seen.headers.get(hop).is_none(), "{hop} was forwarded");
+    }
+    assert_eq!(seen.headers["x-end-to-end"], "kept");
+}
+
+#[tokio::test]
+async fn absolute_form_targets_route_like_http_proxy() {
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}'}}\n",
+        upstream.addr
+    ))
+    .await;
+    let mut conn = h1_connect(sidecar.proxy_addr).await;
+    let request = Request::get("http://agent/status")
+        .body(body::empty())
+        .unwrap();
+    let response = conn.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        upstream.last_seen().uri,
+        "/status",
+        "origin-form towards the upstream"
+    );
+    // The upstream's own address routes too.
+    let request = Request::get(format!("http://{}/direct", upstream.addr))
+        .body(body::empty())
+        .unwrap();
+    let response = conn.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(upstream.last_seen().uri, "/direct");
+}
+
+#[tokio::test]
+async fn unknown_hosts_get_404_and_are_never_proxied() {
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}'}}\n",
+        upstream.addr
+    ))
+    .await;
+    let client = http1_client();
+    let response = client
+        .request(request_to(
+            sidecar.proxy_addr,
+            "example.com",
+            Method::GET,
+            "/",
+            "",
+        ))
+        .await
+        .unwrap();
+    let (parts, body) = read_body(response).await;
+    assert_eq!(parts.status, StatusCode::NOT_FOUND);
+    assert_eq!(parts.headers["x-breakwater-error"], "unknown-host");
+    assert_eq!(body, "no upstream is configured for host \"example.com\"\n");
+    let mut conn = h1_connect(sidecar.proxy_addr).await;
+    let response = conn
+        .send_request(
+            Request::get("http://example.com/")
+                .body(body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(upstream.requests(), 0);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_answers_502_with_a_reason() {
+    let closed = closed_port().await;
+    let sidecar = sidecar(&format!("upstreams:\n  gone: {{address: '{closed}'}}\n")).await;
+    let response = http1_client()
+        .request(request_to(sidecar.proxy_addr, "gone", Method::GET, "/", ""))
+        .await
+        .unwrap();
+    let (parts, body) = read_body(response).await;
+    assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(parts.headers["x-breakwater-error"], "connect-failure");
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        body.starts_with("cannot connect to upstream gone:"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn dedicated_port_sends_everything_to_its_upstream() {
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', listen: '127.0.0.1:0'}}\n",
+        upstream.addr
+    ))
+    .await;
+    let port = sidecar.upstream_addrs["agent"];
+    let response = http1_client()
+        .request(request_to(
+            port,
+            "anything.example",
+            Method::PUT,
+            "/x",
+            "body",
+        ))
+        .await
+        .unwrap();
+    let (parts, body) = read_body(response).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body, "body");
+    assert_eq!(upstream.last_seen().method, Method::PUT);
+}
+
+/// A request body is streamed: the upstream sees the first chunk before the
+/// caller has sent the second.
+#[tokio::test]
+async fn request_bodies_stream_without_buffering() {
+    let (first_tx, first_rx) = mpsc::unbounded_channel::<Bytes>();
+    let first_tx = std::sync::Mutex::new(Some(first_tx));
+    let upstream = HttpUpstream::start(move |request: Request<Incoming>| {
+        let tx = first_tx.lock().unwrap().take();
+        async move {
+            let mut body = request.into_body();
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    if total == 0
+                        && let Some(tx) = &tx
+                    {
+                        tx.send(data.clone()).unwrap();
+                    }
+                    total += data.len();
+                }
+            }
+            Response::new(body::full(total.to_string()))
+        }
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}'}}\n",
+        upstream.addr
+    ))
+    .await;
+
+    let (chunks_tx, chunks_rx) =
+        mpsc::channel::<Result<Frame<Bytes>, breakwater::body::BoxError>>(1);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(chunks_rx);
+    let request = Request::post(format!("http://{}/upload", sidecar.proxy_addr))
+        .header("host", "agent")
+        .body(body::boxed(StreamBody::new(stream)))
+        .unwrap();
+    let client = http1_client();
+    let answer = tokio::spawn(async move { client.request(request).await.unwrap() });
+
+    let chunk = Bytes::from(vec![7u8; 1 << 20]);
+    chunks_tx
+        .send(Ok(Frame::data(chunk.clone())))
+        .await
+        .unwrap();
+    let mut first_rx = first_rx;
+    let first = tokio::time::timeout(Duration::from_secs(10), first_rx.recv())
+        .await
+        .expect("the upstream saw the first chunk while the body was still open")
+        .unwrap();
+    assert!(!first.is_empty());
+    for _ in 0..15 {
+        chunks_tx
+            .send(Ok(Frame::data(chunk.clone())))
+            .await
+            .unwrap();
+    }
+    drop(chunks_tx);
+    let (parts, body) = read_body(answer.await.unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body, (16usize << 20).to_string());
+}
+
+/// A response body is streamed: the caller reads the first chunk before the
+/// upstream has produced the second.
+#[tokio::test]
+async fn response_bodies_stream_without_buffering() {
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let release = std::sync::Mutex::new(Some(release_rx));
+    let upstream = HttpUpstream::start(move |_req: Request<Incoming>| {
+        let release = release.lock().unwrap().take().unwrap();
+        async move {
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, breakwater::body::BoxError>>(2);
+            tokio::spawn(async move {
+                tx.send(Ok(Frame::data(Bytes::from_static(b"first "))))
+                    .await
+                    .unwrap();
+                release.await.unwrap();
+                tx.send(Ok(Frame::data(Bytes::from_static(b"second"))))
+                    .await
+                    .unwrap();
+            });
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            Response::new(body::boxed(StreamBody::new(stream)))
+        }
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}'}}\n",
+        upstream.addr
+    ))
+    .await;
+    let response = http1_client()
+        .request(request_to(
+            sidecar.proxy_addr,
+            "agent",
+            Method::GET,
+            "/",
+            "",
+        ))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first ");
+    release_tx.send(()).unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "second");
+}
+
+#[tokio::test]
+async fn h2c_callers_and_upstreams_with_trailers() {
+    let upstream = HttpUpstream::start(|request: Request<Incoming>| async move {
+        assert_eq!(request.version(), Version::HTTP_2);
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", body.len().to_string().parse().unwrap());
+        let frames = vec![
+            Ok::<_, breakwater::body::BoxError>(Frame::data(body)),
+            Ok(Frame::trailers(trailers)),
+        ];
+        Response::new(body::boxed(StreamBody::new(tokio_stream::iter(frames))))
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  h2agent: {{address: '{}', protocol: http2}}\n",
+        upstream.addr
+    ))
+    .await;
+    let mut conn = h2_connect(sidecar.proxy_addr).await;
+    let request = Request::post("http://h2agent/work")
+        .header("te", "trailers")
+        .body(body::full("twelve bytes"))
+        .unwrap();
+    let response = conn.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), Version::HTTP_2);
+    let collected = response.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-checksum"], "12");
+    assert_eq!(collected.to_bytes(), "twelve bytes");
+    let seen = upstream.last_seen();
+    assert_eq!(
+        seen.uri.authority().unwrap().as_str(),
+        upstream.addr.to_string(),
+        ":authority is set for the upstream"
+    );
+    assert_eq!(seen.uri.path(), "/work");
+
+    // An HTTP/1.1 caller reaches the same HTTP/2 upstream.
+    let response = http1_client()
+        .request(request_to(
+            sidecar.proxy_addr,
+            "h2agent",
+            Method::POST,
+            "/",
+            "abc",
+        ))
+        .await
+        .unwrap();
+    let (parts, body) = read_body(response).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body, "abc");
+}

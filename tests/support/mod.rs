@@ -1,0 +1,239 @@
+//! Real in-process peers for the behaviour tests: HTTP and gRPC upstreams
+//! on loopback sockets with request counters and scripted answers, clients,
+//! and a helper that starts a sidecar from a YAML literal.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use breakwater::body::{self, Body};
+use breakwater::example::{self, EchoService, EchoStats};
+use breakwater::sidecar::{self, Sidecar};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What an upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,
+>;
+
+/// A scriptable HTTP/1.1 + h2c upstream.
+pub struct HttpUpstream {
+    pub addr: SocketAddr,
+    /// Requests received.
+    pub requests: Arc<AtomicUsize>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    /// The head of every request, in arrival order.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+}
+
+impl HttpUpstream {
+    /// Starts an upstream answering every request with `handler`.
+    pub async fn start<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |r| Box::pin(handler(r)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (r, c, s) = (requests.clone(), connections.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                let (handler, r, s) = (handler.clone(), r.clone(), s.clone());
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    s.lock().unwrap().push(Seen {
+                        method: request.method().clone(),
+                        uri: request.uri().clone(),
+                        version: request.version(),
+                        headers: request.headers().clone(),
+                    });
+                    let answer = handler(request);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            requests,
+            connections,
+            seen,
+            task,
+        }
+    }
+
+    /// An upstream that answers 200 with the request's body.
+    pub async fn echo() -> Self {
+        Self::start(|request: Request<Incoming>| async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            Response::new(body::full(body))
+        })
+        .await
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn last_seen(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request")
+    }
+}
+
+impl Drop for HttpUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The example gRPC echo service on a loopback port.
+pub struct GrpcUpstream {
+    pub addr: SocketAddr,
+    pub stats: Arc<EchoStats>,
+    task: JoinHandle<()>,
+}
+
+impl GrpcUpstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = EchoService::default();
+        let stats = service.stats.clone();
+        let task = tokio::spawn(async move {
+            example::serve_grpc(listener, service).await.unwrap();
+        });
+        Self { addr, stats, task }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.stats.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn cancelled(&self) -> usize {
+        self.stats.cancelled.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for GrpcUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback address where nothing listens.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Starts a sidecar from YAML. Admin and proxy listen on free ports unless
+/// the YAML says otherwise.
+pub async fn sidecar(yaml: &str) -> Sidecar {
+    let mut text = String::new();
+    if !yaml.contains("admin:") {
+        text.push_str("admin: {listen: 127.0.0.1:0}\n");
+    }
+    if !yaml.contains("proxy:") {
+        text.push_str("proxy: {listen: 127.0.0.1:0}\n");
+    }
+    text.push_str(yaml);
+    let config = breakwater::config::parse("test.yaml", &text).unwrap();
+    sidecar::start(config, sidecar::Options::default())
+        .await
+        .unwrap()
+}
+
+/// An HTTP/1.1 client.
+pub fn http1_client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An h2c (HTTP/2 with prior knowledge) client.
+pub fn h2_client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A request to `addr` with `Host: host`.
+pub fn request_to(
+    addr: SocketAddr,
+    host: &str,
+    method: Method,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header(http::header::HOST, host)
+        .body(body::full(body))
+        .unwrap()
+}
+
+/// Reads a whole response body.
+pub async fn read_body(response: Response<Incoming>) -> (http::response::Parts, Bytes) {
+    let (parts, incoming) = response.into_parts();
+    (parts, incoming.collect().await.unwrap().to_bytes())
+}
+
+/// An HTTP/2 (prior knowledge) connection to `addr`, for requests whose
+/// `:authority` differs from the address connected to.
+pub async fn h2_connect(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Body> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    send
+}
+
+/// An HTTP/1.1 connection to `addr` that sends request targets as given,
+/// so absolute-form (proxy-style) requests can be tested.
+pub async fn h1_connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Body> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    send
+}
