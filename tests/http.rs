@@ -362,3 +362,70 @@ async fn h2c_callers_and_upstreams_with_trailers() {
     assert_eq!(parts.status, StatusCode::OK);
     assert_eq!(body, "abc");
 }
+
+/// An HTTP/2 upstream that closes each connection (GOAWAY) after one
+/// request: the sidecar opens a new connection for the next request.
+#[tokio::test]
+async fn http2_upstream_connections_are_reestablished_after_close() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = connections.clone();
+    let (closed_tx, mut closed_rx) = mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let (served_tx, served_rx) = oneshot::channel::<()>();
+                let served_tx = std::sync::Mutex::new(Some(served_tx));
+                let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    if let Some(tx) = served_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                    async { Ok::<_, std::convert::Infallible>(Response::new(body::full("one"))) }
+                });
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = served_rx => {}
+                }
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  h2agent: {{address: '{addr}', protocol: http2}}\n"
+    ))
+    .await;
+    let client = http1_client();
+    for _ in 0..3 {
+        let response = client
+            .request(request_to(
+                sidecar.proxy_addr,
+                "h2agent",
+                Method::GET,
+                "/",
+                "",
+            ))
+            .await
+            .unwrap();
+        let (parts, body) = read_body(response).await;
+        assert_eq!(
+            parts.status,
+            StatusCode::OK,
+            "{:?}",
+            parts.headers.get("x-breakwater-error")
+        );
+        assert_eq!(body, "one");
+        // The upstream has closed this connection before the next request.
+        closed_rx.recv().await.unwrap();
+    }
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 3);
+}

@@ -5,6 +5,7 @@
 //! until a shutdown future resolves, then drains. Tests, the demo and the
 //! `breakwater sidecar` command all use these two functions.
 
+mod h2;
 mod headers;
 mod proxy;
 mod route;

@@ -12,8 +12,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::h2::{H2Client, H2Error};
 use super::headers::strip_hop_by_hop;
-use crate::body::{self, Body};
+use crate::body::{self, Body, BoxError};
 use crate::config::UpstreamConfig;
 use crate::edge::ProxyError;
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
@@ -35,34 +36,45 @@ pub struct Upstream {
     /// Its metric handles.
     pub metrics: UpstreamMetrics,
     host: HeaderValue,
-    client: Client<HttpConnector, Body>,
+    client: UpstreamClient,
+}
+
+/// The connection handling for the upstream's protocol.
+#[derive(Debug)]
+enum UpstreamClient {
+    /// Pooled keep-alive connections.
+    Http1(Client<HttpConnector, Body>),
+    /// One multiplexed connection.
+    Http2(H2Client),
 }
 
 impl Upstream {
     /// Builds the upstream's client and resolves its metrics.
     pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        if config.protocol.is_http2() {
-            builder
-                .http2_only(true)
-                .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-                .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .http2_keep_alive_while_idle(false);
-        }
+        let client = if config.protocol.is_http2() {
+            UpstreamClient::Http2(H2Client::new(
+                config.address.clone(),
+                CONNECT_TIMEOUT,
+                H2_STREAM_WINDOW,
+                H2_CONNECTION_WINDOW,
+            ))
+        } else {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(connector);
+            UpstreamClient::Http1(client)
+        };
         let host = HeaderValue::from_str(config.address.as_str())
             .expect("a validated authority is a valid header value");
         Self {
             metrics: metrics.upstream(&config.name),
             host,
-            client: builder.build(connector),
+            client,
             config,
         }
     }
@@ -71,21 +83,37 @@ impl Upstream {
     /// hop-by-hop headers removed both ways.
     pub async fn send(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
         let request = self.prepare(request);
-        match self.client.request(request).await {
-            Ok(response) => {
-                let (mut parts, incoming) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, body::boxed(incoming)))
-            }
-            Err(e) if e.is_connect() => Err(ProxyError::Connect {
-                upstream: self.config.name.clone(),
-                source: source_of(e),
-            }),
-            Err(e) => Err(ProxyError::Upstream {
-                upstream: self.config.name.clone(),
-                source: source_of(e),
-            }),
-        }
+        let upstream = || self.config.name.clone();
+        let response = match &self.client {
+            UpstreamClient::Http1(client) => client.request(request).await.map_err(|e| {
+                let connect = e.is_connect();
+                let source = error_chain(&e);
+                if connect {
+                    ProxyError::Connect {
+                        upstream: upstream(),
+                        source,
+                    }
+                } else {
+                    ProxyError::Upstream {
+                        upstream: upstream(),
+                        source,
+                    }
+                }
+            })?,
+            UpstreamClient::Http2(client) => client.send(request).await.map_err(|e| match e {
+                H2Error::Connect(source) => ProxyError::Connect {
+                    upstream: upstream(),
+                    source,
+                },
+                H2Error::Request(e) => ProxyError::Upstream {
+                    upstream: upstream(),
+                    source: error_chain(&e),
+                },
+            })?,
+        };
+        let (mut parts, incoming) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body::boxed(incoming)))
     }
 
     /// Rewrites a caller's request for the upstream: absolute URI for the
@@ -117,11 +145,18 @@ impl Upstream {
     }
 }
 
-/// The transport error under the client's wrapper, for a readable message.
-fn source_of(error: hyper_util::client::legacy::Error) -> crate::body::BoxError {
-    use std::error::Error;
-    match error.source() {
-        Some(source) => source.to_string().into(),
-        None => error.to_string().into(),
+/// An error and its causes in one line (`client error (Connect): tcp
+/// connect error: Connection refused`), for logs and answers.
+fn error_chain(error: &dyn std::error::Error) -> BoxError {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
     }
+    text.into()
 }

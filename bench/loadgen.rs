@@ -1,0 +1,416 @@
+//! The benchmark's load generator and upstream, in one binary.
+//!
+//! `loadgen upstream` serves a minimal HTTP/1.1 + h2c answer and a minimal
+//! gRPC unary echo, so that the upstream costs as little as possible.
+//! `loadgen run` drives a target in one of two modes:
+//!
+//! - `closed`: `--concurrency` requests always in flight; reports
+//!   throughput.
+//! - `rate`: requests sent at a fixed `--rate`, each latency measured from
+//!   the request's *intended* send time, so a stall in the proxy shows up
+//!   in the percentiles instead of silently slowing the sender
+//!   (coordinated omission). The schedule is kept by a dedicated thread
+//!   with a precise sleep, not by the runtime's millisecond timer.
+//!
+//! Output: one JSON object on stdout.
+
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use breakwater::body::{self, Body};
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Parser, Subcommand, ValueEnum};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, mpsc};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the benchmark upstream.
+    Upstream {
+        #[arg(long)]
+        http: SocketAddr,
+        #[arg(long)]
+        grpc: SocketAddr,
+    },
+    /// Drive load at a target.
+    Run {
+        #[arg(long)]
+        target: SocketAddr,
+        /// `Host` / `:authority` to send.
+        #[arg(long, default_value = "upstream")]
+        host: String,
+        #[arg(long, value_enum)]
+        protocol: Proto,
+        #[arg(long, value_enum)]
+        mode: Mode,
+        /// Requests in flight (closed mode) or connections (rate mode).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// HTTP/2 connections for gRPC (streams are spread over them).
+        #[arg(long, default_value_t = 4)]
+        h2_connections: usize,
+        /// Requests per second (rate mode).
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Proto {
+    Http1,
+    Grpc,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Mode {
+    Closed,
+    Rate,
+}
+
+const GRPC_PATH: &str = "/breakwater.echo.v1.Echo/Unary";
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match cli.command {
+        Command::Upstream { http, grpc } => runtime.block_on(upstream(http, grpc)),
+        Command::Run {
+            target,
+            host,
+            protocol,
+            mode,
+            concurrency,
+            h2_connections,
+            rate,
+            duration,
+            warmup,
+        } => {
+            let client = runtime.block_on(Client::connect(
+                target,
+                &host,
+                protocol,
+                concurrency,
+                h2_connections,
+            ));
+            let report = runtime.block_on(async {
+                let client = Arc::new(client);
+                // Warm up connections, pools and caches; results discarded.
+                match mode {
+                    Mode::Closed => closed(client.clone(), concurrency, warmup).await,
+                    Mode::Rate => rate_mode(client.clone(), rate, warmup).await,
+                };
+                match mode {
+                    Mode::Closed => closed(client, concurrency, duration).await,
+                    Mode::Rate => rate_mode(client, rate, duration).await,
+                }
+            });
+            println!("{}", report.json(duration));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- upstream
+
+async fn upstream(http: SocketAddr, grpc: SocketAddr) {
+    let http = TcpListener::bind(http).await.unwrap();
+    let grpc = TcpListener::bind(grpc).await.unwrap();
+    tokio::spawn(serve(http));
+    serve(grpc).await;
+}
+
+async fn serve(listener: TcpListener) {
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer))
+                .await;
+        });
+    }
+}
+
+async fn answer(request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if request.uri().path() != GRPC_PATH {
+        let _ = request.into_body().collect().await;
+        return Ok(Response::new(body::full(Bytes::from_static(b"ok"))));
+    }
+    // gRPC unary echo: the request frame back, then `grpc-status: 0`.
+    let frame = request
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let frames = [
+        Ok::<_, Infallible>(Frame::data(frame)),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let mut response = Response::new(body::boxed(StreamBody::new(tokio_stream::iter(frames))));
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    Ok(response)
+}
+
+// ---------------------------------------------------------------- clients
+
+enum Client {
+    Http1 {
+        free: mpsc::Sender<hyper::client::conn::http1::SendRequest<Body>>,
+        taken: Mutex<mpsc::Receiver<hyper::client::conn::http1::SendRequest<Body>>>,
+        uri: http::Uri,
+        host: HeaderValue,
+    },
+    Grpc {
+        conns: Vec<hyper::client::conn::http2::SendRequest<Body>>,
+        next: AtomicU64,
+        uri: http::Uri,
+        frame: Bytes,
+    },
+}
+
+impl Client {
+    async fn connect(
+        target: SocketAddr,
+        host: &str,
+        protocol: Proto,
+        connections: usize,
+        h2: usize,
+    ) -> Self {
+        match protocol {
+            Proto::Http1 => {
+                let (free, taken) = mpsc::channel(connections);
+                for _ in 0..connections {
+                    let stream = TcpStream::connect(target).await.unwrap();
+                    stream.set_nodelay(true).unwrap();
+                    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                    tokio::spawn(conn);
+                    free.send(send).await.unwrap();
+                }
+                Client::Http1 {
+                    free,
+                    taken: Mutex::new(taken),
+                    uri: "/".parse().unwrap(),
+                    host: HeaderValue::from_str(host).unwrap(),
+                }
+            }
+            Proto::Grpc => {
+                let mut conns = Vec::new();
+                for _ in 0..h2 {
+                    let stream = TcpStream::connect(target).await.unwrap();
+                    stream.set_nodelay(true).unwrap();
+                    let (send, conn) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        TokioIo::new(stream),
+                    )
+                    .await
+                    .unwrap();
+                    tokio::spawn(conn);
+                    conns.push(send);
+                }
+                // EchoRequest { payload: "hello" } in a gRPC frame.
+                let message = b"\x0a\x05hello";
+                let mut frame = BytesMut::with_capacity(5 + message.len());
+                frame.put_u8(0);
+                frame.put_u32(message.len() as u32);
+                frame.put_slice(message);
+                Client::Grpc {
+                    conns,
+                    next: AtomicU64::new(0),
+                    uri: format!("http://{host}{GRPC_PATH}").parse().unwrap(),
+                    frame: frame.freeze(),
+                }
+            }
+        }
+    }
+
+    /// Sends one request and reads the whole answer. `true` on success.
+    async fn call(&self) -> bool {
+        match self {
+            Client::Http1 {
+                free,
+                taken,
+                uri,
+                host,
+                ..
+            } => {
+                let mut send = {
+                    let mut taken = taken.lock().await;
+                    taken.recv().await.unwrap()
+                };
+                let request = Request::get(uri.clone())
+                    .header("host", host.clone())
+                    .body(body::empty())
+                    .unwrap();
+                let ok = match send.send_request(request).await {
+                    Ok(response) => {
+                        let good = response.status().is_success();
+                        good && response.into_body().collect().await.is_ok()
+                    }
+                    Err(_) => false,
+                };
+                free.send(send).await.unwrap();
+                ok
+            }
+            Client::Grpc {
+                conns,
+                next,
+                uri,
+                frame,
+            } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize % conns.len();
+                let mut send = conns[i].clone();
+                let request = Request::post(uri.clone())
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(body::full(frame.clone()))
+                    .unwrap();
+                match send.send_request(request).await {
+                    Ok(response) => match response.into_body().collect().await {
+                        Ok(collected) => collected
+                            .trailers()
+                            .and_then(|t| t.get("grpc-status"))
+                            .is_some_and(|s| s == "0"),
+                        Err(_) => false,
+                    },
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- modes
+
+#[derive(Default)]
+struct Report {
+    ok: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+}
+
+impl Report {
+    fn merge(&mut self, other: Report) {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.latencies_us.extend(other.latencies_us);
+    }
+
+    fn json(mut self, duration: Duration) -> String {
+        self.latencies_us.sort_unstable();
+        let pct = |p: f64| -> u32 {
+            if self.latencies_us.is_empty() {
+                return 0;
+            }
+            let rank = ((p / 100.0) * self.latencies_us.len() as f64).ceil() as usize;
+            self.latencies_us[rank.clamp(1, self.latencies_us.len()) - 1]
+        };
+        format!(
+            "{{\"ok\":{},\"errors\":{},\"rps\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{}}}",
+            self.ok,
+            self.errors,
+            self.ok as f64 / duration.as_secs_f64(),
+            pct(50.0),
+            pct(99.0),
+            pct(99.9)
+        )
+    }
+}
+
+async fn closed(client: Arc<Client>, concurrency: usize, duration: Duration) -> Report {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (client, stop) = (client.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut report = Report::default();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                if client.call().await {
+                    report.ok += 1;
+                    report
+                        .latencies_us
+                        .push(started.elapsed().as_micros() as u32);
+                } else {
+                    report.errors += 1;
+                }
+            }
+            report
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut report = Report::default();
+    for worker in workers {
+        report.merge(worker.await.unwrap());
+    }
+    report
+}
+
+async fn rate_mode(client: Arc<Client>, rate: u64, duration: Duration) -> Report {
+    let total = rate * duration.as_secs();
+    let period = Duration::from_nanos(1_000_000_000 / rate);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
+    // The schedule: a thread that sleeps precisely to each intended time.
+    std::thread::spawn(move || {
+        let start = Instant::now() + Duration::from_millis(5);
+        for i in 0..total {
+            let intended = start + period * i as u32;
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            if tx.send(intended).is_err() {
+                break;
+            }
+        }
+    });
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Option<u32>>();
+    while let Some(intended) = rx.recv().await {
+        let (client, done) = (client.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            let ok = client.call().await;
+            let latency = intended.elapsed().as_micros() as u32;
+            let _ = done.send(ok.then_some(latency));
+        });
+    }
+    drop(done_tx);
+    let mut report = Report::default();
+    while let Some(result) = done_rx.recv().await {
+        match result {
+            Some(latency) => {
+                report.ok += 1;
+                report.latencies_us.push(latency);
+            }
+            None => report.errors += 1,
+        }
+    }
+    report
+}

