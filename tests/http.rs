@@ -429,3 +429,91 @@ async fn http2_upstream_connections_are_reestablished_after_close() {
     }
     assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
+
+/// Callers on many connections share one multiplexed upstream connection.
+#[tokio::test]
+async fn http2_upstreams_are_multiplexed_on_one_connection() {
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  h2agent: {{address: '{}', protocol: http2}}\n",
+        upstream.addr
+    ))
+    .await;
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let addr = sidecar.proxy_addr;
+        calls.push(tokio::spawn(async move {
+            // A fresh client, so a fresh connection to the sidecar.
+            let response = http1_client()
+                .request(request_to(
+                    addr,
+                    "h2agent",
+                    Method::POST,
+                    "/",
+                    format!("call {i}"),
+                ))
+                .await
+                .unwrap();
+            read_body(response).await.1
+        }));
+    }
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap(), format!("call {i}"));
+    }
+    assert_eq!(upstream.requests(), 8);
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
+/// A malformed request gets a 400 on its own connection; other callers
+/// are not disturbed.
+#[tokio::test]
+async fn malformed_requests_get_400_and_leave_other_clients_alone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}'}}\n",
+        upstream.addr
+    ))
+    .await;
+    let client = http1_client();
+    let response = client
+        .request(request_to(
+            sidecar.proxy_addr,
+            "agent",
+            Method::POST,
+            "/",
+            "before",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(read_body(response).await.1, "before");
+
+    let mut raw = tokio::net::TcpStream::connect(sidecar.proxy_addr)
+        .await
+        .unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: agent\r\nBad Header\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let response = client
+        .request(request_to(
+            sidecar.proxy_addr,
+            "agent",
+            Method::POST,
+            "/",
+            "after",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(read_body(response).await.1, "after");
+    assert_eq!(upstream.requests(), 2);
+}

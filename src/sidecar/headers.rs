@@ -23,6 +23,15 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// as `te: trailers`. `Expect` is answered by the sidecar itself (hyper
 /// sends `100 Continue` when the body is read), so it is not forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry no hop-by-hop header (gRPC ones only
+    // `te: trailers`): one pass over the names is cheaper than a hash
+    // lookup per listed name.
+    let clean = headers
+        .iter()
+        .all(|(name, value)| !is_hop_by_hop(name) || (name == header::TE && value == "trailers"));
+    if clean {
+        return;
+    }
     if let Some(connection) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = connection
             .to_str()
@@ -55,6 +64,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a header may be hop-by-hop (`TE` and `Expect` included: both
+/// need a closer look).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "expect"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +101,16 @@ mod tests {
         names.sort();
         assert_eq!(names, ["te", "x-keep"]);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn leaves_end_to_end_headers_and_te_trailers_alone() {
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("content-type", HeaderValue::from_static("application/grpc"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]
