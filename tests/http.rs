@@ -20,19 +20,15 @@ async fn routes_by_host_and_passes_requests_through() {
         upstream.addr
     ))
     .await;
-    let client = http1_client();
     for host in ["agent", "agent.internal:15001", "AGENT"] {
-        let response = client
-            .request(request_to(
-                sidecar.proxy_addr,
-                host,
-                Method::POST,
-                "/v1/run?x=1",
-                "hello",
-            ))
-            .await
-            .unwrap();
-        let (parts, body) = read_body(response).await;
+        let (parts, body) = call(
+            sidecar.proxy_addr,
+            host,
+            Method::POST,
+            "/v1/run?x=1",
+            "hello",
+        )
+        .await;
         assert_eq!(parts.status, StatusCode::OK, "host {host}");
         assert_eq!(body, "hello");
     }
@@ -66,11 +62,7 @@ async fn hop_by_hop_headers_are_not_forwarded_either_way() {
             .unwrap()
     })
     .await;
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  agent: {{address: '{}'}}\n",
-        upstream.addr
-    ))
-    .await;
+    let sidecar = sidecar_for(upstream.addr).await;
     let mut request = request_to(sidecar.proxy_addr, "agent", Method::GET, "/", "");
     let headers = request.headers_mut();
     headers.insert("connection", "x-session".parse().unwrap());
@@ -94,11 +86,7 @@ async fn hop_by_hop_headers_are_not_forwarded_either_way() {
 #[tokio::test]
 async fn absolute_form_targets_route_like_http_proxy() {
     let upstream = HttpUpstream::echo().await;
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  agent: {{address: '{}'}}\n",
-        upstream.addr
-    ))
-    .await;
+    let sidecar = sidecar_for(upstream.addr).await;
     let mut conn = h1_connect(sidecar.proxy_addr).await;
     let request = Request::get("http://agent/status")
         .body(body::empty())
@@ -122,23 +110,8 @@ async fn absolute_form_targets_route_like_http_proxy() {
 #[tokio::test]
 async fn unknown_hosts_get_404_and_are_never_proxied() {
     let upstream = HttpUpstream::echo().await;
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  agent: {{address: '{}'}}\n",
-        upstream.addr
-    ))
-    .await;
-    let client = http1_client();
-    let response = client
-        .request(request_to(
-            sidecar.proxy_addr,
-            "example.com",
-            Method::GET,
-            "/",
-            "",
-        ))
-        .await
-        .unwrap();
-    let (parts, body) = read_body(response).await;
+    let sidecar = sidecar_for(upstream.addr).await;
+    let (parts, body) = call(sidecar.proxy_addr, "example.com", Method::GET, "/", "").await;
     assert_eq!(parts.status, StatusCode::NOT_FOUND);
     assert_eq!(parts.headers["x-breakwater-error"], "unknown-host");
     assert_eq!(body, "no upstream is configured for host \"example.com\"\n");
@@ -159,11 +132,7 @@ async fn unknown_hosts_get_404_and_are_never_proxied() {
 async fn unreachable_upstream_answers_502_with_a_reason() {
     let closed = closed_port().await;
     let sidecar = sidecar(&format!("upstreams:\n  gone: {{address: '{closed}'}}\n")).await;
-    let response = http1_client()
-        .request(request_to(sidecar.proxy_addr, "gone", Method::GET, "/", ""))
-        .await
-        .unwrap();
-    let (parts, body) = read_body(response).await;
+    let (parts, body) = call(sidecar.proxy_addr, "gone", Method::GET, "/", "").await;
     assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
     assert_eq!(parts.headers["x-breakwater-error"], "connect-failure");
     let body = String::from_utf8(body.to_vec()).unwrap();
@@ -182,17 +151,7 @@ async fn dedicated_port_sends_everything_to_its_upstream() {
     ))
     .await;
     let port = sidecar.upstream_addrs["agent"];
-    let response = http1_client()
-        .request(request_to(
-            port,
-            "anything.example",
-            Method::PUT,
-            "/x",
-            "body",
-        ))
-        .await
-        .unwrap();
-    let (parts, body) = read_body(response).await;
+    let (parts, body) = call(port, "anything.example", Method::PUT, "/x", "body").await;
     assert_eq!(parts.status, StatusCode::OK);
     assert_eq!(body, "body");
     assert_eq!(upstream.last_seen().method, Method::PUT);
@@ -223,11 +182,7 @@ async fn request_bodies_stream_without_buffering() {
         }
     })
     .await;
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  agent: {{address: '{}'}}\n",
-        upstream.addr
-    ))
-    .await;
+    let sidecar = sidecar_for(upstream.addr).await;
 
     let (chunks_tx, chunks_rx) =
         mpsc::channel::<Result<Frame<Bytes>, breakwater::body::BoxError>>(1);
@@ -286,11 +241,7 @@ async fn response_bodies_stream_without_buffering() {
         }
     })
     .await;
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  agent: {{address: '{}'}}\n",
-        upstream.addr
-    ))
-    .await;
+    let sidecar = sidecar_for(upstream.addr).await;
     let response = http1_client()
         .request(request_to(
             sidecar.proxy_addr,
@@ -348,17 +299,7 @@ async fn h2c_callers_and_upstreams_with_trailers() {
     assert_eq!(seen.uri.path(), "/work");
 
     // An HTTP/1.1 caller reaches the same HTTP/2 upstream.
-    let response = http1_client()
-        .request(request_to(
-            sidecar.proxy_addr,
-            "h2agent",
-            Method::POST,
-            "/",
-            "abc",
-        ))
-        .await
-        .unwrap();
-    let (parts, body) = read_body(response).await;
+    let (parts, body) = call(sidecar.proxy_addr, "h2agent", Method::POST, "/", "abc").await;
     assert_eq!(parts.status, StatusCode::OK);
     assert_eq!(body, "abc");
 }
@@ -404,19 +345,8 @@ async fn http2_upstream_connections_are_reestablished_after_close() {
         "upstreams:\n  h2agent: {{address: '{addr}', protocol: http2}}\n"
     ))
     .await;
-    let client = http1_client();
     for _ in 0..3 {
-        let response = client
-            .request(request_to(
-                sidecar.proxy_addr,
-                "h2agent",
-                Method::GET,
-                "/",
-                "",
-            ))
-            .await
-            .unwrap();
-        let (parts, body) = read_body(response).await;
+        let (parts, body) = call(sidecar.proxy_addr, "h2agent", Method::GET, "/", "").await;
         assert_eq!(
             parts.status,
             StatusCode::OK,
@@ -475,23 +405,13 @@ async fn http2_upstreams_are_multiplexed_on_one_connection() {
 async fn malformed_requests_get_400_and_leave_other_clients_alone() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = HttpUpstream::echo().await;
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  agent: {{address: '{}'}}\n",
-        upstream.addr
-    ))
-    .await;
-    let client = http1_client();
-    let response = client
-        .request(request_to(
-            sidecar.proxy_addr,
-            "agent",
-            Method::POST,
-            "/",
-            "before",
-        ))
-        .await
-        .unwrap();
-    assert_eq!(read_body(response).await.1, "before");
+    let sidecar = sidecar_for(upstream.addr).await;
+    assert_eq!(
+        call(sidecar.proxy_addr, "agent", Method::POST, "/", "before")
+            .await
+            .1,
+        "before"
+    );
 
     let mut raw = tokio::net::TcpStream::connect(sidecar.proxy_addr)
         .await
@@ -504,16 +424,11 @@ async fn malformed_requests_get_400_and_leave_other_clients_alone() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
-    let response = client
-        .request(request_to(
-            sidecar.proxy_addr,
-            "agent",
-            Method::POST,
-            "/",
-            "after",
-        ))
-        .await
-        .unwrap();
-    assert_eq!(read_body(response).await.1, "after");
+    assert_eq!(
+        call(sidecar.proxy_addr, "agent", Method::POST, "/", "after")
+            .await
+            .1,
+        "after"
+    );
     assert_eq!(upstream.requests(), 2);
 }

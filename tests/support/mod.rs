@@ -237,3 +237,24 @@ pub async fn h1_connect(addr: SocketAddr) -> hyper::client::conn::http1::SendReq
     tokio::spawn(connection);
     send
 }
+
+/// A sidecar with one HTTP/1.1 upstream, named `agent`, at `addr`.
+pub async fn sidecar_for(addr: SocketAddr) -> Sidecar {
+    sidecar(&format!("upstreams:\n  agent: {{address: '{addr}'}}\n")).await
+}
+
+/// Sends one HTTP/1.1 request to `addr` with `Host: host` and reads the
+/// whole answer.
+pub async fn call(
+    addr: SocketAddr,
+    host: &str,
+    method: Method,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> (http::response::Parts, Bytes) {
+    let response = http1_client()
+        .request(request_to(addr, host, method, path, body))
+        .await
+        .unwrap();
+    read_body(response).await
+}
