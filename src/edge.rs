@@ -8,6 +8,7 @@
 //! Breakwater answer from its upstream's.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
@@ -27,6 +28,10 @@ pub enum GrpcCode {
     Unavailable = 14,
     /// The request itself is unusable.
     InvalidArgument = 3,
+    /// The deadline passed.
+    DeadlineExceeded = 4,
+    /// Shed by a concurrency limit.
+    ResourceExhausted = 8,
 }
 
 /// Why the sidecar answered instead of the upstream.
@@ -64,6 +69,42 @@ pub enum ProxyError {
         /// The transport error.
         source: BoxError,
     },
+    /// The HTTP/2 upstream refused the stream before processing it.
+    #[error("upstream {upstream} refused the stream")]
+    RefusedStream {
+        /// The upstream's name.
+        upstream: Arc<str>,
+    },
+    /// One attempt outlived the per-try timeout.
+    #[error("upstream {upstream} did not answer within the per-try timeout of {after:?}")]
+    PerTryTimeout {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The per-try timeout.
+        after: Duration,
+    },
+    /// The call's deadline passed before an answer started.
+    #[error("upstream {upstream} did not answer before the deadline ({after:?}, set by {by})")]
+    DeadlineExceeded {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The time the call had.
+        after: Duration,
+        /// Whose deadline it was: `policy` or `caller`.
+        by: &'static str,
+    },
+    /// The upstream's circuit is open: it was not contacted.
+    #[error("the circuit to upstream {upstream} is open")]
+    CircuitOpen {
+        /// The upstream's name.
+        upstream: Arc<str>,
+    },
+    /// The upstream's concurrency limit and queue are full: shed.
+    #[error("upstream {upstream} is at its concurrency limit; request shed")]
+    Overloaded {
+        /// The upstream's name.
+        upstream: Arc<str>,
+    },
 }
 
 impl ProxyError {
@@ -75,6 +116,11 @@ impl ProxyError {
             ProxyError::UnsupportedMethod { .. } => "unsupported-method",
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::Upstream { .. } => "upstream-reset",
+            ProxyError::RefusedStream { .. } => "refused-stream",
+            ProxyError::PerTryTimeout { .. } => "per-try-timeout",
+            ProxyError::DeadlineExceeded { .. } => "deadline-exceeded",
+            ProxyError::CircuitOpen { .. } => "circuit-open",
+            ProxyError::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -83,7 +129,15 @@ impl ProxyError {
             ProxyError::UnknownHost { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoHost => StatusCode::BAD_REQUEST,
             ProxyError::UnsupportedMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::RefusedStream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::PerTryTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -93,7 +147,14 @@ impl ProxyError {
                 GrpcCode::Unimplemented
             }
             ProxyError::NoHost => GrpcCode::InvalidArgument,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => GrpcCode::Unavailable,
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::RefusedStream { .. }
+            | ProxyError::CircuitOpen { .. } => GrpcCode::Unavailable,
+            ProxyError::PerTryTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
+                GrpcCode::DeadlineExceeded
+            }
+            ProxyError::Overloaded { .. } => GrpcCode::ResourceExhausted,
         }
     }
 }

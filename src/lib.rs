@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod edge;
 pub mod example;
+pub mod resilience;
 pub mod sidecar;
 pub mod telemetry;
 

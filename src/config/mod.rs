@@ -10,12 +10,15 @@
 mod error;
 mod raw;
 mod resolve;
+pub(crate) mod values;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use http::uri::Authority;
+
+use crate::resilience::policy::Policy;
 use serde::{Deserialize, Serialize, Serializer};
 
 pub use error::{ConfigError, Diagnostic};
@@ -90,6 +93,8 @@ pub struct UpstreamConfig {
     /// Names routed to this upstream on the shared port, lowercase. The
     /// upstream's name is always among them.
     pub hosts: Vec<String>,
+    /// Its resilience policy, with `defaults` merged in.
+    pub policy: Policy,
 }
 
 fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {

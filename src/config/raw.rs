@@ -13,6 +13,9 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
 use super::Protocol;
+use super::values::HumanDuration;
+use crate::resilience::policy::{RawBreaker, RawHedge, RawPolicy, RawRetry};
+use std::num::NonZeroU32;
 
 /// The whole policy file.
 #[derive(Debug, Default, Deserialize)]
@@ -20,6 +23,8 @@ use super::Protocol;
 pub(crate) struct RawConfig {
     pub admin: Option<RawListen>,
     pub proxy: Option<RawListen>,
+    #[serde(default)]
+    pub defaults: RawPolicy,
     #[serde(default)]
     pub upstreams: Entries<String, RawUpstream>,
     /// The position of each upstream's name, filled in after parsing.
@@ -52,6 +57,31 @@ pub(crate) struct RawUpstream {
     pub listen: Option<Spanned<String>>,
     #[serde(default)]
     pub hosts: Vec<Spanned<String>>,
+    // The policy fields, as in `defaults` (see `policy()`). They are
+    // listed here rather than flattened: serde's `flatten` loses source
+    // positions and cannot deny unknown fields.
+    pub timeout: Option<HumanDuration>,
+    pub per_try_timeout: Option<HumanDuration>,
+    pub retry: Option<RawRetry>,
+    pub hedge: Option<RawHedge>,
+    pub circuit_breaker: Option<RawBreaker>,
+    pub max_concurrent_requests: Option<NonZeroU32>,
+    pub max_pending: Option<u32>,
+}
+
+impl RawUpstream {
+    /// This upstream's policy fields.
+    pub fn policy(&self) -> RawPolicy {
+        RawPolicy {
+            timeout: self.timeout,
+            per_try_timeout: self.per_try_timeout,
+            retry: self.retry.clone(),
+            hedge: self.hedge.clone(),
+            circuit_breaker: self.circuit_breaker.clone(),
+            max_concurrent_requests: self.max_concurrent_requests,
+            max_pending: self.max_pending,
+        }
+    }
 }
 
 /// A YAML mapping kept in file order, with keys that may carry their

@@ -10,6 +10,7 @@ use http::uri::Authority;
 use serde_saphyr::Spanned;
 
 use super::raw::{RawConfig, RawKeyPositions, RawListen};
+use super::values::Merge;
 use super::{
     Config, ConfigError, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN, Diagnostic, ListenConfig,
     UpstreamConfig,
@@ -123,10 +124,15 @@ fn unit<T>(s: &Spanned<T>) -> Spanned<()> {
     }
 }
 
-/// A name claimed on the shared port, and by whom.
-struct Claim {
-    upstream: usize,
-    explicit: bool,
+/// An upstream being resolved.
+struct Pending {
+    name: Spanned<String>,
+    address: Option<Authority>,
+    protocol: super::Protocol,
+    listen: Option<SocketAddr>,
+    /// Explicit claims first: the name, then `hosts`.
+    hosts: Vec<String>,
+    policy: crate::resilience::policy::Policy,
 }
 
 /// Validates the raw model and resolves it into the runtime [`Config`].
@@ -136,105 +142,145 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
     };
     let admin = check.listen(raw.admin.as_ref(), "admin.listen", DEFAULT_ADMIN_LISTEN);
     let proxy = check.listen(raw.proxy.as_ref(), "proxy.listen", DEFAULT_PROXY_LISTEN);
-
     let mut listens: Vec<(SocketAddr, String, Option<Spanned<()>>)> = Vec::new();
     for (addr, field) in [(&admin, "admin.listen"), (&proxy, "proxy.listen")] {
         if let Some((addr, at)) = addr {
             listens.push((*addr, field.to_owned(), at.clone()));
         }
     }
-
-    let mut upstreams = Vec::with_capacity(raw.upstreams.0.len());
-    for (i, (name, up)) in raw.upstreams.0.iter().enumerate() {
-        let at = &raw.upstream_names[i];
-        let name = Spanned {
-            value: name.clone(),
-            referenced: at.referenced,
-            defined: at.defined,
-        };
-        let name = &name;
-        let prefix = format!("upstreams.{}", name.value);
-        if !valid_name(&name.value) {
-            check.error(
-                name,
-                &prefix,
-                "an upstream name must be 1-63 characters of a-z, 0-9, '-', '_' or '.'",
-            );
-        }
-        let address = match parse_address(&up.address.value) {
-            Ok(a) => Some(a),
-            Err(why) => {
-                check.error(&up.address, format!("{prefix}.address"), why);
-                None
-            }
-        };
-        let listen = up.listen.as_ref().and_then(|l| {
-            let field = format!("{prefix}.listen");
-            let addr = check.socket_addr(l, &field)?;
-            listens.push((addr, field, Some(unit(l))));
-            Some(addr)
-        });
-        let mut hosts = vec![name.value.to_ascii_lowercase()];
-        for (i, host) in up.hosts.iter().enumerate() {
-            match parse_host(&host.value) {
-                Ok(h) => hosts.push(h),
-                Err(why) => check.error(host, format!("{prefix}.hosts[{i}]"), why),
-            }
-        }
-        upstreams.push((
-            name.clone(),
-            address,
-            up.protocol.unwrap_or_default(),
-            listen,
-            hosts,
-        ));
-    }
-
+    let pending: Vec<Pending> = (0..raw.upstreams.0.len())
+        .map(|i| resolve_upstream(&mut check, &raw, i, &mut listens))
+        .collect();
     check_listens(&mut check, &listens);
+    check_claims(&mut check, &raw, &pending);
+    let implicit = implicit_hosts(&pending);
 
-    // Claims on the shared port. Names and `hosts` are explicit and must be
-    // unique; an address's `host:port` and bare host are implicit and only
-    // routed where no other upstream claims them.
-    let mut claims: HashMap<String, Claim> = HashMap::new();
-    for (i, (name, _, _, _, hosts)) in upstreams.iter().enumerate() {
-        for (h, host) in hosts.iter().enumerate() {
-            if let Some(prior) = claims.get(host) {
-                if prior.upstream != i {
-                    let other = &upstreams[prior.upstream].0.value;
+    if !check.diagnostics.is_empty() {
+        check.diagnostics.sort_by_key(|d| (d.line, d.column));
+        return Err(ConfigError {
+            file: file.to_owned(),
+            diagnostics: check.diagnostics,
+        });
+    }
+    let mut upstreams: Vec<Arc<UpstreamConfig>> = pending
+        .into_iter()
+        .zip(implicit)
+        .map(|(mut p, mut extra)| {
+            extra.sort();
+            p.hosts.extend(extra);
+            Arc::new(UpstreamConfig {
+                name: Arc::from(p.name.value.as_str()),
+                address: p.address.expect("checked above"),
+                protocol: p.protocol,
+                listen: p.listen,
+                hosts: p.hosts,
+                policy: p.policy,
+            })
+        })
+        .collect();
+    upstreams.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Config {
+        source: file.to_owned(),
+        admin: ListenConfig {
+            listen: admin.expect("checked above").0,
+        },
+        proxy: ListenConfig {
+            listen: proxy.expect("checked above").0,
+        },
+        upstreams,
+    })
+}
+
+/// Checks and resolves the `i`th upstream, recording its listener.
+fn resolve_upstream(
+    check: &mut Checker,
+    raw: &RawConfig,
+    i: usize,
+    listens: &mut Vec<(SocketAddr, String, Option<Spanned<()>>)>,
+) -> Pending {
+    let (name, up) = &raw.upstreams.0[i];
+    let at = &raw.upstream_names[i];
+    let name = Spanned {
+        value: name.clone(),
+        referenced: at.referenced,
+        defined: at.defined,
+    };
+    let prefix = format!("upstreams.{}", name.value);
+    if !valid_name(&name.value) {
+        check.error(
+            &name,
+            &prefix,
+            "an upstream name must be 1-63 characters of a-z, 0-9, '-', '_' or '.'",
+        );
+    }
+    let address = parse_address(&up.address.value)
+        .map_err(|why| check.error(&up.address, format!("{prefix}.address"), why))
+        .ok();
+    let listen = up.listen.as_ref().and_then(|l| {
+        let field = format!("{prefix}.listen");
+        let addr = check.socket_addr(l, &field)?;
+        listens.push((addr, field, Some(unit(l))));
+        Some(addr)
+    });
+    let mut hosts = vec![name.value.to_ascii_lowercase()];
+    for (h, host) in up.hosts.iter().enumerate() {
+        match parse_host(&host.value) {
+            Ok(host) => hosts.push(host),
+            Err(why) => check.error(host, format!("{prefix}.hosts[{h}]"), why),
+        }
+    }
+    let policy = up.policy().merge(&raw.defaults);
+    if policy.hedge.as_ref().is_some_and(|h| h.delay.is_none()) {
+        check.error(&name, format!("{prefix}.hedge.delay"), "hedging needs a delay, such as 50ms");
+    }
+    Pending {
+        address,
+        protocol: up.protocol.unwrap_or_default(),
+        listen,
+        hosts,
+        policy: policy.resolve(),
+        name,
+    }
+}
+
+/// Names and `hosts` are explicit claims on the shared port: two upstreams
+/// may not claim one name.
+fn check_claims(check: &mut Checker, raw: &RawConfig, pending: &[Pending]) {
+    let mut owners: HashMap<&str, usize> = HashMap::new();
+    for (i, p) in pending.iter().enumerate() {
+        for (h, host) in p.hosts.iter().enumerate() {
+            match owners.get(host.as_str()) {
+                Some(&owner) if owner != i => {
+                    let other = &pending[owner].name.value;
                     let (at, field) = if h == 0 {
-                        (unit(name), format!("upstreams.{}", name.value))
+                        (unit(&p.name), format!("upstreams.{}", p.name.value))
                     } else {
                         let entry = &raw.upstreams.0[i].1.hosts[h - 1];
-                        (
-                            unit(entry),
-                            format!("upstreams.{}.hosts[{}]", name.value, h - 1),
-                        )
+                        (unit(entry), format!("upstreams.{}.hosts[{}]", p.name.value, h - 1))
                     };
-                    check.error(
-                        &at,
-                        field,
-                        format!("host {host:?} is already routed to upstream {other:?}"),
-                    );
+                    check.error(&at, field, format!("host {host:?} is already routed to upstream {other:?}"));
                 }
-                continue;
+                Some(_) => {}
+                None => {
+                    owners.insert(host, i);
+                }
             }
-            claims.insert(
-                host.clone(),
-                Claim {
-                    upstream: i,
-                    explicit: true,
-                },
-            );
         }
     }
+}
+
+/// An address's `host:port` and bare host are implicit claims: routed only
+/// where no other upstream claims them, explicitly or implicitly.
+fn implicit_hosts(pending: &[Pending]) -> Vec<Vec<String>> {
+    let explicit: std::collections::HashSet<&str> = pending
+        .iter()
+        .flat_map(|p| p.hosts.iter().map(String::as_str))
+        .collect();
     let mut implicit: HashMap<String, Option<usize>> = HashMap::new();
-    for (i, (_, address, ..)) in upstreams.iter().enumerate() {
-        let Some(address) = address else { continue };
-        for key in [
-            address.as_str().to_ascii_lowercase(),
-            address.host().to_ascii_lowercase(),
-        ] {
-            if claims.get(&key).is_some_and(|c| c.explicit) {
+    for (i, p) in pending.iter().enumerate() {
+        let Some(address) = &p.address else { continue };
+        for key in [address.as_str().to_ascii_lowercase(), address.host().to_ascii_lowercase()] {
+            if explicit.contains(key.as_str()) {
                 continue;
             }
             implicit
@@ -247,49 +293,13 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 .or_insert(Some(i));
         }
     }
-    let mut implicit_hosts: Vec<Vec<String>> = vec![Vec::new(); upstreams.len()];
+    let mut hosts = vec![Vec::new(); pending.len()];
     for (key, owner) in implicit {
         if let Some(i) = owner {
-            implicit_hosts[i].push(key);
+            hosts[i].push(key);
         }
     }
-
-    if !check.diagnostics.is_empty() {
-        check.diagnostics.sort_by_key(|d| (d.line, d.column));
-        return Err(ConfigError {
-            file: file.to_owned(),
-            diagnostics: check.diagnostics,
-        });
-    }
-
-    let mut resolved: Vec<Arc<UpstreamConfig>> = upstreams
-        .into_iter()
-        .zip(implicit_hosts)
-        .map(
-            |((name, address, protocol, listen, mut hosts), mut extra)| {
-                extra.sort();
-                hosts.extend(extra);
-                Arc::new(UpstreamConfig {
-                    name: Arc::from(name.value.as_str()),
-                    address: address.expect("checked above"),
-                    protocol,
-                    listen,
-                    hosts,
-                })
-            },
-        )
-        .collect();
-    resolved.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Config {
-        source: file.to_owned(),
-        admin: ListenConfig {
-            listen: admin.expect("checked above").0,
-        },
-        proxy: ListenConfig {
-            listen: proxy.expect("checked above").0,
-        },
-        upstreams: resolved,
-    })
+    hosts
 }
 
 /// Two listeners may not share a port (port 0 asks for any free port, so it

@@ -165,3 +165,78 @@ fn unreadable_file_names_the_file() {
         "{error}"
     );
 }
+
+#[test]
+fn policies_take_builtin_defaults() {
+    let config = parse("p.yaml", "upstreams:\n  ocr: {address: 'a:1'}\n").unwrap();
+    let policy = &config.upstream("ocr").unwrap().policy;
+    assert_eq!(*policy, crate::resilience::policy::Policy::default());
+    assert_eq!(policy.timeout, std::time::Duration::from_secs(30));
+    assert_eq!(policy.retry.max_attempts, 3);
+    assert_eq!(policy.retry.buffer_limit, 64 << 10);
+    assert_eq!(policy.circuit_breaker.as_ref().unwrap().consecutive_failures, 5);
+    assert_eq!(policy.max_concurrent_requests, 1024);
+    assert!(policy.hedge.is_none());
+}
+
+#[test]
+fn defaults_merge_into_upstreams_field_by_field() {
+    let text = "\
+defaults:
+  timeout: 2s
+  retry: {max_attempts: 4, backoff: {base: 10ms, max: 1s}, budget: {ratio: 0.1}}
+  circuit_breaker: {consecutive_failures: 3, failure_rate: {window: 50}}
+upstreams:
+  ocr:
+    address: a:1
+    per_try_timeout: 500ms
+    retry: {backoff: {base: 20ms}, on: [unavailable, 5xx], buffer_limit: 1MiB}
+    circuit_breaker: {failure_rate: {threshold: 0.25}}
+  llm:
+    address: b:1
+    timeout: 2m
+    circuit_breaker: {enabled: false}
+    hedge: {delay: 50ms}
+";
+    let config = parse("p.yaml", text).unwrap();
+    let ocr = &config.upstream("ocr").unwrap().policy;
+    assert_eq!(ocr.timeout.as_secs(), 2);
+    assert_eq!(ocr.per_try_timeout.unwrap().as_millis(), 500);
+    assert_eq!(ocr.retry.max_attempts, 4, "from defaults");
+    assert_eq!(ocr.retry.backoff_base.as_millis(), 20, "the upstream wins");
+    assert_eq!(ocr.retry.backoff_max.as_secs(), 1, "nested default kept");
+    assert_eq!(ocr.retry.budget_ratio, 0.1);
+    assert_eq!(ocr.retry.buffer_limit, 1 << 20);
+    let breaker = ocr.circuit_breaker.as_ref().unwrap();
+    assert_eq!(breaker.consecutive_failures, 3);
+    assert_eq!(breaker.window, 50);
+    assert_eq!(breaker.failure_rate_threshold, 0.25);
+    let llm = &config.upstream("llm").unwrap().policy;
+    assert_eq!(llm.timeout.as_secs(), 120);
+    assert!(llm.circuit_breaker.is_none());
+    let hedge = llm.hedge.as_ref().unwrap();
+    assert_eq!((hedge.delay.as_millis(), hedge.max_attempts), (50, 2));
+}
+
+#[test]
+fn policy_values_are_checked_where_they_are_written() {
+    assert_eq!(
+        error("defaults:\n  timeout: 30 parsecs\n"),
+        "policies.yaml:2:12: defaults.timeout: invalid duration \"30 parsecs\": expected a number with a unit, such as 250ms, 30s or 5m"
+    );
+    let message = error("upstreams:\n  ocr:\n    address: a:1\n    retry: {on: [unavailabel]}\n");
+    assert!(
+        message.starts_with("policies.yaml:4:17: upstreams.ocr.retry.on: unknown condition \"unavailabel\""),
+        "{message}"
+    );
+    let message = error("upstreams:\n  ocr:\n    address: a:1\n    retry: {budget: {ratio: 2}}\n");
+    assert!(message.starts_with("policies.yaml:4:29: upstreams.ocr.retry.budget.ratio: 2 is not a ratio"), "{message}");
+    let message = error("upstreams:\n  ocr:\n    address: a:1\n    retry: {max_attempts: 0}\n");
+    assert!(message.starts_with("policies.yaml:4:13: upstreams.ocr.retry.max_attempts:"), "{message}");
+    let message = error("upstreams:\n  ocr:\n    address: a:1\n    retry: {max_attempt: 2}\n");
+    assert!(message.starts_with("policies.yaml:4:13: upstreams.ocr.retry.max_attempt: unknown field"), "{message}");
+    assert_eq!(
+        error("upstreams:\n  ocr:\n    address: a:1\n    hedge: {max_attempts: 3}\n"),
+        "policies.yaml:2:3: upstreams.ocr.hedge.delay: hedging needs a delay, such as 50ms"
+    );
+}
