@@ -231,7 +231,11 @@ fn resolve_upstream(
     }
     let policy = up.policy().merge(&raw.defaults);
     if policy.hedge.as_ref().is_some_and(|h| h.delay.is_none()) {
-        check.error(&name, format!("{prefix}.hedge.delay"), "hedging needs a delay, such as 50ms");
+        check.error(
+            &name,
+            format!("{prefix}.hedge.delay"),
+            "hedging needs a delay, such as 50ms",
+        );
     }
     Pending {
         address,
@@ -256,9 +260,16 @@ fn check_claims(check: &mut Checker, raw: &RawConfig, pending: &[Pending]) {
                         (unit(&p.name), format!("upstreams.{}", p.name.value))
                     } else {
                         let entry = &raw.upstreams.0[i].1.hosts[h - 1];
-                        (unit(entry), format!("upstreams.{}.hosts[{}]", p.name.value, h - 1))
+                        (
+                            unit(entry),
+                            format!("upstreams.{}.hosts[{}]", p.name.value, h - 1),
+                        )
                     };
-                    check.error(&at, field, format!("host {host:?} is already routed to upstream {other:?}"));
+                    check.error(
+                        &at,
+                        field,
+                        format!("host {host:?} is already routed to upstream {other:?}"),
+                    );
                 }
                 Some(_) => {}
                 None => {
@@ -279,7 +290,10 @@ fn implicit_hosts(pending: &[Pending]) -> Vec<Vec<String>> {
     let mut implicit: HashMap<String, Option<usize>> = HashMap::new();
     for (i, p) in pending.iter().enumerate() {
         let Some(address) = &p.address else { continue };
-        for key in [address.as_str().to_ascii_lowercase(), address.host().to_ascii_lowercase()] {
+        for key in [
+            address.as_str().to_ascii_lowercase(),
+            address.host().to_ascii_lowercase(),
+        ] {
             if explicit.contains(key.as_str()) {
                 continue;
             }

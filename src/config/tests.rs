@@ -174,7 +174,14 @@ fn policies_take_builtin_defaults() {
     assert_eq!(policy.timeout, std::time::Duration::from_secs(30));
     assert_eq!(policy.retry.max_attempts, 3);
     assert_eq!(policy.retry.buffer_limit, 64 << 10);
-    assert_eq!(policy.circuit_breaker.as_ref().unwrap().consecutive_failures, 5);
+    assert_eq!(
+        policy
+            .circuit_breaker
+            .as_ref()
+            .unwrap()
+            .consecutive_failures,
+        5
+    );
     assert_eq!(policy.max_concurrent_requests, 1024);
     assert!(policy.hedge.is_none());
 }
@@ -226,15 +233,27 @@ fn policy_values_are_checked_where_they_are_written() {
     );
     let message = error("upstreams:\n  ocr:\n    address: a:1\n    retry: {on: [unavailabel]}\n");
     assert!(
-        message.starts_with("policies.yaml:4:17: upstreams.ocr.retry.on: unknown condition \"unavailabel\""),
+        message.starts_with(
+            "policies.yaml:4:17: upstreams.ocr.retry.on: unknown condition \"unavailabel\""
+        ),
         "{message}"
     );
     let message = error("upstreams:\n  ocr:\n    address: a:1\n    retry: {budget: {ratio: 2}}\n");
-    assert!(message.starts_with("policies.yaml:4:29: upstreams.ocr.retry.budget.ratio: 2 is not a ratio"), "{message}");
+    assert!(
+        message
+            .starts_with("policies.yaml:4:29: upstreams.ocr.retry.budget.ratio: 2 is not a ratio"),
+        "{message}"
+    );
     let message = error("upstreams:\n  ocr:\n    address: a:1\n    retry: {max_attempts: 0}\n");
-    assert!(message.starts_with("policies.yaml:4:13: upstreams.ocr.retry.max_attempts:"), "{message}");
+    assert!(
+        message.starts_with("policies.yaml:4:13: upstreams.ocr.retry.max_attempts:"),
+        "{message}"
+    );
     let message = error("upstreams:\n  ocr:\n    address: a:1\n    retry: {max_attempt: 2}\n");
-    assert!(message.starts_with("policies.yaml:4:13: upstreams.ocr.retry.max_attempt: unknown field"), "{message}");
+    assert!(
+        message.starts_with("policies.yaml:4:13: upstreams.ocr.retry.max_attempt: unknown field"),
+        "{message}"
+    );
     assert_eq!(
         error("upstreams:\n  ocr:\n    address: a:1\n    hedge: {max_attempts: 3}\n"),
         "policies.yaml:2:3: upstreams.ocr.hedge.delay: hedging needs a delay, such as 50ms"

@@ -86,7 +86,10 @@ impl Failure {
     /// Rate limiting (429, `RESOURCE_EXHAUSTED`): the upstream is alive and
     /// asking for less load, which is not an outage.
     pub fn is_rate_limit(self) -> bool {
-        matches!(self, Failure::Http(429) | Failure::Grpc(GRPC_RESOURCE_EXHAUSTED))
+        matches!(
+            self,
+            Failure::Http(429) | Failure::Grpc(GRPC_RESOURCE_EXHAUSTED)
+        )
     }
 
     /// The request certainly did not reach the upstream's application, so
@@ -184,7 +187,9 @@ impl Condition {
                     Condition::Class(u16::from(bytes[0] - b'0'))
                 } else {
                     let code: u16 = text.parse().ok()?;
-                    (100..=599).contains(&code).then_some(Condition::Status(code))?
+                    (100..=599)
+                        .contains(&code)
+                        .then_some(Condition::Status(code))?
                 }
             }
         })
@@ -279,11 +284,24 @@ mod tests {
     #[test]
     fn responses() {
         assert_eq!(classify_response(&response(200, None)), None);
-        assert_eq!(classify_response(&response(404, None)), None, "a client error is not the upstream failing");
-        assert_eq!(classify_response(&response(429, None)), Some(Failure::Http(429)));
-        assert_eq!(classify_response(&response(503, None)), Some(Failure::Http(503)));
+        assert_eq!(
+            classify_response(&response(404, None)),
+            None,
+            "a client error is not the upstream failing"
+        );
+        assert_eq!(
+            classify_response(&response(429, None)),
+            Some(Failure::Http(429))
+        );
+        assert_eq!(
+            classify_response(&response(503, None)),
+            Some(Failure::Http(503))
+        );
         assert_eq!(classify_response(&response(200, Some("0"))), None);
-        assert_eq!(classify_response(&response(200, Some("14"))), Some(Failure::Grpc(14)));
+        assert_eq!(
+            classify_response(&response(200, Some("14"))),
+            Some(Failure::Grpc(14))
+        );
         let mut trailers_only = response(200, None);
         trailers_only.extensions_mut().insert(GrpcTrailerStatus(13));
         assert_eq!(classify_response(&trailers_only), Some(Failure::Grpc(13)));
@@ -291,7 +309,14 @@ mod tests {
 
     #[test]
     fn conditions_parse_and_match() {
-        let c = Conditions::parse(["connect-failure", "5xx", "429", "unavailable", "deadline-exceeded"]).unwrap();
+        let c = Conditions::parse([
+            "connect-failure",
+            "5xx",
+            "429",
+            "unavailable",
+            "deadline-exceeded",
+        ])
+        .unwrap();
         assert!(c.matches(Failure::ConnectFailure));
         assert!(c.matches(Failure::Http(502)));
         assert!(c.matches(Failure::Http(429)));
@@ -302,7 +327,10 @@ mod tests {
         assert!(c.matches(Failure::Grpc(GRPC_DEADLINE_EXCEEDED)));
         assert!(!c.matches(Failure::Reset));
         let err = Conditions::parse(["unavailabel"]).unwrap_err();
-        assert!(err.starts_with("unknown condition \"unavailabel\""), "{err}");
+        assert!(
+            err.starts_with("unknown condition \"unavailabel\""),
+            "{err}"
+        );
         assert!(Conditions::parse(["ok"]).is_err(), "OK is never a failure");
         assert!(Conditions::parse(["600"]).is_err());
     }

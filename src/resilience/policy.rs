@@ -198,9 +198,28 @@ fn conditions(names: &[&str]) -> Conditions {
 /// The default failures the breaker counts.
 pub fn default_breaker_failures() -> Conditions {
     conditions(&[
-        "connect-failure", "reset", "refused-stream", "per-try-timeout", "500", "502", "503", "504",
-        "505", "506", "507", "508", "509", "510", "511", "429", "unavailable", "internal", "unknown",
-        "deadline-exceeded", "data-loss", "resource-exhausted",
+        "connect-failure",
+        "reset",
+        "refused-stream",
+        "per-try-timeout",
+        "500",
+        "502",
+        "503",
+        "504",
+        "505",
+        "506",
+        "507",
+        "508",
+        "509",
+        "510",
+        "511",
+        "429",
+        "unavailable",
+        "internal",
+        "unknown",
+        "deadline-exceeded",
+        "data-loss",
+        "resource-exhausted",
     ])
 }
 
@@ -223,7 +242,15 @@ impl RawPolicy {
                 backoff_max: d(&backoff.max, Duration::from_secs(10)),
                 max_pushback: d(&backoff.max_pushback, Duration::from_secs(60)),
                 on: retry.on.unwrap_or_else(|| {
-                    conditions(&["connect-failure", "refused-stream", "reset", "502", "503", "504", "unavailable"])
+                    conditions(&[
+                        "connect-failure",
+                        "refused-stream",
+                        "reset",
+                        "502",
+                        "503",
+                        "504",
+                        "unavailable",
+                    ])
                 }),
                 budget_ratio: budget.ratio.map_or(0.2, |r| r.0),
                 budget_min_per_second: budget.min_per_second.unwrap_or(10),
@@ -246,7 +273,10 @@ impl RawPolicy {
                 open_for: d(&breaker.open_for, Duration::from_secs(30)),
                 max_open_for: d(&breaker.max_open_for, Duration::from_secs(300)),
                 half_open_probes: breaker.half_open_probes.map_or(1, NonZeroU32::get),
-                failure_on: breaker.failure_on.clone().unwrap_or_else(default_breaker_failures),
+                failure_on: breaker
+                    .failure_on
+                    .clone()
+                    .unwrap_or_else(default_breaker_failures),
             }),
             max_concurrent_requests: self.max_concurrent_requests.map_or(1024, NonZeroU32::get),
             max_pending: self.max_pending.unwrap_or(1024),
