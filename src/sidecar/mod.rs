@@ -27,7 +27,7 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::telemetry::metrics::Metrics;
 pub use proxy::{ProxyService, Target};
-pub use upstream::Upstream;
+pub use upstream::{Upstream, UpstreamClient};
 
 /// How the sidecar process behaves, beyond the policy file.
 #[derive(Debug, Clone)]

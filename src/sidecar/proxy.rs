@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -79,8 +79,8 @@ async fn forward(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let _in_flight = upstream.metrics.start();
-    let (outcome, response) = match upstream.send(request).await {
-        Ok(response) => (classify(&response), response),
+    let (outcome, response) = match upstream.call(request).await {
+        Ok(response) => (outcome_of(&response), response),
         Err(error) => {
             tracing::debug!(upstream = %upstream.config.name, %error, "upstream call failed");
             (Outcome::Failure, edge::error_response(&error, grpc))
@@ -92,15 +92,10 @@ async fn forward(
     Ok(response)
 }
 
-/// The outcome of an answered request, from what is known when its headers
-/// arrive: the HTTP status, and `grpc-status` when the answer is
-/// trailers-only.
-fn classify(response: &Response<Body>) -> Outcome {
-    if response.status() >= StatusCode::INTERNAL_SERVER_ERROR {
-        return Outcome::Error;
-    }
-    match response.headers().get("grpc-status") {
-        Some(status) if status.as_bytes() != b"0" => Outcome::Error,
-        _ => Outcome::Success,
+/// The outcome of an answered request, as classified.
+fn outcome_of(response: &Response<Body>) -> Outcome {
+    match crate::resilience::classify::classify_response(response) {
+        None => Outcome::Success,
+        Some(_) => Outcome::Error,
     }
 }

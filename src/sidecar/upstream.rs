@@ -1,12 +1,15 @@
-//! One upstream as the request path sees it: its config, a pooled client,
-//! and its metric handles, built once when the config loads.
+//! One upstream as the request path sees it, built once when the config
+//! loads: its config, metric handles, resilience stack and breaker
+//! ([`Upstream`]), and the client that puts one attempt on the wire
+//! ([`UpstreamClient`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HOST, HeaderValue};
+use http::header::{CONTENT_TYPE, HOST, HeaderValue};
 use http::uri::{self, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,6 +20,10 @@ use super::headers::strip_hop_by_hop;
 use crate::body::{self, Body, BoxError};
 use crate::config::UpstreamConfig;
 use crate::edge::ProxyError;
+use crate::resilience::breaker::Breaker;
+use crate::resilience::classify::GrpcTrailerStatus;
+use crate::resilience::retry::replay::Completion;
+use crate::resilience::stack::{self, Stack};
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
 
 /// How long to wait for a TCP connection to an upstream.
@@ -35,24 +42,63 @@ pub struct Upstream {
     pub config: Arc<UpstreamConfig>,
     /// Its metric handles.
     pub metrics: UpstreamMetrics,
-    host: HeaderValue,
-    client: UpstreamClient,
+    /// Its circuit breaker, unless disabled.
+    pub breaker: Option<Arc<Breaker>>,
+    client: Arc<UpstreamClient>,
+    stack: Stack,
+}
+
+impl Upstream {
+    /// Builds the upstream's client, stack and metrics.
+    pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
+        let metrics = metrics.upstream(&config.name);
+        let client = Arc::new(UpstreamClient::new(&config));
+        let (stack, breaker) = stack::build(
+            config.name.clone(),
+            &config.policy,
+            client.clone(),
+            &metrics,
+        );
+        Self {
+            config,
+            metrics,
+            breaker,
+            client,
+            stack,
+        }
+    }
+
+    /// Sends a caller's request through the upstream's policy.
+    pub async fn call(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+        use tower::ServiceExt;
+        let request = self.client.prepare(request);
+        self.stack.clone().oneshot(request).await
+    }
 }
 
 /// The connection handling for the upstream's protocol.
 #[derive(Debug)]
-enum UpstreamClient {
+enum Connections {
     /// Pooled keep-alive connections.
     Http1(Client<HttpConnector, Body>),
     /// One multiplexed connection.
     Http2(H2Client),
 }
 
-impl Upstream {
-    /// Builds the upstream's client and resolves its metrics.
-    pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
-        let client = if config.protocol.is_http2() {
-            UpstreamClient::Http2(H2Client::new(
+/// Puts attempts on the wire.
+#[derive(Debug)]
+pub struct UpstreamClient {
+    name: Arc<str>,
+    address: http::uri::Authority,
+    http2: bool,
+    host: HeaderValue,
+    connections: Connections,
+}
+
+impl UpstreamClient {
+    fn new(config: &UpstreamConfig) -> Self {
+        let connections = if config.protocol.is_http2() {
+            Connections::Http2(H2Client::new(
                 config.address.clone(),
                 CONNECT_TIMEOUT,
                 H2_STREAM_WINDOW,
@@ -67,63 +113,26 @@ impl Upstream {
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .build(connector);
-            UpstreamClient::Http1(client)
+            Connections::Http1(client)
         };
-        let host = HeaderValue::from_str(config.address.as_str())
-            .expect("a validated authority is a valid header value");
         Self {
-            metrics: metrics.upstream(&config.name),
-            host,
-            client,
-            config,
+            name: config.name.clone(),
+            address: config.address.clone(),
+            http2: config.protocol.is_http2(),
+            host: HeaderValue::from_str(config.address.as_str())
+                .expect("a validated authority is a valid header value"),
+            connections,
         }
     }
 
-    /// Sends one request to the upstream and returns its answer, with
-    /// hop-by-hop headers removed both ways.
-    pub async fn send(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
-        let request = self.prepare(request);
-        let upstream = || self.config.name.clone();
-        let response = match &self.client {
-            UpstreamClient::Http1(client) => client.request(request).await.map_err(|e| {
-                let connect = e.is_connect();
-                let source = error_chain(&e);
-                if connect {
-                    ProxyError::Connect {
-                        upstream: upstream(),
-                        source,
-                    }
-                } else {
-                    ProxyError::Upstream {
-                        upstream: upstream(),
-                        source,
-                    }
-                }
-            })?,
-            UpstreamClient::Http2(client) => client.send(request).await.map_err(|e| match e {
-                H2Error::Connect(source) => ProxyError::Connect {
-                    upstream: upstream(),
-                    source,
-                },
-                H2Error::Request(e) => ProxyError::Upstream {
-                    upstream: upstream(),
-                    source: error_chain(&e),
-                },
-            })?,
-        };
-        let (mut parts, incoming) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body::boxed(incoming)))
-    }
-
     /// Rewrites a caller's request for the upstream: absolute URI for the
-    /// pooled client, `Host` / `:authority` set to the upstream's address,
-    /// the upstream's protocol version, no hop-by-hop headers.
-    fn prepare(&self, request: Request<Incoming>) -> Request<Body> {
+    /// client, `Host` / `:authority` set to the upstream's address, the
+    /// upstream's protocol version, no hop-by-hop headers.
+    pub fn prepare(&self, request: Request<Incoming>) -> Request<Body> {
         let (mut parts, incoming) = request.into_parts();
         let mut target = uri::Parts::default();
         target.scheme = Some(Scheme::HTTP);
-        target.authority = Some(self.config.address.clone());
+        target.authority = Some(self.address.clone());
         target.path_and_query = Some(
             parts
                 .uri
@@ -133,7 +142,7 @@ impl Upstream {
         );
         parts.uri = Uri::from_parts(target).expect("scheme, authority and path make a URI");
         strip_hop_by_hop(&mut parts.headers);
-        if self.config.protocol.is_http2() {
+        if self.http2 {
             parts.headers.remove(HOST);
             parts.version = Version::HTTP_2;
         } else {
@@ -143,6 +152,101 @@ impl Upstream {
         parts.extensions.clear();
         Request::from_parts(parts, body::boxed(incoming))
     }
+
+    /// Sends one attempt and returns the upstream's answer, hop-by-hop
+    /// headers removed.
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, ProxyError> {
+        let completion = request.extensions().get::<Completion>().cloned();
+        let response = match &self.connections {
+            Connections::Http1(client) => client
+                .request(request)
+                .await
+                .map_err(|e| self.http1_error(&e))?,
+            Connections::Http2(client) => {
+                client.send(request).await.map_err(|e| self.h2_error(e))?
+            }
+        };
+        let (mut parts, incoming) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let unary_like = completion.is_some_and(|c| c.is_complete());
+        let body = if unary_like && needs_peek(&parts) {
+            self.peek(&mut parts, incoming).await?
+        } else {
+            body::boxed(incoming)
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Reads the first frame of a gRPC answer that has no status in its
+    /// headers: if it is the trailers, their `grpc-status` is recorded for
+    /// classification. A message frame is put back untouched.
+    async fn peek(
+        &self,
+        parts: &mut http::response::Parts,
+        mut incoming: Incoming,
+    ) -> Result<Body, ProxyError> {
+        match incoming.frame().await {
+            None => Ok(body::empty()),
+            Some(Err(e)) => Err(ProxyError::Upstream {
+                upstream: self.name.clone(),
+                source: error_chain(&e),
+            }),
+            Some(Ok(frame)) => {
+                let status = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|s| std::str::from_utf8(s.as_bytes()).ok()?.parse().ok());
+                if let Some(status) = status {
+                    parts.extensions.insert(GrpcTrailerStatus(status));
+                }
+                Ok(body::prefixed(Some(frame), body::boxed(incoming)))
+            }
+        }
+    }
+
+    fn http1_error(&self, e: &hyper_util::client::legacy::Error) -> ProxyError {
+        let upstream = self.name.clone();
+        let source = error_chain(e);
+        if e.is_connect() {
+            ProxyError::Connect { upstream, source }
+        } else {
+            ProxyError::Upstream { upstream, source }
+        }
+    }
+
+    fn h2_error(&self, e: H2Error) -> ProxyError {
+        let upstream = self.name.clone();
+        match e {
+            H2Error::Connect(source) => ProxyError::Connect { upstream, source },
+            H2Error::Request(e) if refused_stream(&e) => ProxyError::RefusedStream { upstream },
+            H2Error::Request(e) => ProxyError::Upstream {
+                upstream,
+                source: error_chain(&e),
+            },
+        }
+    }
+}
+
+/// A gRPC answer whose status is not in its headers.
+fn needs_peek(parts: &http::response::Parts) -> bool {
+    parts
+        .headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        && !parts.headers.contains_key("grpc-status")
+}
+
+/// Whether the HTTP/2 peer refused the stream (`REFUSED_STREAM`): it did
+/// not process the request, so it is safe to send again.
+fn refused_stream(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// An error and its causes in one line (`client error (Connect): tcp

@@ -55,6 +55,24 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    upstream: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    upstream: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    upstream: String,
+    to: &'static str,
+}
+
 /// The registry and metric families of one sidecar.
 pub struct Metrics {
     registry: Registry,
@@ -62,6 +80,13 @@ pub struct Metrics {
     duration: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
     in_flight: Family<UpstreamLabels, Gauge>,
     unrouted: Counter,
+    retries: Family<ReasonLabels, Counter>,
+    budget_exhausted: Family<UpstreamLabels, Counter>,
+    circuit_state: Family<UpstreamLabels, Gauge>,
+    circuit_transitions: Family<StateLabels, Counter>,
+    shed: Family<UpstreamLabels, Counter>,
+    timeouts: Family<KindLabels, Counter>,
+    hedges: Family<UpstreamLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,12 +130,61 @@ impl Metrics {
             "Requests for a host no upstream claims, answered 404 / UNIMPLEMENTED",
             unrouted.clone(),
         );
+        let retries = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Retried attempts, by upstream and the failure that caused them",
+            retries.clone(),
+        );
+        let budget_exhausted = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            budget_exhausted.clone(),
+        );
+        let circuit_state = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "circuit_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        let circuit_transitions = Family::<StateLabels, Counter>::default();
+        registry.register(
+            "circuit_transitions",
+            "Circuit breaker transitions, by the state entered",
+            circuit_transitions.clone(),
+        );
+        let shed = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "shed",
+            "Requests shed at the concurrency limit (503 / RESOURCE_EXHAUSTED)",
+            shed.clone(),
+        );
+        let timeouts = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "timeouts",
+            "Timeouts, by kind: deadline (the call's) or per-try (one attempt's)",
+            timeouts.clone(),
+        );
+        let hedges = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "hedges",
+            "Hedged attempts sent while an earlier attempt was still waiting",
+            hedges.clone(),
+        );
         Self {
             registry,
             requests,
             duration,
             in_flight,
             unrouted,
+            retries,
+            budget_exhausted,
+            circuit_state,
+            circuit_transitions,
+            shed,
+            timeouts,
+            hedges,
         }
     }
 
@@ -125,12 +199,37 @@ impl Metrics {
                 outcome: o.label(),
             })
         };
+        let transition = |to: &'static str| {
+            self.circuit_transitions.get_or_create_owned(&StateLabels {
+                upstream: name.to_owned(),
+                to,
+            })
+        };
+        let timeout = |kind: &'static str| {
+            self.timeouts.get_or_create_owned(&KindLabels {
+                upstream: name.to_owned(),
+                kind,
+            })
+        };
         UpstreamMetrics(Arc::new(Handles {
+            name: name.to_owned(),
             success: outcome(Outcome::Success),
             error: outcome(Outcome::Error),
             failure: outcome(Outcome::Failure),
             duration: self.duration.get_or_create_owned(&labels),
             in_flight: self.in_flight.get_or_create_owned(&labels),
+            retries: self.retries.clone(),
+            budget_exhausted: self.budget_exhausted.get_or_create_owned(&labels),
+            circuit_state: self.circuit_state.get_or_create_owned(&labels),
+            transitions: [
+                transition("closed"),
+                transition("open"),
+                transition("half-open"),
+            ],
+            shed: self.shed.get_or_create_owned(&labels),
+            deadline_timeouts: timeout("deadline"),
+            per_try_timeouts: timeout("per-try"),
+            hedges: self.hedges.get_or_create_owned(&labels),
         }))
     }
 
@@ -149,11 +248,20 @@ impl Metrics {
 }
 
 struct Handles {
+    name: String,
     success: Counter,
     error: Counter,
     failure: Counter,
     duration: Histogram,
     in_flight: Gauge,
+    retries: Family<ReasonLabels, Counter>,
+    budget_exhausted: Counter,
+    circuit_state: Gauge,
+    transitions: [Counter; 3],
+    shed: Counter,
+    deadline_timeouts: Counter,
+    per_try_timeouts: Counter,
+    hedges: Counter,
 }
 
 /// One upstream's metric handles, cheap to clone.
@@ -182,6 +290,49 @@ impl UpstreamMetrics {
             Outcome::Failure => self.0.failure.inc(),
         };
         self.0.duration.observe(seconds);
+    }
+}
+
+impl UpstreamMetrics {
+    /// Counts a retry caused by `reason` (a bounded failure label).
+    pub fn retry(&self, reason: &str) {
+        self.0
+            .retries
+            .get_or_create(&ReasonLabels {
+                upstream: self.0.name.clone(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a retry the budget did not allow.
+    pub fn budget_exhausted(&self) {
+        self.0.budget_exhausted.inc();
+    }
+
+    /// Records a circuit state (0 closed, 1 open, 2 half-open) entered.
+    pub fn circuit(&self, state: u8) {
+        self.0.circuit_state.set(i64::from(state));
+        self.0.transitions[usize::from(state.min(2))].inc();
+    }
+
+    /// Counts a shed request.
+    pub fn shed(&self) {
+        self.0.shed.inc();
+    }
+
+    /// Counts a timeout: the call's deadline, or one attempt's.
+    pub fn timeout(&self, per_try: bool) {
+        if per_try {
+            self.0.per_try_timeouts.inc();
+        } else {
+            self.0.deadline_timeouts.inc();
+        }
+    }
+
+    /// Counts a hedged attempt.
+    pub fn hedge(&self) {
+        self.0.hedges.inc();
     }
 }
 

@@ -1,0 +1,374 @@
+//! The circuit breaker: stop calling an upstream that is down, and find
+//! out cheaply when it is back.
+//!
+//! ```text
+//!            trip                      open_for passed
+//! Closed ──────────────► Open ─────────────────────────► HalfOpen
+//!   ▲                     ▲                                 │
+//!   │                     └──── a probe fails (open_for ×2) ┤
+//!   └────────────── every probe succeeds ───────────────────┘
+//! ```
+//!
+//! It trips on `consecutive_failures` in a row, on a failure rate over the
+//! last `window` calls (once `min_calls` were seen), or on a slow-call
+//! rate. While open, every attempt fails at once with `CircuitOpen`
+//! (503 / `UNAVAILABLE`, `x-breakwater-error: circuit-open`) without
+//! touching the upstream. After `open_for` it lets `half_open_probes`
+//! calls through; if all succeed it closes, if one fails it opens again
+//! for twice as long (up to `max_open_for`).
+//!
+//! Rate limiting (429, `RESOURCE_EXHAUSTED`) counts toward the failure
+//! rate but never toward consecutive failures: a provider asking for less
+//! load is not an outage.
+//!
+//! The request path reads one atomic while the circuit is closed; every
+//! transition happens in [`Machine`], under a lock, tested under a paused
+//! clock.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::BoxFuture;
+use super::classify::{self, Failure};
+use super::policy::BreakerParams;
+use crate::body::Body;
+use crate::edge::ProxyError;
+use crate::telemetry::metrics::UpstreamMetrics;
+
+/// The state of a circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Calls flow.
+    Closed = 0,
+    /// Calls fail at once.
+    Open = 1,
+    /// A few probe calls flow.
+    HalfOpen = 2,
+}
+
+/// What a call was admitted as.
+#[derive(Debug)]
+#[must_use]
+pub enum Admission {
+    /// A normal call (circuit closed).
+    Normal,
+    /// A probe (circuit half-open); dropping it unrecorded frees its slot.
+    Probe(ProbeSlot),
+}
+
+/// The circuit refused a call: it is open, or half-open with every probe
+/// slot taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused;
+
+/// A half-open probe slot, given back if the call ends unrecorded.
+#[derive(Debug)]
+pub struct ProbeSlot {
+    breaker: Arc<Breaker>,
+    recorded: bool,
+}
+
+impl Drop for ProbeSlot {
+    fn drop(&mut self) {
+        if !self.recorded {
+            let mut machine = self.breaker.lock();
+            machine.probes_in_flight = machine.probes_in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// One upstream's circuit breaker.
+#[derive(Debug)]
+pub struct Breaker {
+    upstream: Arc<str>,
+    params: BreakerParams,
+    gate: AtomicU8,
+    machine: Mutex<Machine>,
+    metrics: UpstreamMetrics,
+}
+
+/// The state machine behind the gate.
+#[derive(Debug)]
+pub struct Machine {
+    state: State,
+    consecutive: u32,
+    /// The last `window` calls: (failed, slow).
+    window: VecDeque<(bool, bool)>,
+    trips: u32,
+    open_until: Option<Instant>,
+    probes_in_flight: u32,
+    probe_successes: u32,
+}
+
+/// A circuit's state for the admin endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// The state.
+    pub state: State,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// Calls in the sliding window.
+    pub window_calls: usize,
+    /// Failures in the sliding window.
+    pub window_failures: usize,
+    /// Slow calls in the sliding window.
+    pub window_slow: usize,
+    /// Trips since the circuit last closed.
+    pub trips: u32,
+    /// Milliseconds until the next probe, while open.
+    pub next_probe_in_ms: Option<u64>,
+}
+
+impl Breaker {
+    /// A closed circuit.
+    pub fn new(upstream: Arc<str>, params: BreakerParams, metrics: UpstreamMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            upstream,
+            machine: Mutex::new(Machine {
+                state: State::Closed,
+                consecutive: 0,
+                window: VecDeque::with_capacity(params.window as usize),
+                trips: 0,
+                open_until: None,
+                probes_in_flight: 0,
+                probe_successes: 0,
+            }),
+            params,
+            gate: AtomicU8::new(State::Closed as u8),
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.lock().state
+    }
+
+    /// Admits a call, or refuses it while the circuit is open.
+    pub fn admit(self: &Arc<Self>) -> Result<Admission, Refused> {
+        if self.gate.load(Ordering::Acquire) == State::Closed as u8 {
+            return Ok(Admission::Normal);
+        }
+        let mut m = self.lock();
+        if m.state == State::Open && m.open_until.is_some_and(|t| Instant::now() >= t) {
+            self.enter(&mut m, State::HalfOpen);
+        }
+        match m.state {
+            State::Closed => Ok(Admission::Normal),
+            State::Open => Err(Refused),
+            State::HalfOpen if m.probes_in_flight < self.params.half_open_probes => {
+                m.probes_in_flight += 1;
+                Ok(Admission::Probe(ProbeSlot {
+                    breaker: self.clone(),
+                    recorded: false,
+                }))
+            }
+            State::HalfOpen => Err(Refused),
+        }
+    }
+
+    /// Records how an admitted call ended. `failure` is its classified
+    /// failure, if any; `elapsed` its duration.
+    pub fn record(&self, admission: Admission, failure: Option<Failure>, elapsed: Duration) {
+        let counted = failure.filter(|f| self.params.failure_on.matches(*f));
+        let slow = self.params.slow_call_duration.is_some_and(|d| elapsed >= d);
+        let mut m = self.lock();
+        if let Admission::Probe(mut slot) = admission {
+            slot.recorded = true;
+            m.probes_in_flight = m.probes_in_flight.saturating_sub(1);
+            drop(slot);
+            if m.state != State::HalfOpen {
+                return;
+            }
+            if counted.is_some() || slow {
+                self.trip(&mut m);
+            } else {
+                m.probe_successes += 1;
+                if m.probe_successes >= self.params.half_open_probes {
+                    self.enter(&mut m, State::Closed);
+                }
+            }
+            return;
+        }
+        if m.state != State::Closed {
+            return;
+        }
+        match counted {
+            Some(f) if !f.is_rate_limit() => m.consecutive += 1,
+            Some(_) => {}
+            None => m.consecutive = 0,
+        }
+        if m.window.len() == self.params.window as usize {
+            m.window.pop_front();
+        }
+        m.window.push_back((counted.is_some(), slow));
+        if self.should_trip(&m) {
+            self.trip(&mut m);
+        }
+    }
+
+    fn should_trip(&self, m: &Machine) -> bool {
+        let p = &self.params;
+        if p.consecutive_failures > 0 && m.consecutive >= p.consecutive_failures {
+            return true;
+        }
+        let calls = m.window.len();
+        if calls == 0 || calls < p.min_calls as usize {
+            return false;
+        }
+        let failed = m.window.iter().filter(|(f, _)| *f).count();
+        let slow = m.window.iter().filter(|(_, s)| *s).count();
+        failed as f64 / calls as f64 >= p.failure_rate_threshold && failed > 0
+            || p.slow_call_duration.is_some()
+                && slow as f64 / calls as f64 >= p.slow_call_rate_threshold
+                && slow > 0
+    }
+
+    /// Opens the circuit, for twice as long as last time.
+    fn trip(&self, m: &mut Machine) {
+        let factor = 2u32.saturating_pow(m.trips.min(16));
+        let open_for = self
+            .params
+            .open_for
+            .saturating_mul(factor)
+            .min(self.params.max_open_for);
+        m.trips += 1;
+        m.open_until = Some(Instant::now() + open_for);
+        tracing::warn!(upstream = %self.upstream, ?open_for, trips = m.trips, "circuit opened");
+        self.enter(m, State::Open);
+    }
+
+    fn enter(&self, m: &mut Machine, state: State) {
+        m.state = state;
+        m.probe_successes = 0;
+        if state == State::Closed {
+            m.consecutive = 0;
+            m.window.clear();
+            m.trips = 0;
+            m.open_until = None;
+        }
+        if state != State::HalfOpen {
+            m.probes_in_flight = 0;
+        }
+        self.gate.store(state as u8, Ordering::Release);
+        self.metrics.circuit(state as u8);
+    }
+
+    /// Forces a state, for operators: `open` (for `open_for`), `close`, or
+    /// `reset` (closed with every counter cleared).
+    pub fn force(&self, action: &str) -> bool {
+        let mut m = self.lock();
+        match action {
+            "open" => {
+                m.open_until = Some(Instant::now() + self.params.open_for);
+                m.trips = m.trips.max(1);
+                self.enter(&mut m, State::Open);
+            }
+            "close" | "reset" => self.enter(&mut m, State::Closed),
+            _ => return false,
+        }
+        true
+    }
+
+    /// The circuit's state and counters.
+    pub fn snapshot(&self) -> Snapshot {
+        let m = self.lock();
+        Snapshot {
+            state: m.state,
+            consecutive_failures: m.consecutive,
+            window_calls: m.window.len(),
+            window_failures: m.window.iter().filter(|(f, _)| *f).count(),
+            window_slow: m.window.iter().filter(|(_, s)| *s).count(),
+            trips: m.trips,
+            next_probe_in_ms: (m.state == State::Open)
+                .then(|| m.open_until)
+                .flatten()
+                .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64),
+        }
+    }
+}
+
+/// Gates each attempt through an upstream's [`Breaker`] (none: the
+/// breaker is disabled and attempts pass straight through).
+#[derive(Debug, Clone)]
+pub struct BreakerLayer {
+    upstream: Arc<str>,
+    breaker: Option<Arc<Breaker>>,
+}
+
+impl BreakerLayer {
+    /// A layer for `breaker`.
+    pub fn new(upstream: Arc<str>, breaker: Option<Arc<Breaker>>) -> Self {
+        Self { upstream, breaker }
+    }
+}
+
+impl<S> tower::Layer<S> for BreakerLayer {
+    type Service = BreakerService<S>;
+
+    fn layer(&self, inner: S) -> <Self as tower::Layer<S>>::Service {
+        BreakerService {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of [`BreakerLayer`].
+#[derive(Debug, Clone)]
+pub struct BreakerService<S> {
+    layer: BreakerLayer,
+    inner: S,
+}
+
+impl<S> tower::Service<Request<Body>> for BreakerService<S>
+where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = ProxyError,
+            Future = BoxFuture,
+        >,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> BoxFuture {
+        let Some(breaker) = self.layer.breaker.clone() else {
+            return self.inner.call(request);
+        };
+        let Ok(admission) = breaker.admit() else {
+            let upstream = self.layer.upstream.clone();
+            return Box::pin(std::future::ready(Err(ProxyError::CircuitOpen {
+                upstream,
+            })));
+        };
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = call.await;
+            breaker.record(admission, classify::classify(&result), started.elapsed());
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
