@@ -9,6 +9,8 @@
 //! | `/readyz` | 200 once every listener is bound, 503 while draining |
 //! | `/metrics` | Prometheus / OpenMetrics text |
 //! | `/config` | the resolved config as JSON |
+//! | `/circuits` | each upstream's circuit: state, counters, time to the next probe |
+//! | `POST /circuits/<upstream>/open\|close\|reset` | force a circuit's state |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::body::{self, Body};
 use crate::config::Config;
+use crate::resilience::breaker::Breaker;
 use crate::telemetry::metrics::Metrics;
 
 /// What the admin endpoint reports on.
@@ -32,16 +35,23 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     config_json: Bytes,
     ready: Arc<AtomicBool>,
+    circuits: Vec<(Arc<str>, Arc<Breaker>)>,
 }
 
 impl AdminState {
     /// Captures the state to serve: the config is rendered once, here.
-    pub fn new(metrics: Arc<Metrics>, config: &Config, ready: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        config: &Config,
+        ready: Arc<AtomicBool>,
+        circuits: Vec<(Arc<str>, Arc<Breaker>)>,
+    ) -> Self {
         let config_json = serde_json::to_vec_pretty(config).expect("the config serializes");
         Self {
             metrics,
             config_json: Bytes::from(config_json),
             ready,
+            circuits,
         }
     }
 }
@@ -67,10 +77,25 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
 }
 
 fn handle(state: &AdminState, request: &Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path();
+    if request.method() == Method::POST
+        && let Some(rest) = path.strip_prefix("/circuits/")
+    {
+        return force_circuit(state, rest);
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
-    match request.uri().path() {
+    match path {
+        "/circuits" => {
+            let circuits: serde_json::Map<String, serde_json::Value> = state
+                .circuits
+                .iter()
+                .map(|(name, b)| (name.to_string(), serde_json::json!(b.snapshot())))
+                .collect();
+            let json = serde_json::to_vec_pretty(&circuits).expect("snapshots serialize");
+            with_type(StatusCode::OK, json, "application/json")
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
@@ -89,6 +114,31 @@ fn handle(state: &AdminState, request: &Request<Incoming>) -> Response<Body> {
             "not found: try /healthz, /readyz, /metrics or /config\n",
         ),
     }
+}
+
+/// `POST /circuits/<upstream>/open|close|reset`.
+fn force_circuit(state: &AdminState, rest: &str) -> Response<Body> {
+    let Some((name, action)) = rest.split_once('/') else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "use /circuits/<upstream>/open|close|reset\n",
+        );
+    };
+    let Some((_, breaker)) = state.circuits.iter().find(|(n, _)| &**n == name) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "no circuit breaker for that upstream (unknown, or its breaker is disabled)\n",
+        );
+    };
+    if !breaker.force(action) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "the action is one of open, close, reset\n",
+        );
+    }
+    tracing::warn!(upstream = name, action, "circuit forced by an operator");
+    let json = serde_json::to_vec_pretty(&breaker.snapshot()).expect("snapshots serialize");
+    with_type(StatusCode::OK, json, "application/json")
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

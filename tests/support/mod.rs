@@ -95,6 +95,17 @@ impl HttpUpstream {
         }
     }
 
+    /// An upstream whose handler also gets the request's number (0 for the
+    /// first), to script a sequence of answers.
+    pub async fn numbered<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(usize, Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let count = Arc::new(AtomicUsize::new(0));
+        Self::start(move |request| handler(count.fetch_add(1, Ordering::SeqCst), request)).await
+    }
+
     /// An upstream that answers 200 with the request's body.
     pub async fn echo() -> Self {
         Self::start(|request: Request<Incoming>| async move {
@@ -257,4 +268,31 @@ pub async fn call(
         .await
         .unwrap();
     read_body(response).await
+}
+
+/// An answer with a status and headers.
+pub fn answer(status: u16, headers: &[(&'static str, &str)], text: &'static str) -> Response<Body> {
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    for (k, v) in headers {
+        response.headers_mut().insert(*k, v.parse().unwrap());
+    }
+    response
+}
+
+/// Reads a metric's value from the Prometheus text of a sidecar.
+pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let response = http1_client()
+        .request(
+            Request::get(format!("http://{admin}/metrics"))
+                .body(body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (_, text) = read_body(response).await;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -155,6 +155,13 @@ impl http_body::Body for ReplayBody {
                 if let Some(data) = frame.data_ref() {
                     record(&mut shared, data);
                     this.position = shared.chunks.len();
+                    // Peers stop polling a body that says it has ended, so
+                    // the end is noticed here, not only on `None`.
+                    if shared.source.as_ref().is_some_and(|s| s.is_end_stream()) {
+                        shared.done = true;
+                        shared.source = None;
+                        this.trailers_sent = true;
+                    }
                 } else if let Some(trailers) = frame.trailers_ref() {
                     shared.trailers = Some(trailers.clone());
                     shared.done = true;
@@ -250,6 +257,18 @@ mod tests {
             !declared.can_replay(),
             "a declared length over the limit is known at once"
         );
+    }
+
+    #[tokio::test]
+    async fn the_end_is_noticed_with_the_last_frame() {
+        let mut reader = ReplayBody::new(body::full("all of it"), 64);
+        let frame = reader.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "all of it");
+        assert!(
+            reader.is_complete(),
+            "complete without polling past the end"
+        );
+        assert!(reader.is_end_stream());
     }
 
     #[tokio::test]
