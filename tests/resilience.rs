@@ -1,0 +1,517 @@
+//! Deadlines, per-try timeouts, the circuit breaker, shedding, and the
+//! order of the layers, against real upstreams.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use breakwater::body;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use support::*;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// An upstream that takes 30 s to answer.
+async fn stuck() -> HttpUpstream {
+    HttpUpstream::start(|_req: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        answer(200, &[], "too late")
+    })
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_answers_504_with_its_reason() {
+    let upstream = stuck().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', timeout: 2s}}\n",
+        upstream.addr
+    ))
+    .await;
+    let started = Instant::now();
+    let (parts, body) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
+    assert_eq!(parts.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(parts.headers["x-breakwater-error"], "deadline-exceeded");
+    assert!(
+        String::from_utf8_lossy(&body).contains("set by policy"),
+        "{body:?}"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2100),
+        "{elapsed:?}"
+    );
+    let timeouts = metric(
+        sidecar.admin_addr,
+        "breakwater_timeouts_total{upstream=\"agent\",kind=\"deadline\"}",
+    )
+    .await;
+    assert_eq!(timeouts, 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_callers_sooner_deadline_wins_for_http_and_grpc() {
+    let upstream = stuck().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', timeout: 10s}}\n  ocr: {{address: '{}', protocol: grpc, timeout: 10s}}\n",
+        upstream.addr, upstream.addr
+    ))
+    .await;
+    let started = Instant::now();
+    let mut request = request_to(sidecar.proxy_addr, "agent", Method::GET, "/", "");
+    request
+        .headers_mut()
+        .insert("x-breakwater-deadline-ms", "300".parse().unwrap());
+    let response = http1_client().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_millis(400));
+
+    let started = Instant::now();
+    let mut conn = h2_connect(sidecar.proxy_addr).await;
+    let request = Request::post("http://ocr/breakwater.echo.v1.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "500m")
+        .body(body::full(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let response = conn.send_request(request).await.unwrap();
+    assert_eq!(response.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+    assert_eq!(
+        response.headers()["x-breakwater-error"],
+        "deadline-exceeded"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(500) && elapsed < Duration::from_millis(600),
+        "{elapsed:?}"
+    );
+}
+
+/// Each attempt tells the upstream the time left, never more.
+#[tokio::test(start_paused = true)]
+async fn upstreams_see_no_more_time_than_is_left() {
+    let upstream = HttpUpstream::numbered(|n, _req: Request<Incoming>| async move {
+        if n == 0 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        answer(200, &[], "ok")
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent:\n    address: '{}'\n    timeout: 5s\n    per_try_timeout: 300ms\n    retry: {{on: [per-try-timeout], backoff: {{base: 1ms}}}}\n",
+        upstream.addr
+    ))
+    .await;
+    let mut request = request_to(sidecar.proxy_addr, "agent", Method::GET, "/", "");
+    request
+        .headers_mut()
+        .insert("x-breakwater-deadline-ms", "1000".parse().unwrap());
+    let response = http1_client().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen: Vec<u64> = upstream
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s.headers["x-breakwater-deadline-ms"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[0] <= 300, "the per-try timeout is sooner: {seen:?}");
+    assert!(seen[1] <= 300 && seen[1] > 0, "{seen:?}");
+
+    // gRPC: the caller's grpc-timeout, less the time spent, in grpc-timeout.
+    let grpc = HttpUpstream::start(|_req: Request<Incoming>| async {
+        answer(
+            200,
+            &[("content-type", "application/grpc"), ("grpc-status", "0")],
+            "",
+        )
+    })
+    .await;
+    let sidecar = support::sidecar(&format!(
+        "upstreams:\n  ocr: {{address: '{}', protocol: grpc}}\n",
+        grpc.addr
+    ))
+    .await;
+    let mut conn = h2_connect(sidecar.proxy_addr).await;
+    let request = Request::post("http://ocr/breakwater.echo.v1.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "2S")
+        .body(body::full(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let response = conn.send_request(request).await.unwrap();
+    assert_eq!(response.headers()["grpc-status"], "0");
+    let sent = grpc.last_seen().headers["grpc-timeout"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let sent = breakwater::resilience::deadline::parse_grpc_timeout(&sent).unwrap();
+    assert!(
+        sent <= Duration::from_secs(2) && sent > Duration::from_millis(1900),
+        "{sent:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_try_timeouts_are_retried_and_counted() {
+    let upstream = HttpUpstream::numbered(|n, _req: Request<Incoming>| async move {
+        if n == 0 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        answer(200, &[], "second try")
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent:\n    address: '{}'\n    per_try_timeout: 100ms\n    retry: {{on: [deadline-exceeded], backoff: {{base: 1ms}}}}\n",
+        upstream.addr
+    ))
+    .await;
+    let (parts, body) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
+    assert_eq!(
+        (parts.status, body),
+        (StatusCode::OK, Bytes::from("second try"))
+    );
+    assert_eq!(upstream.requests(), 2);
+    let per_try = metric(
+        sidecar.admin_addr,
+        "breakwater_timeouts_total{upstream=\"agent\",kind=\"per-try\"}",
+    )
+    .await;
+    assert_eq!(per_try, 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_breaker_opens_rejects_probes_and_closes() {
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = healthy.clone();
+    let upstream = HttpUpstream::start(move |_req: Request<Incoming>| {
+        let ok = flag.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if ok {
+                answer(200, &[], "back")
+            } else {
+                answer(503, &[], "down")
+            }
+        }
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent:\n    address: '{}'\n    retry: {{max_attempts: 1}}\n    circuit_breaker: {{consecutive_failures: 3, open_for: 10s}}\n",
+        upstream.addr
+    ))
+    .await;
+    let proxy = sidecar.proxy_addr;
+    for _ in 0..3 {
+        assert_eq!(
+            call(proxy, "agent", Method::GET, "/", "").await.0.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    assert_eq!(upstream.requests(), 3);
+    let started = Instant::now();
+    let (parts, _) = call(proxy, "agent", Method::GET, "/", "").await;
+    assert_eq!(parts.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
+    assert!(
+        started.elapsed() < Duration::from_millis(10),
+        "rejected at once"
+    );
+    assert_eq!(upstream.requests(), 3, "the upstream was not contacted");
+    assert_eq!(
+        metric(
+            sidecar.admin_addr,
+            "breakwater_circuit_state{upstream=\"agent\"}"
+        )
+        .await,
+        1.0
+    );
+    let circuits = admin_json(sidecar.admin_addr, "/circuits").await;
+    assert_eq!(circuits["agent"]["state"], "open");
+
+    // A failed probe re-opens the circuit.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(
+        call(proxy, "agent", Method::GET, "/", "").await.0.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(upstream.requests(), 4, "one probe went through");
+    assert_eq!(
+        call(proxy, "agent", Method::GET, "/", "").await.0.headers["x-breakwater-error"],
+        "circuit-open"
+    );
+
+    // The next probe, after twice open_for, succeeds and closes it.
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let (parts, body) = call(proxy, "agent", Method::GET, "/", "").await;
+    assert_eq!((parts.status, body), (StatusCode::OK, Bytes::from("back")));
+    assert_eq!(
+        admin_json(sidecar.admin_addr, "/circuits").await["agent"]["state"],
+        "closed"
+    );
+    assert_eq!(
+        metric(
+            sidecar.admin_addr,
+            "breakwater_circuit_transitions_total{upstream=\"agent\",to=\"open\"}"
+        )
+        .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn operators_can_force_a_circuit_open() {
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar_for(upstream.addr).await;
+    let response = http1_client()
+        .request(
+            Request::post(format!("http://{}/circuits/agent/open", sidecar.admin_addr))
+                .body(body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (parts, _) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
+    assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
+    assert_eq!(upstream.requests(), 0);
+    let response = http1_client()
+        .request(
+            Request::post(format!(
+                "http://{}/circuits/agent/reset",
+                sidecar.admin_addr
+            ))
+            .body(body::empty())
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        call(sidecar.proxy_addr, "agent", Method::GET, "/", "")
+            .await
+            .0
+            .status,
+        StatusCode::OK
+    );
+}
+
+/// An upstream that holds every request until released.
+async fn gated() -> (HttpUpstream, Arc<Notify>, Arc<Notify>) {
+    let arrived = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let (a, r) = (arrived.clone(), release.clone());
+    let upstream = HttpUpstream::start(move |_req: Request<Incoming>| {
+        let (a, r) = (a.clone(), r.clone());
+        async move {
+            a.notify_one();
+            r.notified().await;
+            answer(200, &[], "done")
+        }
+    })
+    .await;
+    (upstream, arrived, release)
+}
+
+#[tokio::test]
+async fn requests_beyond_the_limit_and_queue_are_shed() {
+    let (upstream, arrived, release) = gated().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', max_concurrent_requests: 1, max_pending: 0}}\n",
+        upstream.addr
+    ))
+    .await;
+    let proxy = sidecar.proxy_addr;
+    let first = tokio::spawn(async move { call(proxy, "agent", Method::GET, "/", "").await });
+    arrived.notified().await;
+    let (parts, _) = call(proxy, "agent", Method::GET, "/", "").await;
+    assert_eq!(parts.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(parts.headers["x-breakwater-error"], "overloaded");
+    assert_eq!(
+        metric(
+            sidecar.admin_addr,
+            "breakwater_shed_total{upstream=\"agent\"}"
+        )
+        .await,
+        1.0
+    );
+
+    // gRPC callers get RESOURCE_EXHAUSTED.
+    let mut conn = h2_connect(proxy).await;
+    let request = Request::post("http://agent/pkg.Svc/Method")
+        .header("content-type", "application/grpc")
+        .body(body::empty())
+        .unwrap();
+    let response = conn.send_request(request).await.unwrap();
+    assert_eq!(response.headers()["grpc-status"], "8");
+
+    release.notify_one();
+    assert_eq!(first.await.unwrap().0.status, StatusCode::OK);
+    release.notify_one();
+    assert_eq!(
+        call(proxy, "agent", Method::GET, "/", "").await.0.status,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.requests(), 2);
+}
+
+/// The slot is held until the answer has been streamed to the caller.
+#[tokio::test]
+async fn a_streaming_answer_holds_its_slot_until_it_ends() {
+    let release = Arc::new(Notify::new());
+    let gate = release.clone();
+    let upstream = HttpUpstream::numbered(move |n, _req: Request<Incoming>| {
+        let gate = gate.clone();
+        async move {
+            if n > 0 {
+                return answer(200, &[], "later");
+            }
+            let (tx, rx) =
+                tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, body::BoxError>>(1);
+            tokio::spawn(async move {
+                tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"first "))))
+                    .await
+                    .unwrap();
+                gate.notified().await;
+                tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"last"))))
+                    .await
+                    .unwrap();
+            });
+            http::Response::new(body::boxed(http_body_util::StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )))
+        }
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', max_concurrent_requests: 1, max_pending: 0}}\n",
+        upstream.addr
+    ))
+    .await;
+    let response = http1_client()
+        .request(request_to(
+            sidecar.proxy_addr,
+            "agent",
+            Method::GET,
+            "/stream",
+            "",
+        ))
+        .await
+        .unwrap();
+    let mut stream = response.into_body();
+    let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first ");
+    let (parts, _) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
+    assert_eq!(
+        parts.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the first answer is still streaming"
+    );
+    release.notify_one();
+    assert_eq!(stream.collect().await.unwrap().to_bytes(), "last");
+    let (parts, body) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
+    assert_eq!((parts.status, body), (StatusCode::OK, Bytes::from("later")));
+}
+
+/// The layer order (src/resilience/stack.rs), pinned by behaviour that
+/// would change if it changed.
+#[tokio::test(start_paused = true)]
+async fn layer_order() {
+    // deadline above concurrency: time waiting for a slot counts.
+    let (upstream, arrived, release) = gated().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', timeout: 1s, max_concurrent_requests: 1, max_pending: 5}}\n",
+        upstream.addr
+    ))
+    .await;
+    let proxy = sidecar.proxy_addr;
+    let holder = tokio::spawn(async move { call(proxy, "agent", Method::GET, "/", "").await });
+    arrived.notified().await;
+    let (parts, _) = call(proxy, "agent", Method::GET, "/", "").await;
+    assert_eq!(parts.headers["x-breakwater-error"], "deadline-exceeded");
+    release.notify_one();
+    holder.await.unwrap();
+
+    // concurrency above retry: a call keeps one slot for all its attempts,
+    // and a shed call is not retried.
+    let flaky = HttpUpstream::numbered(|n, _req: Request<Incoming>| async move {
+        if n < 2 {
+            answer(503, &[], "")
+        } else {
+            answer(200, &[], "third")
+        }
+    })
+    .await;
+    let sidecar = support::sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', max_concurrent_requests: 1, max_pending: 0, retry: {{backoff: {{base: 1ms}}}}}}\n",
+        flaky.addr
+    ))
+    .await;
+    assert_eq!(
+        call(sidecar.proxy_addr, "agent", Method::GET, "/", "")
+            .await
+            .0
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(flaky.requests(), 3);
+
+    // breaker below retry: every attempt counts, and once the circuit
+    // opens the remaining attempts stop at once, unretried.
+    let down = HttpUpstream::start(|_req: Request<Incoming>| async { answer(503, &[], "") }).await;
+    let sidecar = support::sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', retry: {{max_attempts: 5, backoff: {{base: 1ms}}}}, circuit_breaker: {{consecutive_failures: 2}}}}\n",
+        down.addr
+    ))
+    .await;
+    let (parts, _) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
+    assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
+    assert_eq!(
+        down.requests(),
+        2,
+        "two attempts opened the circuit; the third was refused"
+    );
+    assert_eq!(
+        metric(
+            sidecar.admin_addr,
+            "breakwater_retries_total{upstream=\"agent\",reason=\"http-503\"}"
+        )
+        .await,
+        2.0
+    );
+
+    // per-try timeout below the breaker: timed-out attempts open it.
+    let slow = stuck().await;
+    let sidecar = support::sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', per_try_timeout: 50ms, retry: {{max_attempts: 1}}, circuit_breaker: {{consecutive_failures: 2}}}}\n",
+        slow.addr
+    ))
+    .await;
+    for _ in 0..2 {
+        let (parts, _) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
+        assert_eq!(parts.headers["x-breakwater-error"], "per-try-timeout");
+    }
+    let (parts, _) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
+    assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
+}
+
+async fn admin_json(admin: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    let response = http1_client()
+        .request(
+            Request::get(format!("http://{admin}{path}"))
+                .body(body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    serde_json::from_slice(&read_body(response).await.1).unwrap()
+}
