@@ -175,7 +175,10 @@ pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
         let mut response = Response::new(body::empty());
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from(error.grpc_code() as i32));
+        headers.insert(
+            crate::resilience::classify::GRPC_STATUS,
+            HeaderValue::from(error.grpc_code() as i32),
+        );
         if let Ok(value) = HeaderValue::from_str(&percent_encode(&message)) {
             headers.insert("grpc-message", value);
         }

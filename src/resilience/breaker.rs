@@ -28,18 +28,13 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::BoxFuture;
-use super::classify::{self, Failure};
+use super::classify::Failure;
 use super::policy::BreakerParams;
-use crate::body::Body;
-use crate::edge::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
 
 /// The state of a circuit.
@@ -297,76 +292,6 @@ impl Breaker {
                 .flatten()
                 .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64),
         }
-    }
-}
-
-/// Gates each attempt through an upstream's [`Breaker`] (none: the
-/// breaker is disabled and attempts pass straight through).
-#[derive(Debug, Clone)]
-pub struct BreakerLayer {
-    upstream: Arc<str>,
-    breaker: Option<Arc<Breaker>>,
-}
-
-impl BreakerLayer {
-    /// A layer for `breaker`.
-    pub fn new(upstream: Arc<str>, breaker: Option<Arc<Breaker>>) -> Self {
-        Self { upstream, breaker }
-    }
-}
-
-impl<S> tower::Layer<S> for BreakerLayer {
-    type Service = BreakerService<S>;
-
-    fn layer(&self, inner: S) -> <Self as tower::Layer<S>>::Service {
-        BreakerService {
-            layer: self.clone(),
-            inner,
-        }
-    }
-}
-
-/// The service of [`BreakerLayer`].
-#[derive(Debug, Clone)]
-pub struct BreakerService<S> {
-    layer: BreakerLayer,
-    inner: S,
-}
-
-impl<S> tower::Service<Request<Body>> for BreakerService<S>
-where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = ProxyError,
-            Future = BoxFuture,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> BoxFuture {
-        let Some(breaker) = self.layer.breaker.clone() else {
-            return self.inner.call(request);
-        };
-        let Ok(admission) = breaker.admit() else {
-            let upstream = self.layer.upstream.clone();
-            return Box::pin(std::future::ready(Err(ProxyError::CircuitOpen {
-                upstream,
-            })));
-        };
-        let call = self.inner.call(request);
-        Box::pin(async move {
-            let started = Instant::now();
-            let result = call.await;
-            breaker.record(admission, classify::classify(&result), started.elapsed());
-            result
-        })
     }
 }
 

@@ -44,6 +44,9 @@ const GRPC_CODES: [&str; 17] = [
     "unauthenticated",
 ];
 
+/// The gRPC status header (or trailer).
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// gRPC `DEADLINE_EXCEEDED`.
 pub const GRPC_DEADLINE_EXCEEDED: u8 = 4;
 /// gRPC `RESOURCE_EXHAUSTED`.
@@ -121,7 +124,7 @@ pub fn classify_response<B>(response: &Response<B>) -> Option<Failure> {
     }
     let grpc = response
         .headers()
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|v| v.parse::<u8>().ok())
         .or_else(|| {

@@ -6,28 +6,24 @@
 //! the answer starts; when it passes first, the caller gets 504 /
 //! `DEADLINE_EXCEEDED` with `x-breakwater-error: deadline-exceeded`.
 //!
-//! The deadline travels with the request as a [`Deadline`] extension; the
-//! per-try layer (`timeout.rs`) writes the time left into each attempt's
-//! headers, so the next agent's sidecar, or a gRPC server, honours it. A
+//! Each attempt writes the time left into its headers ([`set_header`]), so the next agent's sidecar, or a gRPC server, honours it. A
 //! deadline set by a user at the edge of a workflow therefore holds across
 //! every agent the call passes through.
 
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
-use super::BoxFuture;
-use crate::body::Body;
-use crate::edge::{self, ProxyError};
-use crate::telemetry::metrics::UpstreamMetrics;
+use crate::edge;
 
 /// The HTTP header that carries the milliseconds left to a call.
-pub const DEADLINE_HEADER: &str = "x-breakwater-deadline-ms";
+pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-breakwater-deadline-ms");
+/// The gRPC deadline header.
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
-/// A call's deadline, carried in the request's extensions.
+/// A call's deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline {
     /// When the call must have its answer.
@@ -49,7 +45,7 @@ impl Deadline {
 /// `x-breakwater-deadline-ms` (HTTP). Malformed values are ignored.
 pub fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
     if edge::is_grpc(headers) {
-        let value = headers.get("grpc-timeout")?.to_str().ok()?;
+        let value = headers.get(GRPC_TIMEOUT)?.to_str().ok()?;
         return parse_grpc_timeout(value);
     }
     let ms = headers.get(DEADLINE_HEADER)?.to_str().ok()?;
@@ -79,94 +75,66 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// Encodes a `grpc-timeout` value, rounding down to the finest unit that
 /// fits in 8 digits, so the upstream never gets more time than is left.
 pub fn encode_grpc_timeout(left: Duration) -> HeaderValue {
-    const MAX: u128 = 99_999_999;
-    let value = [
-        (left.as_nanos(), 'n'),
-        (left.as_micros(), 'u'),
-        (left.as_millis(), 'm'),
-        (u128::from(left.as_secs()), 'S'),
-        (u128::from(left.as_secs() / 60), 'M'),
-        (u128::from(left.as_secs() / 3600), 'H'),
+    const MAX: u64 = 99_999_999;
+    let nanos = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX);
+    let (n, unit) = [
+        (nanos, b'n'),
+        (nanos / 1_000, b'u'),
+        (nanos / 1_000_000, b'm'),
+        (left.as_secs(), b'S'),
+        (left.as_secs() / 60, b'M'),
+        (left.as_secs() / 3600, b'H'),
     ]
     .into_iter()
     .find(|(n, _)| *n <= MAX)
-    .map_or_else(|| format!("{MAX}H"), |(n, unit)| format!("{n}{unit}"));
-    HeaderValue::from_str(&value).expect("digits and a unit are a valid header value")
+    .unwrap_or((MAX, b'H'));
+    deadline_value(n, unit)
 }
 
-/// Applies the call's deadline.
-#[derive(Debug, Clone)]
-pub struct DeadlineLayer {
-    upstream: Arc<str>,
-    timeout: Duration,
-    metrics: UpstreamMetrics,
-}
-
-impl DeadlineLayer {
-    /// A layer giving each call at most `timeout`.
-    pub fn new(upstream: Arc<str>, timeout: Duration, metrics: UpstreamMetrics) -> Self {
-        Self {
-            upstream,
-            timeout,
-            metrics,
+/// A deadline header value: digits and an optional unit, marked sensitive
+/// so that HPACK never indexes it. Every request carries a different
+/// value; indexing them would only churn the connection's header table and
+/// evict the entries that do repeat.
+fn deadline_value(mut n: u64, unit: u8) -> HeaderValue {
+    let mut buf = [0u8; 24];
+    let mut at = buf.len();
+    if unit != 0 {
+        at -= 1;
+        buf[at] = unit;
+    }
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
+    let mut value =
+        HeaderValue::from_bytes(&buf[at..]).expect("digits and a unit are a valid header value");
+    value.set_sensitive(true);
+    value
 }
 
-impl<S> tower::Layer<S> for DeadlineLayer {
-    type Service = DeadlineService<S>;
-
-    fn layer(&self, inner: S) -> <Self as tower::Layer<S>>::Service {
-        DeadlineService {
-            layer: self.clone(),
-            inner,
-        }
+/// Tells the upstream how long it has: `grpc-timeout` for gRPC calls,
+/// `x-breakwater-deadline-ms` otherwise, replacing what the caller sent.
+pub fn set_header(headers: &mut HeaderMap, left: Duration) {
+    if edge::is_grpc(headers) {
+        headers.insert(GRPC_TIMEOUT, encode_grpc_timeout(left));
+    } else {
+        headers.insert(DEADLINE_HEADER, encode_deadline_ms(left));
     }
 }
 
-/// The service of [`DeadlineLayer`].
-#[derive(Debug, Clone)]
-pub struct DeadlineService<S> {
-    layer: DeadlineLayer,
-    inner: S,
+/// Encodes `x-breakwater-deadline-ms`.
+pub fn encode_deadline_ms(left: Duration) -> HeaderValue {
+    deadline_value(u64::try_from(left.as_millis()).unwrap_or(u64::MAX), 0)
 }
 
-impl<S> tower::Service<Request<Body>> for DeadlineService<S>
-where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = ProxyError,
-            Future = BoxFuture,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<Body>) -> BoxFuture {
-        let deadline = effective(self.layer.timeout, caller_timeout(request.headers()));
-        request.extensions_mut().insert(deadline);
-        let call = self.inner.call(request);
-        let layer = self.layer.clone();
-        Box::pin(async move {
-            match tokio::time::timeout_at(deadline.at, call).await {
-                Ok(result) => result,
-                Err(_) => {
-                    layer.metrics.timeout(false);
-                    Err(ProxyError::DeadlineExceeded {
-                        upstream: layer.upstream,
-                        after: deadline.budget,
-                        by: deadline.by,
-                    })
-                }
-            }
-        })
-    }
+/// The call's deadline: the sooner of the policy's timeout and the
+/// caller's own, from the request's headers.
+pub fn start(policy: Duration, headers: &HeaderMap) -> Deadline {
+    effective(policy, caller_timeout(headers))
 }
 
 /// The sooner of the policy's timeout and the caller's.
@@ -207,6 +175,9 @@ mod tests {
             assert!(back <= left, "{encoded:?} gives more than {left:?}");
         }
         assert_eq!(encode_grpc_timeout(Duration::from_millis(1500)), "1500000u");
+        assert_eq!(encode_grpc_timeout(Duration::ZERO), "0n");
+        assert!(encode_grpc_timeout(Duration::from_secs(1)).is_sensitive());
+        assert_eq!(encode_deadline_ms(Duration::from_millis(250)), "250");
     }
 
     #[test]
@@ -226,7 +197,7 @@ mod tests {
         assert_eq!(caller_timeout(&h), Some(Duration::from_millis(250)));
         h.insert("content-type", HeaderValue::from_static("application/grpc"));
         assert_eq!(caller_timeout(&h), None, "gRPC calls use grpc-timeout");
-        h.insert("grpc-timeout", HeaderValue::from_static("3S"));
+        h.insert(GRPC_TIMEOUT, HeaderValue::from_static("3S"));
         assert_eq!(caller_timeout(&h), Some(Duration::from_secs(3)));
     }
 }

@@ -1,97 +1,153 @@
-//! The order of the layers, in one place.
+//! The order of the mechanisms, in one place.
 //!
-//! Each upstream gets one stack, built when the config loads, outer to
-//! inner:
+//! Each upstream gets one [`Stack`], built when the config loads. A call
+//! goes through, outer to inner:
 //!
-//! | layer | per | why here |
+//! | step | per | why here |
 //! |---|---|---|
 //! | deadline | call | Outermost: the call's deadline covers waiting for a slot, every attempt and every backoff. |
 //! | concurrency | call | Above retry, so a call holds one slot for all its attempts (retries cannot multiply in-flight load), and a shed call is never retried. Below the deadline, so waiting for a slot counts against it. |
 //! | retry | call | Sees each attempt's classified result and decides; replays the body. |
 //! | circuit breaker | attempt | Below retry, so every attempt counts and an open circuit fails an attempt at once; `circuit-open` is not a retryable failure, so retries stop there. |
-//! | per-try timeout | attempt | Below the breaker, so a timed-out attempt counts as a failure; sets the outgoing deadline header to the time left. |
+//! | per-try timeout | attempt | Below the breaker, so a timed-out attempt counts as a failure; the outgoing deadline header carries the time left. |
 //! | client | attempt | Sends one attempt on the pooled (HTTP/1.1) or shared (HTTP/2) connection, and reads the first frame of a unary-like gRPC answer so a status in its trailers is classified too. |
 //!
 //! The order is pinned by `tests/resilience.rs::layer_order`.
+//!
+//! Why one `async fn` and not a tower `ServiceBuilder` of layers? The
+//! first version was a tower stack, one boxed future per layer and a boxed
+//! clone of the stack per request. Measured with callgrind on the gRPC
+//! benchmark, it cost 21 thousand instructions per request over plain
+//! pass-through (+28%), most of it allocation and moving futures between
+//! boxes. Composed as plain calls in one function, the whole call is one
+//! future with no allocation of its own. Each mechanism still lives in its
+//! own module with its own tests; only their composition is here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response};
-use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
+use tokio::time::Instant;
 
-use super::BoxFuture;
-use super::breaker::{Breaker, BreakerLayer};
-use super::concurrency::ConcurrencyLayer;
-use super::deadline::DeadlineLayer;
+use super::breaker::Breaker;
+use super::classify;
+use super::concurrency::Limiter;
+use super::deadline::{self, Deadline};
 use super::policy::Policy;
-use super::retry::RetryLayer;
-use super::timeout::PerTryTimeoutLayer;
+use super::retry::Retry;
+use super::retry::replay::Completion;
 use crate::body::Body;
 use crate::edge::ProxyError;
 use crate::sidecar::UpstreamClient;
 use crate::telemetry::metrics::UpstreamMetrics;
 
-/// One upstream's stack, type-erased and cheap to clone.
-pub type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, ProxyError>;
-
-/// Builds the stack for an upstream. Returns its breaker too, for the
-/// admin endpoint.
-pub fn build(
+/// One upstream's resilience stack.
+#[derive(Debug)]
+pub struct Stack {
     name: Arc<str>,
-    policy: &Policy,
+    timeout: Duration,
+    per_try_timeout: Option<Duration>,
+    limiter: Limiter,
+    retry: Retry,
+    breaker: Option<Arc<Breaker>>,
     client: Arc<UpstreamClient>,
-    metrics: &UpstreamMetrics,
-) -> (Stack, Option<Arc<Breaker>>) {
-    let breaker = policy
-        .circuit_breaker
-        .clone()
-        .map(|params| Breaker::new(name.clone(), params, metrics.clone()));
-    let stack = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(
-            name.clone(),
-            policy.timeout,
-            metrics.clone(),
-        ))
-        .layer(ConcurrencyLayer::new(
-            name.clone(),
-            policy.max_concurrent_requests,
-            policy.max_pending,
-            metrics.clone(),
-        ))
-        .layer(RetryLayer::new(
-            policy.retry.clone(),
-            policy.hedge.clone(),
-            metrics.clone(),
-        ))
-        .layer(BreakerLayer::new(name.clone(), breaker.clone()))
-        .layer(PerTryTimeoutLayer::new(
-            name,
-            policy.per_try_timeout,
-            metrics.clone(),
-        ))
-        .service(Client(client));
-    (BoxCloneSyncService::new(stack), breaker)
+    metrics: UpstreamMetrics,
 }
 
-/// The innermost service: one attempt on the wire.
-#[derive(Debug, Clone)]
-struct Client(Arc<UpstreamClient>);
-
-impl tower::Service<Request<Body>> for Client {
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = BoxFuture;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), ProxyError>> {
-        std::task::Poll::Ready(Ok(()))
+impl Stack {
+    /// Builds the stack for an upstream.
+    pub fn new(
+        name: Arc<str>,
+        policy: &Policy,
+        client: Arc<UpstreamClient>,
+        metrics: &UpstreamMetrics,
+    ) -> Self {
+        let breaker = policy
+            .circuit_breaker
+            .clone()
+            .map(|params| Breaker::new(name.clone(), params, metrics.clone()));
+        Self {
+            timeout: policy.timeout,
+            per_try_timeout: policy.per_try_timeout,
+            limiter: Limiter::new(
+                name.clone(),
+                policy.max_concurrent_requests,
+                policy.max_pending,
+                metrics.clone(),
+            ),
+            retry: Retry::new(policy.retry.clone(), policy.hedge.clone(), metrics.clone()),
+            breaker,
+            client,
+            metrics: metrics.clone(),
+            name,
+        }
     }
 
-    fn call(&mut self, request: Request<Body>) -> BoxFuture {
-        let client = self.0.clone();
-        Box::pin(async move { client.send(request).await })
+    /// The circuit breaker, unless disabled.
+    pub fn breaker(&self) -> Option<&Arc<Breaker>> {
+        self.breaker.as_ref()
+    }
+
+    /// Sends a call through every step.
+    pub async fn call(&self, request: Request<Body>) -> Result<Response<Body>, ProxyError> {
+        let deadline = deadline::start(self.timeout, request.headers());
+        let call = async {
+            let permit = self.limiter.acquire().await?;
+            let response = self
+                .retry
+                .run(request, Some(deadline), |request, completion| {
+                    self.attempt(request, deadline, completion)
+                })
+                .await?;
+            Ok(response.map(|b| b.with_permit(permit)))
+        };
+        match tokio::time::timeout_at(deadline.at, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.metrics.timeout(false);
+                Err(ProxyError::DeadlineExceeded {
+                    upstream: self.name.clone(),
+                    after: deadline.budget,
+                    by: deadline.by,
+                })
+            }
+        }
+    }
+
+    /// One attempt: through the breaker, bounded by the per-try timeout.
+    async fn attempt(
+        &self,
+        mut request: Request<Body>,
+        deadline: Deadline,
+        completion: Option<Completion>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let admission = match &self.breaker {
+            Some(breaker) => Some(breaker.admit().map_err(|_| ProxyError::CircuitOpen {
+                upstream: self.name.clone(),
+            })?),
+            None => None,
+        };
+        let left = deadline.remaining();
+        let budget = self.per_try_timeout.map_or(left, |t| t.min(left));
+        deadline::set_header(request.headers_mut(), budget);
+        let started = Instant::now();
+        let send = self.client.send(request, completion);
+        let result = match self.per_try_timeout {
+            None => send.await,
+            Some(per_try) => match tokio::time::timeout(per_try, send).await {
+                Ok(result) => result,
+                Err(_) => {
+                    self.metrics.timeout(true);
+                    Err(ProxyError::PerTryTimeout {
+                        upstream: self.name.clone(),
+                        after: per_try,
+                    })
+                }
+            },
+        };
+        if let (Some(breaker), Some(admission)) = (&self.breaker, admission) {
+            breaker.record(admission, classify::classify(&result), started.elapsed());
+        }
+        result
     }
 }

@@ -116,7 +116,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, BindErro
     let (stop, stop_rx) = watch::channel(false);
     let circuits = upstreams
         .iter()
-        .filter_map(|u| Some((u.config.name.clone(), u.breaker.clone()?)))
+        .filter_map(|u| Some((u.config.name.clone(), u.breaker()?.clone())))
         .collect();
     let admin_state = Arc::new(AdminState::new(
         metrics.clone(),

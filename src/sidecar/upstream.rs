@@ -21,9 +21,9 @@ use crate::body::{self, Body, BoxError};
 use crate::config::UpstreamConfig;
 use crate::edge::ProxyError;
 use crate::resilience::breaker::Breaker;
-use crate::resilience::classify::GrpcTrailerStatus;
+use crate::resilience::classify::{GRPC_STATUS, GrpcTrailerStatus};
 use crate::resilience::retry::replay::Completion;
-use crate::resilience::stack::{self, Stack};
+use crate::resilience::stack::Stack;
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
 
 /// How long to wait for a TCP connection to an upstream.
@@ -42,8 +42,6 @@ pub struct Upstream {
     pub config: Arc<UpstreamConfig>,
     /// Its metric handles.
     pub metrics: UpstreamMetrics,
-    /// Its circuit breaker, unless disabled.
-    pub breaker: Option<Arc<Breaker>>,
     client: Arc<UpstreamClient>,
     stack: Stack,
 }
@@ -53,7 +51,7 @@ impl Upstream {
     pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
         let metrics = metrics.upstream(&config.name);
         let client = Arc::new(UpstreamClient::new(&config));
-        let (stack, breaker) = stack::build(
+        let stack = Stack::new(
             config.name.clone(),
             &config.policy,
             client.clone(),
@@ -62,17 +60,20 @@ impl Upstream {
         Self {
             config,
             metrics,
-            breaker,
             client,
             stack,
         }
     }
 
+    /// Its circuit breaker, unless disabled.
+    pub fn breaker(&self) -> Option<&Arc<Breaker>> {
+        self.stack.breaker()
+    }
+
     /// Sends a caller's request through the upstream's policy.
     pub async fn call(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
-        use tower::ServiceExt;
         let request = self.client.prepare(request);
-        self.stack.clone().oneshot(request).await
+        self.stack.call(request).await
     }
 }
 
@@ -150,13 +151,18 @@ impl UpstreamClient {
             parts.version = Version::HTTP_11;
         }
         parts.extensions.clear();
-        Request::from_parts(parts, body::boxed(incoming))
+        Request::from_parts(parts, Body::incoming(incoming))
     }
 
     /// Sends one attempt and returns the upstream's answer, hop-by-hop
     /// headers removed.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, ProxyError> {
-        let completion = request.extensions().get::<Completion>().cloned();
+    /// `completion`, when the request body is kept for replay, tells
+    /// whether the body had been read whole when the answer started.
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        completion: Option<Completion>,
+    ) -> Result<Response<Body>, ProxyError> {
         let response = match &self.connections {
             Connections::Http1(client) => client
                 .request(request)
@@ -172,7 +178,7 @@ impl UpstreamClient {
         let body = if unary_like && needs_peek(&parts) {
             self.peek(&mut parts, incoming).await?
         } else {
-            body::boxed(incoming)
+            Body::incoming(incoming)
         };
         Ok(Response::from_parts(parts, body))
     }
@@ -194,12 +200,12 @@ impl UpstreamClient {
             Some(Ok(frame)) => {
                 let status = frame
                     .trailers_ref()
-                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|t| t.get(GRPC_STATUS))
                     .and_then(|s| std::str::from_utf8(s.as_bytes()).ok()?.parse().ok());
                 if let Some(status) = status {
                     parts.extensions.insert(GrpcTrailerStatus(status));
                 }
-                Ok(body::prefixed(Some(frame), body::boxed(incoming)))
+                Ok(Body::prefixed(frame, incoming))
             }
         }
     }
@@ -233,7 +239,7 @@ fn needs_peek(parts: &http::response::Parts) -> bool {
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-        && !parts.headers.contains_key("grpc-status")
+        && !parts.headers.contains_key(GRPC_STATUS)
 }
 
 /// Whether the HTTP/2 peer refused the stream (`REFUSED_STREAM`): it did

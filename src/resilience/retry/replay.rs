@@ -100,7 +100,7 @@ impl ReplayBody {
 }
 
 /// Tells whether a request body has been read to its end (and kept):
-/// attached to each attempt so the client can tell a unary-like call,
+/// given to each attempt so the client can tell a unary-like call,
 /// whose request is complete when its answer starts, from a streaming one.
 #[derive(Debug, Clone)]
 pub struct Completion(Arc<Mutex<Shared>>);
