@@ -46,6 +46,11 @@ enum Command {
         http: SocketAddr,
         #[arg(long)]
         grpc: SocketAddr,
+        /// Fail this percentage of requests (503 / UNAVAILABLE), evenly
+        /// spread. `GET /__count` on the HTTP port answers the number of
+        /// requests served so far.
+        #[arg(long, default_value_t = 0)]
+        fail_percent: u64,
     },
     /// Drive load at a target.
     Run {
@@ -95,7 +100,11 @@ fn main() {
         .build()
         .unwrap();
     match cli.command {
-        Command::Upstream { http, grpc } => runtime.block_on(upstream(http, grpc)),
+        Command::Upstream {
+            http,
+            grpc,
+            fail_percent,
+        } => runtime.block_on(upstream(http, grpc, fail_percent)),
         Command::Run {
             target,
             host,
@@ -133,29 +142,61 @@ fn main() {
 
 // ---------------------------------------------------------------- upstream
 
-async fn upstream(http: SocketAddr, grpc: SocketAddr) {
-    let http = TcpListener::bind(http).await.unwrap();
-    let grpc = TcpListener::bind(grpc).await.unwrap();
-    tokio::spawn(serve(http));
-    serve(grpc).await;
+/// Requests served, and how many to fail.
+struct Served {
+    count: AtomicU64,
+    fail_percent: u64,
 }
 
-async fn serve(listener: TcpListener) {
+async fn upstream(http: SocketAddr, grpc: SocketAddr, fail_percent: u64) {
+    let http = TcpListener::bind(http).await.unwrap();
+    let grpc = TcpListener::bind(grpc).await.unwrap();
+    let served = Arc::new(Served {
+        count: AtomicU64::new(0),
+        fail_percent,
+    });
+    tokio::spawn(serve(http, served.clone()));
+    serve(grpc, served).await;
+}
+
+async fn serve(listener: TcpListener, served: Arc<Served>) {
     loop {
         let (stream, _) = listener.accept().await.unwrap();
         let _ = stream.set_nodelay(true);
+        let served = served.clone();
         tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |r| answer(served.clone(), r));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer))
+                .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
 }
 
-async fn answer(request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn answer(served: Arc<Served>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if request.uri().path() == "/__count" {
+        let count = served.count.load(Ordering::Relaxed);
+        return Ok(Response::new(body::full(count.to_string())));
+    }
+    let n = served.count.fetch_add(1, Ordering::Relaxed);
+    // Fail `fail_percent` of requests, spread evenly: request n fails when
+    // the running share of failures falls behind the target.
+    let fail = (n + 1) * served.fail_percent / 100 > n * served.fail_percent / 100;
     if request.uri().path() != GRPC_PATH {
         let _ = request.into_body().collect().await;
-        return Ok(Response::new(body::full(Bytes::from_static(b"ok"))));
+        let mut response = Response::new(body::full(Bytes::from_static(b"ok")));
+        if fail {
+            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        }
+        return Ok(response);
+    }
+    if fail {
+        let _ = request.into_body().collect().await;
+        let mut response = Response::new(body::empty());
+        let headers = response.headers_mut();
+        headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_static("14"));
+        return Ok(response);
     }
     // gRPC unary echo: the request frame back, then `grpc-status: 0`.
     let frame = request

@@ -5,6 +5,8 @@ import sys
 
 HZ = os.sysconf("SC_CLK_TCK")
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+storms = [r for r in rows if r["proxy"] == "storm"]
+rows = [r for r in rows if r["proxy"] != "storm"]
 direct_p99 = {}
 for r in rows:
     if r["proxy"] == "direct" and r["mode"] == "rate":
@@ -25,3 +27,15 @@ for r in rows:
         f"| {r['proxy']} | {r['protocol']} | {r['mode']} | {r['run']} | {res['rps']:,} | {res['p50_us']} | "
         f"{res['p99_us']} | {res['p999_us']} | {added} | {cpu:.2f} | {eff} | {rss} | {res['errors']} |"
     )
+
+for r in storms:
+    res = r["result"]
+    calls = res["ok"] + res["errors"]
+    extra = r["served"] - calls
+    seconds = float(sys.argv[2].rstrip("s"))
+    allowed = 0.2 * calls + 10 * min(seconds, 10)
+    print()
+    print("Retry storm (upstream failing 50%, retries on, breaker off):")
+    print(f"- caller requests: {calls:,} ({res['ok']:,} answered 200, {res['errors']:,} failed)")
+    print(f"- upstream requests: {r['served']:,}; extra load from retries: {extra:,} ({extra / calls:.1%})")
+    print(f"- the budget allows 20% of requests + 10/s over its 10 s window: {allowed:,.0f}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The load benchmark: direct, Breakwater, Envoy and HAProxy in one run.
 #
-#   bench/run.sh            # full run (about 8 minutes)
+#   bench/run.sh            # full run (about 10 minutes)
 #   DURATION=5s REPEAT=1 bench/run.sh   # quick look
 #
 # Proxies are pinned to core 0, the load generator and the upstream to
@@ -52,6 +52,30 @@ upstreams:
     address: 127.0.0.1:18081
     protocol: grpc
     listen: 127.0.0.1:18101
+YAML
+
+# Plain pass-through: the same sidecar with retries and the breaker off.
+cat > "$OUT/breakwater-off.yaml" <<'YAML'
+admin: {listen: 127.0.0.1:18190}
+proxy: {listen: 127.0.0.1:18191}
+defaults:
+  retry: {max_attempts: 1}
+  circuit_breaker: {enabled: false}
+upstreams:
+  upstream: {address: 127.0.0.1:18080, protocol: http1, listen: 127.0.0.1:18100}
+  grpc-upstream: {address: 127.0.0.1:18081, protocol: grpc, listen: 127.0.0.1:18101}
+YAML
+
+# The retry storm: an upstream failing half its requests, retries on
+# (budget 20% + 10/s), the breaker off so that only the budget limits them.
+cat > "$OUT/breakwater-storm.yaml" <<'YAML'
+admin: {listen: 127.0.0.1:18190}
+proxy: {listen: 127.0.0.1:18191}
+defaults:
+  retry: {max_attempts: 3, backoff: {base: 1ms, max: 10ms}}
+  circuit_breaker: {enabled: false}
+upstreams:
+  upstream: {address: 127.0.0.1:18082, protocol: http1, listen: 127.0.0.1:18100}
 YAML
 
 cat > "$OUT/haproxy.cfg" <<'CFG'
@@ -140,6 +164,7 @@ peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 start_proxy() { # name -> sets PROXY_PID
     case $1 in
         breakwater) RUST_LOG=warn taskset -c "$PROXY_CORE" "$BW" sidecar --threads 1 --config "$OUT/breakwater.yaml" >"$OUT/$1.log" 2>&1 & ;;
+        breakwater-off) RUST_LOG=warn taskset -c "$PROXY_CORE" "$BW" sidecar --threads 1 --config "$OUT/breakwater-off.yaml" >"$OUT/$1.log" 2>&1 & ;;
         envoy) taskset -c "$PROXY_CORE" "$ENVOY" -c "$OUT/envoy.yaml" --concurrency 1 -l error --disable-hot-restart >"$OUT/$1.log" 2>&1 & ;;
         haproxy) taskset -c "$PROXY_CORE" haproxy -f "$OUT/haproxy.cfg" -db >"$OUT/$1.log" 2>&1 & ;;
     esac
@@ -155,7 +180,7 @@ wait_port 18080
 wait_port 18081
 
 : > "$OUT/results.jsonl"
-for proxy in direct breakwater envoy haproxy; do
+for proxy in direct breakwater-off breakwater envoy haproxy; do
     for protocol in http1 grpc; do
         if [ "$protocol" = http1 ]; then port=18100; direct=18080; else port=18101; direct=18081; fi
         PROXY_PID=""
@@ -176,5 +201,19 @@ for proxy in direct breakwater envoy haproxy; do
         if [ -n "$PROXY_PID" ]; then kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true; sleep 0.5; fi
     done
 done
+
+# --- retry storm -----------------------------------------------------------
+taskset -c "$LOAD_CORE" "$LOADGEN" upstream --http 127.0.0.1:18082 --grpc 127.0.0.1:18083 --fail-percent 50 &
+PIDS+=($!)
+wait_port 18082
+RUST_LOG=warn taskset -c "$PROXY_CORE" "$BW" sidecar --threads 1 --config "$OUT/breakwater-storm.yaml" >"$OUT/storm.log" 2>&1 &
+STORM_PID=$!
+PIDS+=("$STORM_PID")
+wait_port 18100
+result=$(taskset -c "$LOAD_CORE" "$LOADGEN" run --target 127.0.0.1:18100 --protocol http1 --mode closed \
+         --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup 0s)
+served=$(curl -s http://127.0.0.1:18082/__count)
+echo "{\"proxy\":\"storm\",\"served\":$served,\"result\":$result}" | tee -a "$OUT/results.jsonl"
+kill "$STORM_PID"
 
 python3 bench/report.py "$OUT/results.jsonl" "$DURATION"
