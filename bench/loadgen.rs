@@ -126,10 +126,12 @@ fn main() {
             let report = runtime.block_on(async {
                 let client = Arc::new(client);
                 // Warm up connections, pools and caches; results discarded.
-                match mode {
-                    Mode::Closed => closed(client.clone(), concurrency, warmup).await,
-                    Mode::Rate => rate_mode(client.clone(), rate, warmup).await,
-                };
+                if !warmup.is_zero() {
+                    match mode {
+                        Mode::Closed => closed(client.clone(), concurrency, warmup).await,
+                        Mode::Rate => rate_mode(client.clone(), rate, warmup).await,
+                    };
+                }
                 match mode {
                     Mode::Closed => closed(client, concurrency, duration).await,
                     Mode::Rate => rate_mode(client, rate, duration).await,
@@ -173,7 +175,10 @@ async fn serve(listener: TcpListener, served: Arc<Served>) {
     }
 }
 
-async fn answer(served: Arc<Served>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn answer(
+    served: Arc<Served>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     if request.uri().path() == "/__count" {
         let count = served.count.load(Ordering::Relaxed);
         return Ok(Response::new(body::full(count.to_string())));
