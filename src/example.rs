@@ -240,7 +240,14 @@ pub async fn serve_grpc(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(
+            tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+                // Small answers go out at once, not after a delayed ACK.
+                let stream = stream?;
+                stream.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(stream)
+            }),
+        )
         .await
 }
 
