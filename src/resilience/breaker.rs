@@ -97,6 +97,9 @@ pub struct Machine {
     consecutive: u32,
     /// The last `window` calls: (failed, slow).
     window: VecDeque<(bool, bool)>,
+    /// Failures and slow calls in `window`, kept as calls come and go.
+    window_failed: usize,
+    window_slow: usize,
     trips: u32,
     open_until: Option<Instant>,
     probes_in_flight: u32,
@@ -131,6 +134,8 @@ impl Breaker {
                 state: State::Closed,
                 consecutive: 0,
                 window: VecDeque::with_capacity(params.window as usize),
+                window_failed: 0,
+                window_slow: 0,
                 trips: 0,
                 open_until: None,
                 probes_in_flight: 0,
@@ -205,10 +210,15 @@ impl Breaker {
             Some(_) => {}
             None => m.consecutive = 0,
         }
-        if m.window.len() == self.params.window as usize {
-            m.window.pop_front();
+        if m.window.len() == self.params.window as usize
+            && let Some((failed, was_slow)) = m.window.pop_front()
+        {
+            m.window_failed -= usize::from(failed);
+            m.window_slow -= usize::from(was_slow);
         }
         m.window.push_back((counted.is_some(), slow));
+        m.window_failed += usize::from(counted.is_some());
+        m.window_slow += usize::from(slow);
         if self.should_trip(&m) {
             self.trip(&mut m);
         }
@@ -223,8 +233,7 @@ impl Breaker {
         if calls == 0 || calls < p.min_calls as usize {
             return false;
         }
-        let failed = m.window.iter().filter(|(f, _)| *f).count();
-        let slow = m.window.iter().filter(|(_, s)| *s).count();
+        let (failed, slow) = (m.window_failed, m.window_slow);
         failed as f64 / calls as f64 >= p.failure_rate_threshold && failed > 0
             || p.slow_call_duration.is_some()
                 && slow as f64 / calls as f64 >= p.slow_call_rate_threshold
@@ -251,6 +260,8 @@ impl Breaker {
         if state == State::Closed {
             m.consecutive = 0;
             m.window.clear();
+            m.window_failed = 0;
+            m.window_slow = 0;
             m.trips = 0;
             m.open_until = None;
         }
@@ -284,8 +295,8 @@ impl Breaker {
             state: m.state,
             consecutive_failures: m.consecutive,
             window_calls: m.window.len(),
-            window_failures: m.window.iter().filter(|(f, _)| *f).count(),
-            window_slow: m.window.iter().filter(|(_, s)| *s).count(),
+            window_failures: m.window_failed,
+            window_slow: m.window_slow,
             trips: m.trips,
             next_probe_in_ms: (m.state == State::Open)
                 .then(|| m.open_until)

@@ -108,19 +108,24 @@ impl Failure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrpcTrailerStatus(pub u8);
 
-/// Classifies an attempt's result. `None` means success.
-pub fn classify<B>(result: &Result<Response<B>, ProxyError>) -> Option<Failure> {
+/// Classifies an attempt's result (`grpc`: the call is gRPC). `None`
+/// means success.
+pub fn classify<B>(result: &Result<Response<B>, ProxyError>, grpc: bool) -> Option<Failure> {
     match result {
-        Ok(response) => classify_response(response),
+        Ok(response) => classify_response(response, grpc),
         Err(error) => classify_error(error),
     }
 }
 
-/// Classifies an answer from the upstream. `None` means success.
-pub fn classify_response<B>(response: &Response<B>) -> Option<Failure> {
+/// Classifies an answer from the upstream (`grpc`: the call is gRPC, so
+/// its `grpc-status` counts). `None` means success.
+pub fn classify_response<B>(response: &Response<B>, grpc: bool) -> Option<Failure> {
     let status = response.status().as_u16();
     if status >= 500 || status == 429 {
         return Some(Failure::Http(status));
+    }
+    if !grpc {
+        return None;
     }
     let grpc = response
         .headers()
@@ -286,28 +291,36 @@ mod tests {
 
     #[test]
     fn responses() {
-        assert_eq!(classify_response(&response(200, None)), None);
+        assert_eq!(classify_response(&response(200, None), true), None);
         assert_eq!(
-            classify_response(&response(404, None)),
+            classify_response(&response(404, None), true),
             None,
             "a client error is not the upstream failing"
         );
         assert_eq!(
-            classify_response(&response(429, None)),
+            classify_response(&response(429, None), true),
             Some(Failure::Http(429))
         );
         assert_eq!(
-            classify_response(&response(503, None)),
+            classify_response(&response(503, None), true),
             Some(Failure::Http(503))
         );
-        assert_eq!(classify_response(&response(200, Some("0"))), None);
+        assert_eq!(classify_response(&response(200, Some("0")), true), None);
         assert_eq!(
-            classify_response(&response(200, Some("14"))),
+            classify_response(&response(200, Some("14")), true),
             Some(Failure::Grpc(14))
         );
         let mut trailers_only = response(200, None);
         trailers_only.extensions_mut().insert(GrpcTrailerStatus(13));
-        assert_eq!(classify_response(&trailers_only), Some(Failure::Grpc(13)));
+        assert_eq!(
+            classify_response(&response(200, Some("14")), false),
+            None,
+            "a grpc-status on a plain HTTP call is just a header"
+        );
+        assert_eq!(
+            classify_response(&trailers_only, true),
+            Some(Failure::Grpc(13))
+        );
     }
 
     #[test]

@@ -16,8 +16,6 @@ use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
-use crate::edge;
-
 /// The HTTP header that carries the milliseconds left to a call.
 pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-breakwater-deadline-ms");
 /// The gRPC deadline header.
@@ -43,8 +41,8 @@ impl Deadline {
 
 /// The caller's own deadline, from `grpc-timeout` (gRPC) or
 /// `x-breakwater-deadline-ms` (HTTP). Malformed values are ignored.
-pub fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
-    if edge::is_grpc(headers) {
+pub fn caller_timeout(headers: &HeaderMap, grpc: bool) -> Option<Duration> {
+    if grpc {
         let value = headers.get(GRPC_TIMEOUT)?.to_str().ok()?;
         return parse_grpc_timeout(value);
     }
@@ -118,8 +116,8 @@ fn deadline_value(mut n: u64, unit: u8) -> HeaderValue {
 
 /// Tells the upstream how long it has: `grpc-timeout` for gRPC calls,
 /// `x-breakwater-deadline-ms` otherwise, replacing what the caller sent.
-pub fn set_header(headers: &mut HeaderMap, left: Duration) {
-    if edge::is_grpc(headers) {
+pub fn set_header(headers: &mut HeaderMap, left: Duration, grpc: bool) {
+    if grpc {
         headers.insert(GRPC_TIMEOUT, encode_grpc_timeout(left));
     } else {
         headers.insert(DEADLINE_HEADER, encode_deadline_ms(left));
@@ -133,8 +131,8 @@ pub fn encode_deadline_ms(left: Duration) -> HeaderValue {
 
 /// The call's deadline: the sooner of the policy's timeout and the
 /// caller's own, from the request's headers.
-pub fn start(policy: Duration, headers: &HeaderMap) -> Deadline {
-    effective(policy, caller_timeout(headers))
+pub fn start(policy: Duration, headers: &HeaderMap, grpc: bool) -> Deadline {
+    effective(policy, caller_timeout(headers, grpc))
 }
 
 /// The sooner of the policy's timeout and the caller's.
@@ -194,10 +192,13 @@ mod tests {
     fn caller_deadline_headers() {
         let mut h = HeaderMap::new();
         h.insert(DEADLINE_HEADER, HeaderValue::from_static("250"));
-        assert_eq!(caller_timeout(&h), Some(Duration::from_millis(250)));
-        h.insert("content-type", HeaderValue::from_static("application/grpc"));
-        assert_eq!(caller_timeout(&h), None, "gRPC calls use grpc-timeout");
+        assert_eq!(caller_timeout(&h, false), Some(Duration::from_millis(250)));
+        assert_eq!(
+            caller_timeout(&h, true),
+            None,
+            "gRPC calls use grpc-timeout"
+        );
         h.insert(GRPC_TIMEOUT, HeaderValue::from_static("3S"));
-        assert_eq!(caller_timeout(&h), Some(Duration::from_secs(3)));
+        assert_eq!(caller_timeout(&h, true), Some(Duration::from_secs(3)));
     }
 }

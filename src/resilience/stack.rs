@@ -88,15 +88,19 @@ impl Stack {
         self.breaker.as_ref()
     }
 
-    /// Sends a call through every step.
-    pub async fn call(&self, request: Request<Body>) -> Result<Response<Body>, ProxyError> {
-        let deadline = deadline::start(self.timeout, request.headers());
+    /// Sends a call through every step (`grpc`: the call is gRPC).
+    pub async fn call(
+        &self,
+        request: Request<Body>,
+        grpc: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        let deadline = deadline::start(self.timeout, request.headers(), grpc);
         let call = async {
             let permit = self.limiter.acquire().await?;
             let response = self
                 .retry
-                .run(request, Some(deadline), |request, completion| {
-                    self.attempt(request, deadline, completion)
+                .run(request, grpc, Some(deadline), |request, completion| {
+                    self.attempt(request, grpc, deadline, completion)
                 })
                 .await?;
             Ok(response.map(|b| b.with_permit(permit)))
@@ -118,6 +122,7 @@ impl Stack {
     async fn attempt(
         &self,
         mut request: Request<Body>,
+        grpc: bool,
         deadline: Deadline,
         completion: Option<Completion>,
     ) -> Result<Response<Body>, ProxyError> {
@@ -129,7 +134,7 @@ impl Stack {
         };
         let left = deadline.remaining();
         let budget = self.per_try_timeout.map_or(left, |t| t.min(left));
-        deadline::set_header(request.headers_mut(), budget);
+        deadline::set_header(request.headers_mut(), budget, grpc);
         let started = Instant::now();
         let send = self.client.send(request, completion);
         let result = match self.per_try_timeout {
@@ -146,7 +151,11 @@ impl Stack {
             },
         };
         if let (Some(breaker), Some(admission)) = (&self.breaker, admission) {
-            breaker.record(admission, classify::classify(&result), started.elapsed());
+            breaker.record(
+                admission,
+                classify::classify(&result, grpc),
+                started.elapsed(),
+            );
         }
         result
     }

@@ -79,8 +79,8 @@ async fn forward(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let _in_flight = upstream.metrics.start();
-    let (outcome, response) = match upstream.call(request).await {
-        Ok(response) => (outcome_of(&response), response),
+    let (outcome, response) = match upstream.call(request, grpc).await {
+        Ok(response) => (outcome_of(&response, grpc), response),
         Err(error) => {
             tracing::debug!(upstream = %upstream.config.name, %error, "upstream call failed");
             (Outcome::Failure, edge::error_response(&error, grpc))
@@ -93,8 +93,8 @@ async fn forward(
 }
 
 /// The outcome of an answered request, as classified.
-fn outcome_of(response: &Response<Body>) -> Outcome {
-    match crate::resilience::classify::classify_response(response) {
+fn outcome_of(response: &Response<Body>, grpc: bool) -> Outcome {
+    match crate::resilience::classify::classify_response(response, grpc) {
         None => Outcome::Success,
         Some(_) => Outcome::Error,
     }

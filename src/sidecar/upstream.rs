@@ -70,10 +70,15 @@ impl Upstream {
         self.stack.breaker()
     }
 
-    /// Sends a caller's request through the upstream's policy.
-    pub async fn call(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    /// Sends a caller's request through the upstream's policy (`grpc`:
+    /// the request is a gRPC call).
+    pub async fn call(
+        &self,
+        request: Request<Incoming>,
+        grpc: bool,
+    ) -> Result<Response<Body>, ProxyError> {
         let request = self.client.prepare(request);
-        self.stack.call(request).await
+        self.stack.call(request, grpc).await
     }
 }
 

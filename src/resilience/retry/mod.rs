@@ -48,8 +48,8 @@ use tower::retry::budget::{Budget, TpsBudget};
 use super::classify::{self, Failure};
 use super::deadline::Deadline;
 use super::policy::{HedgeParams, RetryParams};
-use crate::body::Body;
-use crate::edge::{self, ProxyError};
+use crate::body::{self, Body};
+use crate::edge::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
 use pushback::Pushback;
 use replay::{Completion, ReplayBody};
@@ -80,12 +80,40 @@ impl std::fmt::Debug for Retry {
 /// What each attempt is built from.
 struct Template {
     parts: http::request::Parts,
-    body: ReplayBody,
+    /// The body to replay; `None` for a request without one (most GETs),
+    /// which needs no copy at all.
+    body: Option<ReplayBody>,
 }
 
 impl Template {
+    fn new(parts: http::request::Parts, body: Body, limit: u64) -> Self {
+        use http_body::Body as _;
+        let body = (!body.is_end_stream()).then(|| ReplayBody::new(body, limit));
+        Self { parts, body }
+    }
+
+    /// Whether the whole body is known, so attempts can run side by side.
+    fn is_complete(&self) -> bool {
+        self.body.as_ref().is_none_or(ReplayBody::is_complete)
+    }
+
+    /// Whether the body can be sent again.
+    fn can_replay(&self) -> bool {
+        self.body.as_ref().is_none_or(ReplayBody::can_replay)
+    }
+
+    fn completion(&self) -> Completion {
+        self.body
+            .as_ref()
+            .map_or_else(Completion::complete, ReplayBody::completion)
+    }
+
     fn attempt(&self, n: u32) -> Request<Body> {
-        let mut request = Request::new(Body::replay(self.body.replay()));
+        let body = match &self.body {
+            Some(body) => Body::replay(body.replay()),
+            None => body::empty(),
+        };
+        let mut request = Request::new(body);
         *request.method_mut() = self.parts.method.clone();
         *request.uri_mut() = self.parts.uri.clone();
         *request.version_mut() = self.parts.version;
@@ -100,9 +128,9 @@ impl Template {
 }
 
 /// Whether sending the request again is safe whatever the failure.
-fn safe_to_repeat(parts: &http::request::Parts, params: &RetryParams) -> bool {
+fn safe_to_repeat(parts: &http::request::Parts, params: &RetryParams, grpc: bool) -> bool {
     params.retry_non_idempotent
-        || edge::is_grpc(&parts.headers)
+        || grpc
         || parts.headers.contains_key(IDEMPOTENCY_KEY)
         || matches!(
             parts.method,
@@ -131,12 +159,14 @@ impl Retry {
         }
     }
 
-    /// Runs `attempt` until it succeeds or no retry is allowed. `attempt`
+    /// Runs `attempt` until it succeeds or no retry is allowed (`grpc`: the
+    /// call is gRPC, whose listed codes say what is safe to retry). `attempt`
     /// gets each attempt's request and a handle telling whether the
     /// request body has been read whole (`None` when no copy is kept).
     pub async fn run<F, Fut>(
         &self,
         request: Request<Body>,
+        grpc: bool,
         deadline: Option<Deadline>,
         attempt: F,
     ) -> Result<Response<Body>, ProxyError>
@@ -149,19 +179,16 @@ impl Retry {
             return attempt(request, None).await;
         }
         let (parts, body) = request.into_parts();
-        let safe = safe_to_repeat(&parts, &self.params);
-        let template = Template {
-            body: ReplayBody::new(body, self.params.buffer_limit),
-            parts,
-        };
-        let completion = template.body.completion();
+        let safe = safe_to_repeat(&parts, &self.params, grpc);
+        let template = Template::new(parts, body, self.params.buffer_limit);
+        let completion = template.completion();
         if let Some(hedge) = self.hedge.clone().filter(|_| safe) {
-            return self.hedged(template, hedge, deadline, &attempt).await;
+            return self.hedged(template, hedge, grpc, deadline, &attempt).await;
         }
         let mut sent = 1u32;
         loop {
             let result = attempt(template.attempt(sent), Some(completion.clone())).await;
-            let Some(failure) = classify::classify(&result) else {
+            let Some(failure) = classify::classify(&result, grpc) else {
                 return result;
             };
             let Some(wait) = self.retry_wait(&template, &result, failure, safe, sent, deadline)
@@ -183,6 +210,7 @@ impl Retry {
         &self,
         template: Template,
         hedge: HedgeParams,
+        grpc: bool,
         deadline: Option<Deadline>,
         attempt: &F,
     ) -> Result<Response<Body>, ProxyError>
@@ -190,7 +218,7 @@ impl Retry {
         F: Fn(Request<Body>, Option<Completion>) -> Fut,
         Fut: Future<Output = Result<Response<Body>, ProxyError>>,
     {
-        let completion = template.body.completion();
+        let completion = template.completion();
         let max_attempts = self.params.max_attempts.max(hedge.max_attempts);
         let mut in_flight = FuturesUnordered::new();
         in_flight.push(attempt(template.attempt(1), Some(completion.clone())));
@@ -202,7 +230,7 @@ impl Retry {
                 Some(result) = in_flight.next() => result,
                 _ = tokio::time::sleep_until(hedge_at), if can_hedge => {
                     hedge_at = Instant::now() + hedge.delay;
-                    if template.body.is_complete() && self.budget.withdraw() {
+                    if template.is_complete() && self.budget.withdraw() {
                         sent += 1;
                         self.metrics.hedge();
                         in_flight.push(attempt(template.attempt(sent), Some(completion.clone())));
@@ -210,7 +238,7 @@ impl Retry {
                     continue;
                 }
             };
-            let Some(failure) = classify::classify(&result) else {
+            let Some(failure) = classify::classify(&result, grpc) else {
                 return result;
             };
             if !in_flight.is_empty() {
@@ -244,7 +272,7 @@ impl Retry {
         if sent >= params.max_attempts
             || !params.on.matches(failure)
             || !(safe || failure.never_processed())
-            || !template.body.can_replay()
+            || !template.can_replay()
         {
             return None;
         }

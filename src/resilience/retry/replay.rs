@@ -95,7 +95,7 @@ impl ReplayBody {
 
     /// A handle that tells, later, whether the body has been read whole.
     pub fn completion(&self) -> Completion {
-        Completion(self.shared.clone())
+        Completion(Some(self.shared.clone()))
     }
 }
 
@@ -103,12 +103,20 @@ impl ReplayBody {
 /// given to each attempt so the client can tell a unary-like call,
 /// whose request is complete when its answer starts, from a streaming one.
 #[derive(Debug, Clone)]
-pub struct Completion(Arc<Mutex<Shared>>);
+pub struct Completion(Option<Arc<Mutex<Shared>>>);
 
 impl Completion {
+    /// A request without a body: complete from the start.
+    pub fn complete() -> Self {
+        Self(None)
+    }
+
     /// Whether the whole body has been read and kept.
     pub fn is_complete(&self) -> bool {
-        let shared = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(shared) = &self.0 else {
+            return true;
+        };
+        let shared = shared.lock().unwrap_or_else(|e| e.into_inner());
         shared.done && !shared.overflowed
     }
 }
