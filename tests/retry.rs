@@ -255,6 +255,21 @@ fn grpc_message_then(code: &'static str) -> Response<body::Body> {
     response
 }
 
+/// A sidecar in front of a gRPC upstream named `ocr`, retrying quickly.
+async fn grpc_sidecar(addr: std::net::SocketAddr) -> breakwater::sidecar::Sidecar {
+    sidecar(&format!(
+        "upstreams:\n  ocr:\n    address: '{addr}'\n    protocol: grpc\n    retry: {{backoff: {{base: 1ms}}}}\n"
+    ))
+    .await
+}
+
+/// One unary call to `ocr` through the sidecar's shared port, read whole.
+async fn unary(sidecar: &breakwater::sidecar::Sidecar) -> http_body_util::Collected<Bytes> {
+    let mut conn = h2_connect(sidecar.proxy_addr).await;
+    let response = conn.send_request(grpc_request("ocr")).await.unwrap();
+    response.into_body().collect().await.unwrap()
+}
+
 fn grpc_request(authority: &str) -> Request<body::Body> {
     Request::post(format!("http://{authority}/breakwater.echo.v1.Echo/Unary"))
         .header("content-type", "application/grpc")
@@ -275,14 +290,8 @@ async fn grpc_unavailable_in_trailers_is_retried() {
         }
     })
     .await;
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  ocr:\n    address: '{}'\n    protocol: grpc\n    retry: {{backoff: {{base: 1ms}}}}\n",
-        upstream.addr
-    ))
-    .await;
-    let mut conn = h2_connect(sidecar.proxy_addr).await;
-    let response = conn.send_request(grpc_request("ocr")).await.unwrap();
-    let collected = response.into_body().collect().await.unwrap();
+    let sidecar = grpc_sidecar(upstream.addr).await;
+    let collected = unary(&sidecar).await;
     assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
     assert_eq!(upstream.requests(), 3);
 }
@@ -291,14 +300,8 @@ async fn grpc_unavailable_in_trailers_is_retried() {
 async fn a_grpc_answer_that_sent_a_message_is_never_retried() {
     let upstream =
         HttpUpstream::start(|_req: Request<Incoming>| async { grpc_message_then("14") }).await;
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  ocr:\n    address: '{}'\n    protocol: grpc\n    retry: {{backoff: {{base: 1ms}}}}\n",
-        upstream.addr
-    ))
-    .await;
-    let mut conn = h2_connect(sidecar.proxy_addr).await;
-    let response = conn.send_request(grpc_request("ocr")).await.unwrap();
-    let collected = response.into_body().collect().await.unwrap();
+    let sidecar = grpc_sidecar(upstream.addr).await;
+    let collected = unary(&sidecar).await;
     assert_eq!(collected.trailers().unwrap()["grpc-status"], "14");
     assert_eq!(
         collected.to_bytes().len(),
@@ -384,14 +387,8 @@ async fn negative_grpc_pushback_means_do_not_retry() {
         response
     })
     .await;
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  ocr: {{address: '{}', protocol: grpc}}\n",
-        upstream.addr
-    ))
-    .await;
-    let mut conn = h2_connect(sidecar.proxy_addr).await;
-    let response = conn.send_request(grpc_request("ocr")).await.unwrap();
-    let collected = response.into_body().collect().await.unwrap();
+    let sidecar = grpc_sidecar(upstream.addr).await;
+    let collected = unary(&sidecar).await;
     assert_eq!(collected.trailers().unwrap()["grpc-status"], "14");
     assert_eq!(upstream.requests(), 1);
 }
