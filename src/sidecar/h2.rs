@@ -38,7 +38,9 @@ pub struct H2Client {
     address: Authority,
     connect_timeout: Duration,
     builder: Builder<TokioExecutor>,
-    current: Mutex<Option<SendRequest<Body>>>,
+    /// The connection in use, with a number that tells connections apart.
+    current: Mutex<Option<(u64, SendRequest<Body>)>>,
+    generation: std::sync::atomic::AtomicU64,
     connecting: tokio::sync::Mutex<()>,
 }
 
@@ -62,21 +64,22 @@ impl H2Client {
             connect_timeout,
             builder,
             current: Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Sends a request on the shared connection.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, H2Error> {
-        let mut sender = self.sender().await?;
+        let (generation, mut sender) = self.sender().await?;
         match sender.try_send_request(request).await {
             Ok(response) => Ok(response),
             Err(mut error) => match error.take_message() {
                 // The connection closed before taking the request: it was
                 // never sent, so one more try on a new connection is safe.
                 Some(request) => {
-                    self.forget(&sender);
-                    let mut sender = self.sender().await?;
+                    self.forget(generation);
+                    let (_, mut sender) = self.sender().await?;
                     sender.send_request(request).await.map_err(H2Error::Request)
                 }
                 None => Err(H2Error::Request(error.into_error())),
@@ -84,34 +87,41 @@ impl H2Client {
         }
     }
 
-    fn cached(&self) -> Option<SendRequest<Body>> {
-        let current = self.current.lock().expect("h2 client lock");
-        current.as_ref().filter(|s| !s.is_closed()).cloned()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, SendRequest<Body>)>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops the cached connection if it is still `sender`'s.
-    fn forget(&self, sender: &SendRequest<Body>) {
-        let mut current = self.current.lock().expect("h2 client lock");
-        if current
+    fn cached(&self) -> Option<(u64, SendRequest<Body>)> {
+        self.lock()
             .as_ref()
-            .is_some_and(|s| s.is_closed() || !sender.is_ready())
-        {
+            .filter(|(_, s)| !s.is_closed())
+            .cloned()
+    }
+
+    /// Drops the cached connection if it is still the one numbered
+    /// `generation` (another task may have replaced it already).
+    fn forget(&self, generation: u64) {
+        let mut current = self.lock();
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
             *current = None;
         }
     }
 
-    async fn sender(&self) -> Result<SendRequest<Body>, H2Error> {
-        if let Some(sender) = self.cached() {
-            return Ok(sender);
+    async fn sender(&self) -> Result<(u64, SendRequest<Body>), H2Error> {
+        if let Some(cached) = self.cached() {
+            return Ok(cached);
         }
         // One task connects; the others wait for its connection.
         let _connecting = self.connecting.lock().await;
-        if let Some(sender) = self.cached() {
-            return Ok(sender);
+        if let Some(cached) = self.cached() {
+            return Ok(cached);
         }
         let sender = self.connect().await.map_err(H2Error::Connect)?;
-        *self.current.lock().expect("h2 client lock") = Some(sender.clone());
-        Ok(sender)
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.lock() = Some((generation, sender.clone()));
+        Ok((generation, sender))
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, BoxError> {
