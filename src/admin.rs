@@ -88,10 +88,10 @@ fn handle(state: &AdminState, request: &Request<Incoming>) -> Response<Body> {
     }
     match path {
         "/circuits" => {
-            let circuits: serde_json::Map<String, serde_json::Value> = state
+            let circuits: std::collections::BTreeMap<&str, _> = state
                 .circuits
                 .iter()
-                .map(|(name, b)| (name.to_string(), serde_json::json!(b.snapshot())))
+                .map(|(name, b)| (&**name, b.snapshot()))
                 .collect();
             let json = serde_json::to_vec_pretty(&circuits).expect("snapshots serialize");
             with_type(StatusCode::OK, json, "application/json")

@@ -21,7 +21,7 @@ use http::Response;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::edge::ProxyError;
+use crate::edge::{GrpcCode, ProxyError};
 
 /// gRPC status codes by number, as named in policy files.
 const GRPC_CODES: [&str; 17] = [
@@ -48,9 +48,9 @@ const GRPC_CODES: [&str; 17] = [
 pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// gRPC `DEADLINE_EXCEEDED`.
-pub const GRPC_DEADLINE_EXCEEDED: u8 = 4;
+pub const GRPC_DEADLINE_EXCEEDED: u8 = GrpcCode::DeadlineExceeded as u8;
 /// gRPC `RESOURCE_EXHAUSTED`.
-pub const GRPC_RESOURCE_EXHAUSTED: u8 = 8;
+pub const GRPC_RESOURCE_EXHAUSTED: u8 = GrpcCode::ResourceExhausted as u8;
 
 /// Why an attempt did not succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
