@@ -7,22 +7,10 @@ use std::time::Duration;
 
 use breakwater::echo::EchoRequest;
 use breakwater::echo::echo_client::EchoClient;
-use breakwater::example::MAX_MESSAGE_BYTES;
 use bytes::Bytes;
 use support::*;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
-
-async fn client(addr: std::net::SocketAddr) -> EchoClient<Channel> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    EchoClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
 
 /// A client on the shared port, routed by `:authority`.
 async fn shared_client(addr: std::net::SocketAddr, authority: &str) -> EchoClient<Channel> {
@@ -55,7 +43,7 @@ async fn setup() -> (GrpcUpstream, breakwater::sidecar::Sidecar) {
 #[tokio::test]
 async fn unary_with_metadata_both_ways() {
     let (upstream, sidecar) = setup().await;
-    let mut client = client(sidecar.upstream_addrs["ocr"]).await;
+    let mut client = grpc_client(sidecar.upstream_addrs["ocr"]).await;
     let mut request = Request::new(echo(b"invoice-17"));
     request
         .metadata_mut()
@@ -78,7 +66,7 @@ async fn shared_port_routes_by_authority() {
 #[tokio::test]
 async fn client_server_and_bidirectional_streams() {
     let (_upstream, sidecar) = setup().await;
-    let mut client = client(sidecar.upstream_addrs["ocr"]).await;
+    let mut client = grpc_client(sidecar.upstream_addrs["ocr"]).await;
 
     let messages = tokio_stream::iter((0..50).map(|_| echo(b"0123456789")));
     let reply = client.client_stream(messages).await.unwrap().into_inner();
@@ -126,7 +114,7 @@ async fn client_server_and_bidirectional_streams() {
 #[tokio::test]
 async fn eight_mebibyte_messages_both_ways() {
     let (_upstream, sidecar) = setup().await;
-    let mut client = client(sidecar.upstream_addrs["ocr"]).await;
+    let mut client = grpc_client(sidecar.upstream_addrs["ocr"]).await;
     let payload = Bytes::from(vec![0xabu8; 8 << 20]);
     let reply = client
         .unary(EchoRequest {
@@ -143,7 +131,7 @@ async fn eight_mebibyte_messages_both_ways() {
 #[tokio::test]
 async fn upstream_status_and_message_pass_through_unchanged() {
     let (_upstream, sidecar) = setup().await;
-    let mut client = client(sidecar.upstream_addrs["ocr"]).await;
+    let mut client = grpc_client(sidecar.upstream_addrs["ocr"]).await;
     let mut request = Request::new(echo(b"x"));
     request
         .metadata_mut()
@@ -192,7 +180,7 @@ async fn unreachable_upstream_is_unavailable_with_a_reason() {
         "upstreams:\n  ocr: {{address: '{closed}', protocol: grpc, listen: '127.0.0.1:0'}}\n"
     ))
     .await;
-    let mut client = client(sidecar.upstream_addrs["ocr"]).await;
+    let mut client = grpc_client(sidecar.upstream_addrs["ocr"]).await;
     let status = client.unary(echo(b"x")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(
@@ -224,7 +212,7 @@ async fn unknown_authority_is_unimplemented() {
 #[tokio::test]
 async fn cancelling_a_call_resets_the_upstream_stream() {
     let (upstream, sidecar) = setup().await;
-    let mut client = client(sidecar.upstream_addrs["ocr"]).await;
+    let mut client = grpc_client(sidecar.upstream_addrs["ocr"]).await;
     let mut stream = client
         .server_stream(EchoRequest {
             payload: Bytes::from_static(b"tick"),

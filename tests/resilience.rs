@@ -305,23 +305,6 @@ async fn operators_can_force_a_circuit_open() {
     );
 }
 
-/// An upstream that holds every request until released.
-async fn gated() -> (HttpUpstream, Arc<Notify>, Arc<Notify>) {
-    let arrived = Arc::new(Notify::new());
-    let release = Arc::new(Notify::new());
-    let (a, r) = (arrived.clone(), release.clone());
-    let upstream = HttpUpstream::start(move |_req: Request<Incoming>| {
-        let (a, r) = (a.clone(), r.clone());
-        async move {
-            a.notify_one();
-            r.notified().await;
-            answer(200, &[], "done")
-        }
-    })
-    .await;
-    (upstream, arrived, release)
-}
-
 #[tokio::test]
 async fn requests_beyond_the_limit_and_queue_are_shed() {
     let (upstream, arrived, release) = gated().await;
@@ -502,16 +485,4 @@ async fn layer_order() {
     }
     let (parts, _) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
     assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
-}
-
-async fn admin_json(admin: std::net::SocketAddr, path: &str) -> serde_json::Value {
-    let response = http1_client()
-        .request(
-            Request::get(format!("http://{admin}{path}"))
-                .body(body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    serde_json::from_slice(&read_body(response).await.1).unwrap()
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use http::uri::Authority;
 
+use crate::resilience::fallback::{Criticality, Fallback};
 use crate::resilience::policy::Policy;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -95,6 +96,10 @@ pub struct UpstreamConfig {
     pub hosts: Vec<String>,
     /// Its resilience policy, with `defaults` merged in.
     pub policy: Policy,
+    /// Whether its failure may be replaced by a fallback.
+    pub criticality: Criticality,
+    /// The answer it degrades to: set exactly when it is optional.
+    pub fallback: Option<Arc<Fallback>>,
 }
 
 fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {

@@ -14,6 +14,7 @@ use serde_saphyr::Spanned;
 
 use super::Protocol;
 use super::values::HumanDuration;
+use crate::resilience::fallback::Criticality;
 use crate::resilience::policy::{RawBreaker, RawHedge, RawPolicy, RawRetry};
 use std::num::NonZeroU32;
 
@@ -57,6 +58,8 @@ pub(crate) struct RawUpstream {
     pub listen: Option<Spanned<String>>,
     #[serde(default)]
     pub hosts: Vec<Spanned<String>>,
+    pub criticality: Option<Spanned<Criticality>>,
+    pub fallback: Option<Spanned<RawFallback>>,
     // The policy fields, as in `defaults` (see `policy()`). They are
     // listed here rather than flattened: serde's `flatten` loses source
     // positions and cannot deny unknown fields.
@@ -67,6 +70,18 @@ pub(crate) struct RawUpstream {
     pub circuit_breaker: Option<RawBreaker>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_pending: Option<u32>,
+}
+
+/// An optional upstream's `fallback` block.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFallback {
+    pub status: Option<Spanned<u16>>,
+    #[serde(default)]
+    pub headers: Entries<String, Spanned<String>>,
+    pub body: Option<String>,
+    pub body_file: Option<Spanned<String>>,
+    pub message_base64: Option<Spanned<String>>,
 }
 
 impl RawUpstream {

@@ -6,15 +6,20 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
 use http::uri::Authority;
+use http::{HeaderMap, StatusCode};
 use serde_saphyr::Spanned;
+use std::path::Path;
 
-use super::raw::{RawConfig, RawKeyPositions, RawListen};
+use super::raw::{RawConfig, RawFallback, RawKeyPositions, RawListen};
 use super::values::Merge;
 use super::{
     Config, ConfigError, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN, Diagnostic, ListenConfig,
     UpstreamConfig,
 };
+use crate::resilience::fallback::{Criticality, Fallback};
 
 /// Deserializes the raw model, turning serde's error into a diagnostic with
 /// the field path.
@@ -133,6 +138,8 @@ struct Pending {
     /// Explicit claims first: the name, then `hosts`.
     hosts: Vec<String>,
     policy: crate::resilience::policy::Policy,
+    criticality: Criticality,
+    fallback: Option<Arc<Fallback>>,
 }
 
 /// Validates the raw model and resolves it into the runtime [`Config`].
@@ -149,7 +156,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         }
     }
     let pending: Vec<Pending> = (0..raw.upstreams.0.len())
-        .map(|i| resolve_upstream(&mut check, &raw, i, &mut listens))
+        .map(|i| resolve_upstream(&mut check, file, &raw, i, &mut listens))
         .collect();
     check_listens(&mut check, &listens);
     check_claims(&mut check, &raw, &pending);
@@ -175,6 +182,8 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 listen: p.listen,
                 hosts: p.hosts,
                 policy: p.policy,
+                criticality: p.criticality,
+                fallback: p.fallback,
             })
         })
         .collect();
@@ -194,6 +203,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
 /// Checks and resolves the `i`th upstream, recording its listener.
 fn resolve_upstream(
     check: &mut Checker,
+    file: &str,
     raw: &RawConfig,
     i: usize,
     listens: &mut Vec<(SocketAddr, String, Option<Spanned<()>>)>,
@@ -237,14 +247,127 @@ fn resolve_upstream(
             "hedging needs a delay, such as 50ms",
         );
     }
+    let criticality = up.criticality.as_ref().map(|c| c.value).unwrap_or_default();
+    let fallback = match (&up.fallback, criticality) {
+        (Some(block), Criticality::Critical) => {
+            check.error(
+                block,
+                format!("{prefix}.fallback"),
+                "a critical upstream never degrades: set criticality: optional to use a fallback",
+            );
+            None
+        }
+        (Some(block), Criticality::Optional) => {
+            resolve_fallback(check, file, &block.value, &format!("{prefix}.fallback"))
+        }
+        (None, Criticality::Optional) => Some(Fallback::default()),
+        (None, Criticality::Critical) => None,
+    };
     Pending {
         address,
         protocol: up.protocol.unwrap_or_default(),
         listen,
         hosts,
         policy: policy.resolve(),
+        criticality,
+        fallback: fallback.map(Arc::new),
         name,
     }
+}
+
+/// Checks a `fallback` block and reads its `body_file` (relative to the
+/// policy file's directory).
+fn resolve_fallback(
+    check: &mut Checker,
+    file: &str,
+    raw: &RawFallback,
+    prefix: &str,
+) -> Option<Fallback> {
+    let before = check.diagnostics.len();
+    let mut headers = HeaderMap::new();
+    for (name, value) in &raw.headers.0 {
+        let field = format!("{prefix}.headers.{name}");
+        let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+            check.error(value, field, format!("{name:?} is not a valid header name"));
+            continue;
+        };
+        if header == CONTENT_LENGTH || crate::sidecar::is_hop_by_hop(&header) {
+            check.error(
+                value,
+                field,
+                "this header is set by the sidecar, not by a fallback",
+            );
+            continue;
+        }
+        match HeaderValue::from_str(&value.value) {
+            Ok(v) => {
+                headers.append(header, v);
+            }
+            Err(_) => check.error(value, field, "not a valid header value"),
+        }
+    }
+    let body = match (&raw.body, &raw.body_file) {
+        (Some(_), Some(path)) => {
+            check.error(
+                path,
+                format!("{prefix}.body_file"),
+                "give either body or body_file, not both",
+            );
+            Bytes::new()
+        }
+        (Some(text), None) => Bytes::from(text.clone()),
+        (None, Some(path)) => {
+            let full = Path::new(file)
+                .parent()
+                .unwrap_or(Path::new(""))
+                .join(&path.value);
+            match std::fs::read(&full) {
+                Ok(bytes) => Bytes::from(bytes),
+                Err(e) => {
+                    check.error(
+                        path,
+                        format!("{prefix}.body_file"),
+                        format!("cannot read {}: {e}", full.display()),
+                    );
+                    Bytes::new()
+                }
+            }
+        }
+        (None, None) => Bytes::new(),
+    };
+    let status = match &raw.status {
+        None if body.is_empty() => StatusCode::NO_CONTENT,
+        None => StatusCode::OK,
+        Some(code) => match StatusCode::from_u16(code.value) {
+            Ok(status) if (200..600).contains(&code.value) => status,
+            _ => {
+                check.error(
+                    code,
+                    format!("{prefix}.status"),
+                    format!("{} is not an HTTP status between 200 and 599", code.value),
+                );
+                StatusCode::OK
+            }
+        },
+    };
+    let message = match &raw.message_base64 {
+        None => Bytes::new(),
+        Some(text) => {
+            use base64::Engine as _;
+            match base64::engine::general_purpose::STANDARD.decode(text.value.trim()) {
+                Ok(bytes) => Bytes::from(bytes),
+                Err(e) => {
+                    check.error(
+                        text,
+                        format!("{prefix}.message_base64"),
+                        format!("not valid base64: {e}"),
+                    );
+                    Bytes::new()
+                }
+            }
+        }
+    };
+    (check.diagnostics.len() == before).then(|| Fallback::new(status, headers, body, message))
 }
 
 /// Names and `hosts` are explicit claims on the shared port: two upstreams

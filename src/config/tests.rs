@@ -2,6 +2,7 @@
 //! column and field.
 
 use super::*;
+use crate::resilience::fallback::Criticality;
 
 fn error(text: &str) -> String {
     parse("policies.yaml", text).unwrap_err().to_string()
@@ -257,5 +258,58 @@ fn policy_values_are_checked_where_they_are_written() {
     assert_eq!(
         error("upstreams:\n  ocr:\n    address: a:1\n    hedge: {max_attempts: 3}\n"),
         "policies.yaml:2:3: upstreams.ocr.hedge.delay: hedging needs a delay, such as 50ms"
+    );
+}
+
+#[test]
+fn optional_upstreams_resolve_their_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("matches.json"), "{\"matches\":[]}").unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        "upstreams:\n  matching:\n    address: m:1\n    criticality: optional\n    fallback:\n      headers: {content-type: application/json}\n      body_file: matches.json\n      message_base64: CgJoaQ==\n  ranking:\n    address: r:1\n    criticality: optional\n  ocr: {address: o:1}\n",
+    )
+    .unwrap();
+    let config = load(&file).unwrap();
+    let matching = config.upstream("matching").unwrap();
+    assert_eq!(matching.criticality, Criticality::Optional);
+    let fallback = matching.fallback.as_ref().unwrap();
+    assert_eq!(fallback.status, http::StatusCode::OK, "200 with a body");
+    assert_eq!(fallback.headers["content-type"], "application/json");
+    assert_eq!(fallback.body, "{\"matches\":[]}");
+    assert_eq!(fallback.message, &b"\x0a\x02hi"[..]);
+    let ranking = config.upstream("ranking").unwrap().fallback.as_ref();
+    assert_eq!(
+        ranking.unwrap().status,
+        http::StatusCode::NO_CONTENT,
+        "an optional upstream without a fallback block degrades to an empty answer"
+    );
+    let ocr = config.upstream("ocr").unwrap();
+    assert_eq!(ocr.criticality, Criticality::Critical);
+    assert!(ocr.fallback.is_none());
+}
+
+#[test]
+fn fallback_mistakes_are_reported_where_written() {
+    let text = "upstreams:\n  ocr:\n    address: o:1\n    fallback: {status: 200}\n  m:\n    address: m:1\n    criticality: optional\n    fallback:\n      status: 99\n      headers: {connection: close, 'bad name': x}\n      body: a\n      body_file: missing.json\n      message_base64: '!!'\n";
+    let message = error(text);
+    for expected in [
+        "policies.yaml:4:15: upstreams.ocr.fallback: a critical upstream never degrades",
+        "policies.yaml:9:15: upstreams.m.fallback.status: 99 is not an HTTP status",
+        "policies.yaml:10:29: upstreams.m.fallback.headers.connection: this header is set by the sidecar",
+        "upstreams.m.fallback.headers.bad name: \"bad name\" is not a valid header name",
+        "policies.yaml:12:18: upstreams.m.fallback.body_file: give either body or body_file",
+        "policies.yaml:13:23: upstreams.m.fallback.message_base64: not valid base64",
+    ] {
+        assert!(
+            message.contains(expected),
+            "{expected:?} not in:\n{message}"
+        );
+    }
+    let message = error("upstreams:\n  m: {address: m:1, criticality: sometimes}\n");
+    assert!(
+        message.contains("upstreams.m.criticality: unknown variant \"sometimes\", expected"),
+        "{message}"
     );
 }

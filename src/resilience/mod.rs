@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod classify;
 pub mod concurrency;
 pub mod deadline;
+pub mod fallback;
 pub mod policy;
 pub mod retry;
 pub mod stack;

@@ -66,7 +66,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Whether a header may be hop-by-hop (`TE` and `Expect` included: both
 /// need a closer look).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"

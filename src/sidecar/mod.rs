@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::telemetry::metrics::Metrics;
+pub(crate) use headers::is_hop_by_hop;
 pub use proxy::{ProxyService, Target};
 pub use upstream::{Upstream, UpstreamClient};
 

@@ -14,6 +14,7 @@ use super::route::Routes;
 use super::upstream::Upstream;
 use crate::body::Body;
 use crate::edge::{self, ProxyError};
+use crate::resilience::fallback;
 use crate::telemetry::metrics::{Metrics, Outcome};
 
 /// Where a listener sends its requests.
@@ -79,7 +80,21 @@ async fn forward(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let _in_flight = upstream.metrics.start();
-    let (outcome, response) = match upstream.call(request, grpc).await {
+    let result = upstream.call(request, grpc).await;
+    if let Some(fallback) = &upstream.config.fallback
+        && let Some(reason) = fallback::reason(&result, grpc)
+    {
+        if let Err(error) = &result {
+            tracing::debug!(upstream = %upstream.config.name, %error, %reason, "degraded");
+        }
+        upstream.metrics.fallback(&reason);
+        let response = fallback.answer(&reason, grpc);
+        upstream
+            .metrics
+            .record(Outcome::Degraded, started.elapsed().as_secs_f64());
+        return Ok(response);
+    }
+    let (outcome, response) = match result {
         Ok(response) => (outcome_of(&response, grpc), response),
         Err(error) => {
             tracing::debug!(upstream = %upstream.config.name, %error, "upstream call failed");

@@ -32,6 +32,8 @@ pub enum Outcome {
     Error,
     /// The upstream gave no answer; the sidecar answered for it.
     Failure,
+    /// The upstream failed and its fallback answered, marked as degraded.
+    Degraded,
 }
 
 impl Outcome {
@@ -40,6 +42,7 @@ impl Outcome {
             Outcome::Success => "success",
             Outcome::Error => "error",
             Outcome::Failure => "failure",
+            Outcome::Degraded => "degraded",
         }
     }
 }
@@ -87,6 +90,7 @@ pub struct Metrics {
     shed: Family<UpstreamLabels, Counter>,
     timeouts: Family<KindLabels, Counter>,
     hedges: Family<UpstreamLabels, Counter>,
+    fallbacks: Family<ReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -108,7 +112,7 @@ impl Metrics {
         let requests = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "requests",
-            "Requests proxied, by upstream and outcome (success, error, failure)",
+            "Requests proxied, by upstream and outcome (success, error, failure, degraded)",
             requests.clone(),
         );
         let duration: Family<UpstreamLabels, Histogram, fn() -> Histogram> =
@@ -172,6 +176,12 @@ impl Metrics {
             "Hedged attempts sent while an earlier attempt was still waiting",
             hedges.clone(),
         );
+        let fallbacks = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "fallbacks",
+            "Failures of optional upstreams answered with their fallback, by reason",
+            fallbacks.clone(),
+        );
         Self {
             registry,
             requests,
@@ -185,6 +195,7 @@ impl Metrics {
             shed,
             timeouts,
             hedges,
+            fallbacks,
         }
     }
 
@@ -216,6 +227,7 @@ impl Metrics {
             success: outcome(Outcome::Success),
             error: outcome(Outcome::Error),
             failure: outcome(Outcome::Failure),
+            degraded: outcome(Outcome::Degraded),
             duration: self.duration.get_or_create_owned(&labels),
             in_flight: self.in_flight.get_or_create_owned(&labels),
             retries: self.retries.clone(),
@@ -230,6 +242,7 @@ impl Metrics {
             deadline_timeouts: timeout("deadline"),
             per_try_timeouts: timeout("per-try"),
             hedges: self.hedges.get_or_create_owned(&labels),
+            fallbacks: self.fallbacks.clone(),
         }))
     }
 
@@ -252,6 +265,7 @@ struct Handles {
     success: Counter,
     error: Counter,
     failure: Counter,
+    degraded: Counter,
     duration: Histogram,
     in_flight: Gauge,
     retries: Family<ReasonLabels, Counter>,
@@ -262,6 +276,7 @@ struct Handles {
     deadline_timeouts: Counter,
     per_try_timeouts: Counter,
     hedges: Counter,
+    fallbacks: Family<ReasonLabels, Counter>,
 }
 
 /// One upstream's metric handles, cheap to clone.
@@ -288,6 +303,7 @@ impl UpstreamMetrics {
             Outcome::Success => self.0.success.inc(),
             Outcome::Error => self.0.error.inc(),
             Outcome::Failure => self.0.failure.inc(),
+            Outcome::Degraded => self.0.degraded.inc(),
         };
         self.0.duration.observe(seconds);
     }
@@ -296,8 +312,16 @@ impl UpstreamMetrics {
 impl UpstreamMetrics {
     /// Counts a retry caused by `reason` (a bounded failure label).
     pub fn retry(&self, reason: &str) {
-        self.0
-            .retries
+        self.by_reason(&self.0.retries, reason);
+    }
+
+    /// Counts a fallback answered for `reason` (a bounded label).
+    pub fn fallback(&self, reason: &str) {
+        self.by_reason(&self.0.fallbacks, reason);
+    }
+
+    fn by_reason(&self, family: &Family<ReasonLabels, Counter>, reason: &str) {
+        family
             .get_or_create(&ReasonLabels {
                 upstream: self.0.name.clone(),
                 reason: reason.to_owned(),

@@ -22,6 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// What an upstream saw of one request.
@@ -169,6 +170,21 @@ impl Drop for GrpcUpstream {
     }
 }
 
+/// A gRPC echo client connected to `addr`, taking messages of any size
+/// the example service takes.
+pub async fn grpc_client(
+    addr: SocketAddr,
+) -> breakwater::echo::echo_client::EchoClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    breakwater::echo::echo_client::EchoClient::new(channel)
+        .max_decoding_message_size(example::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(example::MAX_MESSAGE_BYTES)
+}
+
 /// A loopback address where nothing listens.
 pub async fn closed_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -295,4 +311,44 @@ pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Sends a request to the admin endpoint and reads the whole answer.
+pub async fn admin(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> (http::response::Parts, Bytes) {
+    let request = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .body(body::full(body))
+        .unwrap();
+    read_body(http1_client().request(request).await.unwrap()).await
+}
+
+/// GETs an admin path and parses its JSON.
+pub async fn admin_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (parts, body) = admin(addr, Method::GET, path, "").await;
+    assert!(parts.status.is_success(), "{path}: {}", parts.status);
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// An upstream that holds every request until released: `arrived` is
+/// notified as each request comes in, `release` lets one answer 200.
+pub async fn gated() -> (HttpUpstream, Arc<Notify>, Arc<Notify>) {
+    let arrived = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let (a, r) = (arrived.clone(), release.clone());
+    let upstream = HttpUpstream::start(move |_req: Request<Incoming>| {
+        let (a, r) = (a.clone(), r.clone());
+        async move {
+            a.notify_one();
+            r.notified().await;
+            answer(200, &[], "done")
+        }
+    })
+    .await;
+    (upstream, arrived, release)
 }

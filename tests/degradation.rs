@@ -1,0 +1,200 @@
+//! Graceful degradation: an optional upstream's failures are answered with
+//! its fallback, marked `x-breakwater-degraded`, for every failure reason,
+//! over HTTP and gRPC; a critical upstream's failures are not masked.
+
+mod support;
+
+use std::time::Duration;
+
+use breakwater::echo::EchoRequest;
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use support::*;
+
+const FALLBACK: &str = "    criticality: optional\n    fallback:\n      headers: {content-type: application/json}\n      body: '{\"matches\": [], \"suggested\": true}'\n";
+
+/// A sidecar with the optional upstream `matching` at `addr`, with extra
+/// policy lines.
+async fn optional(addr: std::net::SocketAddr, policy: &str) -> breakwater::sidecar::Sidecar {
+    sidecar(&format!(
+        "upstreams:\n  matching:\n    address: '{addr}'\n{FALLBACK}{policy}"
+    ))
+    .await
+}
+
+/// Calls `matching` and checks that the fallback answered for `reason`.
+async fn assert_degraded(sidecar: &breakwater::sidecar::Sidecar, reason: &str) {
+    let (parts, body) = call(sidecar.proxy_addr, "matching", Method::GET, "/", "").await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(parts.headers["x-breakwater-degraded"], reason);
+    assert_eq!(parts.headers["content-type"], "application/json");
+    assert!(!parts.headers.contains_key("x-breakwater-error"));
+    assert_eq!(body, "{\"matches\": [], \"suggested\": true}");
+    let series = format!("breakwater_fallbacks_total{{upstream=\"matching\",reason=\"{reason}\"}}");
+    assert_eq!(metric(sidecar.admin_addr, &series).await, 1.0, "{series}");
+}
+
+#[tokio::test]
+async fn spent_retries_degrade_after_every_attempt() {
+    let upstream =
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(503, &[], "down") }).await;
+    let sidecar = optional(
+        upstream.addr,
+        "    retry: {max_attempts: 3, backoff: {base: 1ms}}\n",
+    )
+    .await;
+    assert_degraded(&sidecar, "http-503").await;
+    assert_eq!(upstream.requests(), 3, "retries ran before degrading");
+    let degraded = metric(
+        sidecar.admin_addr,
+        "breakwater_requests_total{upstream=\"matching\",outcome=\"degraded\"}",
+    )
+    .await;
+    assert_eq!(degraded, 1.0);
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_degrades() {
+    let sidecar = optional(closed_port().await, "    retry: {max_attempts: 1}\n").await;
+    assert_degraded(&sidecar, "connect-failure").await;
+}
+
+#[tokio::test]
+async fn an_open_circuit_degrades_without_calling() {
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = optional(upstream.addr, "").await;
+    let (parts, _) = admin(
+        sidecar.admin_addr,
+        Method::POST,
+        "/circuits/matching/open",
+        "",
+    )
+    .await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_degraded(&sidecar, "circuit-open").await;
+    assert_eq!(upstream.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_shed_request_degrades() {
+    let (upstream, arrived, release) = gated().await;
+    let sidecar = optional(
+        upstream.addr,
+        "    max_concurrent_requests: 1\n    max_pending: 0\n",
+    )
+    .await;
+    let proxy = sidecar.proxy_addr;
+    let first = tokio::spawn(async move { call(proxy, "matching", Method::GET, "/", "").await });
+    arrived.notified().await;
+    assert_degraded(&sidecar, "overloaded").await;
+    release.notify_one();
+    let (parts, body) = first.await.unwrap();
+    assert_eq!(parts.status, StatusCode::OK);
+    assert!(!parts.headers.contains_key("x-breakwater-degraded"));
+    assert_eq!(body, "done");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passed_deadline_degrades() {
+    let upstream = HttpUpstream::start(|_req: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        answer(200, &[], "too late")
+    })
+    .await;
+    let sidecar = optional(upstream.addr, "    timeout: 1s\n").await;
+    let started = tokio::time::Instant::now();
+    assert_degraded(&sidecar, "deadline-exceeded").await;
+    assert!(started.elapsed() < Duration::from_millis(1100));
+}
+
+#[tokio::test]
+async fn answers_about_the_request_are_not_masked() {
+    let upstream =
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(404, &[], "no such po") })
+            .await;
+    let sidecar = optional(upstream.addr, "").await;
+    let (parts, body) = call(sidecar.proxy_addr, "matching", Method::GET, "/", "").await;
+    assert_eq!(parts.status, StatusCode::NOT_FOUND);
+    assert!(!parts.headers.contains_key("x-breakwater-degraded"));
+    assert_eq!(body, "no such po");
+}
+
+#[tokio::test]
+async fn a_critical_upstream_fails_as_it_is() {
+    let upstream =
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(503, &[], "down") }).await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  ocr: {{address: '{}', criticality: critical, retry: {{max_attempts: 1}}}}\n  gone: {{address: '{}'}}\n",
+        upstream.addr,
+        closed_port().await
+    ))
+    .await;
+    let (parts, body) = call(sidecar.proxy_addr, "ocr", Method::GET, "/", "").await;
+    assert_eq!(parts.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, "down");
+    assert!(!parts.headers.contains_key("x-breakwater-degraded"));
+    let (parts, _) = call(sidecar.proxy_addr, "gone", Method::GET, "/", "").await;
+    assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(parts.headers["x-breakwater-error"], "connect-failure");
+    assert!(!parts.headers.contains_key("x-breakwater-degraded"));
+}
+
+/// A sidecar with two optional gRPC upstreams: `ranking` with the default
+/// fallback, `matching` with a given message; both at `addr`.
+async fn grpc_sidecar(addr: std::net::SocketAddr) -> breakwater::sidecar::Sidecar {
+    // EchoReply { payload: "hi", count: 7 }
+    sidecar(&format!(
+        "defaults: {{retry: {{max_attempts: 1}}}}\nupstreams:\n  ranking: {{address: '{addr}', protocol: grpc, criticality: optional, listen: 127.0.0.1:0}}\n  matching:\n    address: '{addr}'\n    protocol: grpc\n    listen: 127.0.0.1:0\n    criticality: optional\n    fallback: {{message_base64: CgJoaRAH}}\n"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn grpc_callers_get_an_ok_answer_marked_in_metadata() {
+    let sidecar = grpc_sidecar(closed_port().await).await;
+
+    let mut ranking = grpc_client(sidecar.upstream_addrs["ranking"]).await;
+    let response = ranking.unary(EchoRequest::default()).await.unwrap();
+    assert_eq!(
+        response.metadata().get("x-breakwater-degraded").unwrap(),
+        "connect-failure"
+    );
+    let reply = response.into_inner();
+    assert!(
+        reply.payload.is_empty() && reply.count == 0,
+        "every field at its default"
+    );
+
+    let mut matching = grpc_client(sidecar.upstream_addrs["matching"]).await;
+    let reply = matching
+        .unary(EchoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((&reply.payload[..], reply.count), (&b"hi"[..], 7));
+}
+
+#[tokio::test]
+async fn grpc_server_failures_degrade_and_request_errors_do_not() {
+    let upstream = GrpcUpstream::start().await;
+    let sidecar = grpc_sidecar(upstream.addr).await;
+    let mut client = grpc_client(sidecar.upstream_addrs["matching"]).await;
+    let mut request = tonic::Request::new(EchoRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-echo-status", "14".parse().unwrap());
+    let response = client.unary(request).await.unwrap();
+    assert_eq!(
+        response.metadata().get("x-breakwater-degraded").unwrap(),
+        "grpc-unavailable"
+    );
+    assert_eq!(response.into_inner().count, 7);
+
+    let mut request = tonic::Request::new(EchoRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-echo-status", "5".parse().unwrap());
+    let status = client.unary(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(status.metadata().get("x-breakwater-degraded").is_none());
+}
