@@ -11,7 +11,11 @@
 //! | `/config` | the resolved config as JSON |
 //! | `/circuits` | each upstream's circuit: state, counters, time to the next probe |
 //! | `POST /circuits/<upstream>/open\|close\|reset` | force a circuit's state |
+//! | `/faults` | each upstream's faults in force |
+//! | `PUT /faults/<upstream>` | replace an upstream's faults (JSON, as in the policy file) |
+//! | `DELETE /faults/<upstream>` | stop injecting faults into an upstream |
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -27,7 +32,12 @@ use tokio::sync::watch;
 use crate::body::{self, Body};
 use crate::config::Config;
 use crate::resilience::breaker::Breaker;
+use crate::resilience::faults::FaultSpec;
+use crate::sidecar::Upstream;
 use crate::telemetry::metrics::Metrics;
+
+/// The largest request body the admin endpoint reads.
+const MAX_ADMIN_BODY: usize = 64 << 10;
 
 /// What the admin endpoint reports on.
 #[derive(Debug)]
@@ -35,7 +45,7 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     config_json: Bytes,
     ready: Arc<AtomicBool>,
-    circuits: Vec<(Arc<str>, Arc<Breaker>)>,
+    upstreams: Vec<Arc<Upstream>>,
 }
 
 impl AdminState {
@@ -44,15 +54,25 @@ impl AdminState {
         metrics: Arc<Metrics>,
         config: &Config,
         ready: Arc<AtomicBool>,
-        circuits: Vec<(Arc<str>, Arc<Breaker>)>,
+        upstreams: Vec<Arc<Upstream>>,
     ) -> Self {
         let config_json = serde_json::to_vec_pretty(config).expect("the config serializes");
         Self {
             metrics,
             config_json: Bytes::from(config_json),
             ready,
-            circuits,
+            upstreams,
         }
+    }
+
+    fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| &*u.config.name == name)
+    }
+
+    fn circuits(&self) -> impl Iterator<Item = (&str, &Arc<Breaker>)> {
+        self.upstreams
+            .iter()
+            .filter_map(|u| Some((&*u.config.name, u.breaker()?)))
     }
 }
 
@@ -66,7 +86,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
         let Ok((stream, _)) = accepted else { continue };
         let state = state.clone();
         let service = hyper::service::service_fn(move |request| {
-            std::future::ready(Ok::<_, Infallible>(handle(&state, &request)))
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, request).await) }
         });
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
@@ -76,25 +97,44 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
     }
 }
 
-fn handle(state: &AdminState, request: &Request<Incoming>) -> Response<Body> {
-    let path = request.uri().path();
+async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_owned();
     if request.method() == Method::POST
         && let Some(rest) = path.strip_prefix("/circuits/")
     {
         return force_circuit(state, rest);
     }
+    if let Some(name) = path.strip_prefix("/faults/") {
+        return match *request.method() {
+            Method::PUT => put_faults(state, name, request.into_body()).await,
+            Method::DELETE => delete_faults(state, name),
+            _ => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use PUT or DELETE on /faults/<upstream>\n",
+            ),
+        };
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
-    match path {
+    match path.as_str() {
         "/circuits" => {
-            let circuits: std::collections::BTreeMap<&str, _> = state
-                .circuits
-                .iter()
-                .map(|(name, b)| (&**name, b.snapshot()))
+            let circuits: BTreeMap<&str, _> = state
+                .circuits()
+                .map(|(name, b)| (name, b.snapshot()))
                 .collect();
-            let json = serde_json::to_vec_pretty(&circuits).expect("snapshots serialize");
-            with_type(StatusCode::OK, json, "application/json")
+            json(StatusCode::OK, &circuits)
+        }
+        "/faults" => {
+            let faults: BTreeMap<&str, Option<FaultSpec>> = state
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let spec = u.faults().current().map(|f| f.spec().clone());
+                    (&*u.config.name, spec)
+                })
+                .collect();
+            json(StatusCode::OK, &faults)
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
@@ -111,9 +151,57 @@ fn handle(state: &AdminState, request: &Request<Incoming>) -> Response<Body> {
         ),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /metrics or /config\n",
+            "not found: try /healthz, /readyz, /metrics, /config, /circuits or /faults\n",
         ),
     }
+}
+
+/// `PUT /faults/<upstream>`: the body is a `faults` block as JSON.
+async fn put_faults(state: &AdminState, name: &str, body: Incoming) -> Response<Body> {
+    let Some(upstream) = state.upstream(name) else {
+        return text(StatusCode::NOT_FOUND, "no such upstream\n");
+    };
+    let body = match Limited::new(body, MAX_ADMIN_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the body is over 64 KiB, or was cut short\n",
+            );
+        }
+    };
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let spec: FaultSpec = match serde_path_to_error::deserialize(&mut de) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let path = e.path().to_string();
+            let message = format!("{path}: {}\n", e.into_inner());
+            return owned_text(StatusCode::BAD_REQUEST, message);
+        }
+    };
+    let faults = match spec.resolve() {
+        Ok(faults) => faults,
+        Err(errors) => {
+            let message: String = errors
+                .iter()
+                .map(|(field, message)| format!("{field}: {message}\n"))
+                .collect();
+            return owned_text(StatusCode::BAD_REQUEST, message);
+        }
+    };
+    tracing::warn!(upstream = name, faults = ?spec, "faults set by an operator");
+    upstream.faults().set(Some(faults));
+    json(StatusCode::OK, &spec)
+}
+
+/// `DELETE /faults/<upstream>`.
+fn delete_faults(state: &AdminState, name: &str) -> Response<Body> {
+    let Some(upstream) = state.upstream(name) else {
+        return text(StatusCode::NOT_FOUND, "no such upstream\n");
+    };
+    upstream.faults().set(None);
+    tracing::warn!(upstream = name, "faults cleared by an operator");
+    text(StatusCode::OK, "faults cleared\n")
 }
 
 /// `POST /circuits/<upstream>/open|close|reset`.
@@ -124,7 +212,7 @@ fn force_circuit(state: &AdminState, rest: &str) -> Response<Body> {
             "use /circuits/<upstream>/open|close|reset\n",
         );
     };
-    let Some((_, breaker)) = state.circuits.iter().find(|(n, _)| &**n == name) else {
+    let Some((_, breaker)) = state.circuits().find(|(n, _)| *n == name) else {
         return text(
             StatusCode::NOT_FOUND,
             "no circuit breaker for that upstream (unknown, or its breaker is disabled)\n",
@@ -137,11 +225,20 @@ fn force_circuit(state: &AdminState, rest: &str) -> Response<Body> {
         );
     }
     tracing::warn!(upstream = name, action, "circuit forced by an operator");
-    let json = serde_json::to_vec_pretty(&breaker.snapshot()).expect("snapshots serialize");
-    with_type(StatusCode::OK, json, "application/json")
+    json(StatusCode::OK, &breaker.snapshot())
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let mut body = serde_json::to_vec_pretty(value).expect("admin answers serialize");
+    body.push(b'\n');
+    with_type(status, body, "application/json")
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    with_type(status, body, "text/plain; charset=utf-8")
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Body> {
     with_type(status, body, "text/plain; charset=utf-8")
 }
 

@@ -242,16 +242,7 @@ async fn response_bodies_stream_without_buffering() {
     })
     .await;
     let sidecar = sidecar_for(upstream.addr).await;
-    let response = http1_client()
-        .request(request_to(
-            sidecar.proxy_addr,
-            "agent",
-            Method::GET,
-            "/",
-            "",
-        ))
-        .await
-        .unwrap();
+    let response = get(sidecar.proxy_addr, "agent", "/").await;
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, "first ");

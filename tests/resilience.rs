@@ -380,16 +380,7 @@ async fn a_streaming_answer_holds_its_slot_until_it_ends() {
         upstream.addr
     ))
     .await;
-    let response = http1_client()
-        .request(request_to(
-            sidecar.proxy_addr,
-            "agent",
-            Method::GET,
-            "/stream",
-            "",
-        ))
-        .await
-        .unwrap();
+    let response = get(sidecar.proxy_addr, "agent", "/stream").await;
     let mut stream = response.into_body();
     let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, "first ");

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use http::uri::Authority;
 
 use crate::resilience::fallback::{Criticality, Fallback};
+use crate::resilience::faults::FaultSpec;
 use crate::resilience::policy::Policy;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -100,6 +101,8 @@ pub struct UpstreamConfig {
     pub criticality: Criticality,
     /// The answer it degrades to: set exactly when it is optional.
     pub fallback: Option<Arc<Fallback>>,
+    /// Faults injected at start (the admin API changes them at runtime).
+    pub faults: Option<FaultSpec>,
 }
 
 fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {

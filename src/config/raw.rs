@@ -15,6 +15,7 @@ use serde_saphyr::Spanned;
 use super::Protocol;
 use super::values::HumanDuration;
 use crate::resilience::fallback::Criticality;
+use crate::resilience::faults::FaultSpec;
 use crate::resilience::policy::{RawBreaker, RawHedge, RawPolicy, RawRetry};
 use std::num::NonZeroU32;
 
@@ -60,6 +61,7 @@ pub(crate) struct RawUpstream {
     pub hosts: Vec<Spanned<String>>,
     pub criticality: Option<Spanned<Criticality>>,
     pub fallback: Option<Spanned<RawFallback>>,
+    pub faults: Option<Spanned<FaultSpec>>,
     // The policy fields, as in `defaults` (see `policy()`). They are
     // listed here rather than flattened: serde's `flatten` loses source
     // positions and cannot deny unknown fields.

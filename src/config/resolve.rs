@@ -20,6 +20,7 @@ use super::{
     UpstreamConfig,
 };
 use crate::resilience::fallback::{Criticality, Fallback};
+use crate::resilience::faults::FaultSpec;
 
 /// Deserializes the raw model, turning serde's error into a diagnostic with
 /// the field path.
@@ -67,10 +68,17 @@ fn deserialize_with_path<'de, T: serde::Deserialize<'de>>(
 }
 
 /// Drops the parts of a serde path that are implementation details: the
-/// `value` field of a [`Spanned`] wrapper and unknown (`?`) segments.
+/// `value` field of a [`Spanned`] wrapper (anywhere but as a key of a
+/// `headers` map) and unknown (`?`) segments.
 fn clean_path(path: &str) -> String {
-    let mut segments: Vec<&str> = path.split('.').collect();
-    while matches!(segments.last(), Some(&"value" | &"?" | &"")) {
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in path.split('.') {
+        if segment == "value" && segments.last() != Some(&"headers") {
+            continue;
+        }
+        segments.push(segment);
+    }
+    while matches!(segments.last(), Some(&"?" | &"")) {
         segments.pop();
     }
     segments.join(".")
@@ -140,6 +148,7 @@ struct Pending {
     policy: crate::resilience::policy::Policy,
     criticality: Criticality,
     fallback: Option<Arc<Fallback>>,
+    faults: Option<FaultSpec>,
 }
 
 /// Validates the raw model and resolves it into the runtime [`Config`].
@@ -184,6 +193,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 policy: p.policy,
                 criticality: p.criticality,
                 fallback: p.fallback,
+                faults: p.faults,
             })
         })
         .collect();
@@ -263,7 +273,15 @@ fn resolve_upstream(
         (None, Criticality::Optional) => Some(Fallback::default()),
         (None, Criticality::Critical) => None,
     };
+    if let Some(faults) = &up.faults
+        && let Err(errors) = faults.value.resolve()
+    {
+        for (field, message) in errors {
+            check.error(faults, format!("{prefix}.faults.{field}"), message);
+        }
+    }
     Pending {
+        faults: up.faults.as_ref().map(|f| f.value.clone()),
         address,
         protocol: up.protocol.unwrap_or_default(),
         listen,

@@ -313,3 +313,37 @@ fn fallback_mistakes_are_reported_where_written() {
         "{message}"
     );
 }
+
+#[test]
+fn fault_mistakes_are_reported_where_written() {
+    let message = error(
+        "upstreams:\n  ocr:\n    address: o:1\n    faults:\n      abort: {percent: 5, headers: {'bad name': x}}\n",
+    );
+    assert!(
+        message.contains("policies.yaml:5:7: upstreams.ocr.faults.abort: give status"),
+        "{message}"
+    );
+    assert!(
+        message.contains(
+            "upstreams.ocr.faults.abort.headers.bad name: \"bad name\" is not a valid header name"
+        ),
+        "{message}"
+    );
+    let message = error(
+        "upstreams:\n  ocr:\n    address: o:1\n    faults: {delay: {percent: 101, duration: 1s}}\n",
+    );
+    assert!(
+        message.starts_with(
+            "policies.yaml:4:31: upstreams.ocr.faults.delay.percent: 101 is not a percentage"
+        ),
+        "{message}"
+    );
+    let config = parse(
+        "p.yaml",
+        "upstreams:\n  ocr:\n    address: o:1\n    faults: {seed: 7, abort: {percent: 2.5, grpc_status: 14}}\n",
+    )
+    .unwrap();
+    let faults = config.upstream("ocr").unwrap().faults.as_ref().unwrap();
+    assert_eq!(faults.seed, Some(7));
+    assert_eq!(faults.abort.as_ref().unwrap().percent.0, 2.5);
+}

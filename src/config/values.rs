@@ -28,6 +28,12 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_duration(&self.0, s)
+    }
+}
+
 /// Serializes a duration as humans write it (`1s 500ms`).
 pub fn serialize_duration<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_duration(*value))
@@ -106,6 +112,30 @@ impl<'de> Deserialize<'de> for Ratio {
         } else {
             Err(de::Error::custom(format!(
                 "{value} is not a ratio: expected a number from 0 to 1, such as 0.2"
+            )))
+        }
+    }
+}
+
+/// A percentage between 0 and 100 inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Percent(pub f64);
+
+impl Percent {
+    /// The percentage as a fraction of one.
+    pub fn fraction(self) -> f64 {
+        self.0 / 100.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = f64::deserialize(deserializer)?;
+        if (0.0..=100.0).contains(&value) {
+            Ok(Percent(value))
+        } else {
+            Err(de::Error::custom(format!(
+                "{value} is not a percentage: expected a number from 0 to 100, such as 5 or 0.5"
             )))
         }
     }

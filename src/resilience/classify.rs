@@ -44,6 +44,21 @@ const GRPC_CODES: [&str; 17] = [
     "unauthenticated",
 ];
 
+/// A gRPC code by its lower-case, dashed name (`unavailable`), or its
+/// number as text (`14`).
+pub fn grpc_code(text: &str) -> Option<u8> {
+    let text = text.trim().to_ascii_lowercase().replace('_', "-");
+    match text.parse::<u8>() {
+        Ok(code) => (usize::from(code) < GRPC_CODES.len()).then_some(code),
+        Err(_) => GRPC_CODES.iter().position(|c| *c == text).map(|c| c as u8),
+    }
+}
+
+/// A gRPC code's lower-case, dashed name.
+pub fn grpc_name(code: u8) -> &'static str {
+    GRPC_CODES.get(usize::from(code)).unwrap_or(&"unknown")
+}
+
 /// The gRPC status header (or trailer).
 pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
@@ -79,10 +94,7 @@ impl Failure {
             Failure::RefusedStream => "refused-stream".into(),
             Failure::PerTryTimeout => "per-try-timeout".into(),
             Failure::Http(code) => format!("http-{code}"),
-            Failure::Grpc(code) => format!(
-                "grpc-{}",
-                GRPC_CODES.get(usize::from(code)).unwrap_or(&"unknown")
-            ),
+            Failure::Grpc(code) => format!("grpc-{}", grpc_name(code)),
         }
     }
 

@@ -33,6 +33,7 @@ use super::breaker::Breaker;
 use super::classify;
 use super::concurrency::Limiter;
 use super::deadline::{self, Deadline};
+use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
 use super::policy::Policy;
 use super::retry::Retry;
 use super::retry::replay::Completion;
@@ -50,15 +51,17 @@ pub struct Stack {
     limiter: Limiter,
     retry: Retry,
     breaker: Option<Arc<Breaker>>,
+    faults: FaultCell,
     client: Arc<UpstreamClient>,
     metrics: UpstreamMetrics,
 }
 
 impl Stack {
-    /// Builds the stack for an upstream.
+    /// Builds the stack for an upstream, with the faults to inject (if any).
     pub fn new(
         name: Arc<str>,
         policy: &Policy,
+        faults: Option<Faults>,
         client: Arc<UpstreamClient>,
         metrics: &UpstreamMetrics,
     ) -> Self {
@@ -77,10 +80,16 @@ impl Stack {
             ),
             retry: Retry::new(policy.retry.clone(), policy.hedge.clone(), metrics.clone()),
             breaker,
+            faults: FaultCell::new(faults),
             client,
             metrics: metrics.clone(),
             name,
         }
+    }
+
+    /// The faults in force, which the admin API may replace.
+    pub fn faults(&self) -> &FaultCell {
+        &self.faults
     }
 
     /// The circuit breaker, unless disabled.
@@ -91,16 +100,22 @@ impl Stack {
     /// Sends a call through every step (`grpc`: the call is gRPC).
     pub async fn call(
         &self,
-        request: Request<Body>,
+        mut request: Request<Body>,
         grpc: bool,
     ) -> Result<Response<Body>, ProxyError> {
         let deadline = deadline::start(self.timeout, request.headers(), grpc);
+        let faults = self.faults.current();
+        let overrides = match &faults {
+            Some(f) if f.allow_header_control() => faults::overrides(request.headers_mut(), grpc),
+            _ => Overrides::default(),
+        };
+        let faults = faults.as_deref().map(|f| (f, overrides));
         let call = async {
             let permit = self.limiter.acquire().await?;
             let response = self
                 .retry
                 .run(request, grpc, Some(deadline), |request, completion| {
-                    self.attempt(request, grpc, deadline, completion)
+                    self.attempt(request, grpc, deadline, completion, faults)
                 })
                 .await?;
             Ok(response.map(|b| b.with_permit(permit)))
@@ -118,13 +133,15 @@ impl Stack {
         }
     }
 
-    /// One attempt: through the breaker, bounded by the per-try timeout.
+    /// One attempt: through the breaker, bounded by the per-try timeout,
+    /// with the faults drawn for it.
     async fn attempt(
         &self,
         mut request: Request<Body>,
         grpc: bool,
         deadline: Deadline,
         completion: Option<Completion>,
+        faults: Option<(&Faults, Overrides)>,
     ) -> Result<Response<Body>, ProxyError> {
         let admission = match &self.breaker {
             Some(breaker) => Some(breaker.admit().map_err(|_| ProxyError::CircuitOpen {
@@ -136,7 +153,13 @@ impl Stack {
         let budget = self.per_try_timeout.map_or(left, |t| t.min(left));
         deadline::set_header(request.headers_mut(), budget, grpc);
         let started = Instant::now();
-        let send = self.client.send(request, completion);
+        let injection = faults.map(|(f, o)| f.draw(o, grpc));
+        let send = async {
+            let Some(injection) = injection else {
+                return self.client.send(request, completion).await;
+            };
+            self.inject(injection, request, completion).await
+        };
         let result = match self.per_try_timeout {
             None => send.await,
             Some(per_try) => match tokio::time::timeout(per_try, send).await {
@@ -158,5 +181,27 @@ impl Stack {
             );
         }
         result
+    }
+
+    /// Sends an attempt with its injected faults.
+    async fn inject(
+        &self,
+        injection: Injection,
+        request: Request<Body>,
+        completion: Option<Completion>,
+    ) -> Result<Response<Body>, ProxyError> {
+        if let Some(delay) = injection.delay {
+            self.metrics.fault(FaultKind::Delay.label());
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(answer) = injection.abort {
+            self.metrics.fault(FaultKind::Abort.label());
+            return Ok(answer);
+        }
+        let response = self.client.send(request, completion).await?;
+        Ok(match injection.truncate {
+            Some(after) => response.map(|b| faults::truncate(b, after, self.metrics.clone())),
+            None => response,
+        })
     }
 }

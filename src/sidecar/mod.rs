@@ -115,15 +115,11 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, BindErro
 
     let ready = Arc::new(AtomicBool::new(false));
     let (stop, stop_rx) = watch::channel(false);
-    let circuits = upstreams
-        .iter()
-        .filter_map(|u| Some((u.config.name.clone(), u.breaker()?.clone())))
-        .collect();
     let admin_state = Arc::new(AdminState::new(
         metrics.clone(),
         &config,
         ready.clone(),
-        circuits,
+        upstreams.clone(),
     ));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
 

@@ -22,6 +22,7 @@ use crate::config::UpstreamConfig;
 use crate::edge::ProxyError;
 use crate::resilience::breaker::Breaker;
 use crate::resilience::classify::{GRPC_STATUS, GrpcTrailerStatus};
+use crate::resilience::faults::FaultCell;
 use crate::resilience::retry::replay::Completion;
 use crate::resilience::stack::Stack;
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
@@ -51,9 +52,14 @@ impl Upstream {
     pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
         let metrics = metrics.upstream(&config.name);
         let client = Arc::new(UpstreamClient::new(&config));
+        let faults = config.faults.as_ref().map(|spec| {
+            spec.resolve()
+                .expect("fault specs are checked when the config loads")
+        });
         let stack = Stack::new(
             config.name.clone(),
             &config.policy,
+            faults,
             client.clone(),
             &metrics,
         );
@@ -68,6 +74,11 @@ impl Upstream {
     /// Its circuit breaker, unless disabled.
     pub fn breaker(&self) -> Option<&Arc<Breaker>> {
         self.stack.breaker()
+    }
+
+    /// The faults in force, which the admin API may replace.
+    pub fn faults(&self) -> &FaultCell {
+        self.stack.faults()
     }
 
     /// Sends a caller's request through the upstream's policy (`grpc`:

@@ -91,6 +91,7 @@ pub struct Metrics {
     timeouts: Family<KindLabels, Counter>,
     hedges: Family<UpstreamLabels, Counter>,
     fallbacks: Family<ReasonLabels, Counter>,
+    faults: Family<KindLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -182,6 +183,12 @@ impl Metrics {
             "Failures of optional upstreams answered with their fallback, by reason",
             fallbacks.clone(),
         );
+        let faults = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "faults_injected",
+            "Faults injected by fault injection, by kind: delay, abort, truncate",
+            faults.clone(),
+        );
         Self {
             registry,
             requests,
@@ -196,6 +203,7 @@ impl Metrics {
             timeouts,
             hedges,
             fallbacks,
+            faults,
         }
     }
 
@@ -243,6 +251,7 @@ impl Metrics {
             per_try_timeouts: timeout("per-try"),
             hedges: self.hedges.get_or_create_owned(&labels),
             fallbacks: self.fallbacks.clone(),
+            faults: self.faults.clone(),
         }))
     }
 
@@ -277,6 +286,7 @@ struct Handles {
     per_try_timeouts: Counter,
     hedges: Counter,
     fallbacks: Family<ReasonLabels, Counter>,
+    faults: Family<KindLabels, Counter>,
 }
 
 /// One upstream's metric handles, cheap to clone.
@@ -318,6 +328,17 @@ impl UpstreamMetrics {
     /// Counts a fallback answered for `reason` (a bounded label).
     pub fn fallback(&self, reason: &str) {
         self.by_reason(&self.0.fallbacks, reason);
+    }
+
+    /// Counts an injected fault of `kind` (`delay`, `abort`, `truncate`).
+    pub fn fault(&self, kind: &'static str) {
+        self.0
+            .faults
+            .get_or_create(&KindLabels {
+                upstream: self.0.name.clone(),
+                kind,
+            })
+            .inc();
     }
 
     fn by_reason(&self, family: &Family<ReasonLabels, Counter>, reason: &str) {

@@ -270,6 +270,15 @@ pub async fn sidecar_for(addr: SocketAddr) -> Sidecar {
     sidecar(&format!("upstreams:\n  agent: {{address: '{addr}'}}\n")).await
 }
 
+/// Sends a GET to `addr` with `Host: host` over HTTP/1.1 and returns the
+/// answer with its body unread.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Response<Incoming> {
+    http1_client()
+        .request(request_to(addr, host, Method::GET, path, Bytes::new()))
+        .await
+        .unwrap()
+}
+
 /// Sends one HTTP/1.1 request to `addr` with `Host: host` and reads the
 /// whole answer.
 pub async fn call(
