@@ -30,10 +30,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::{self, Body};
-use crate::config::Config;
 use crate::resilience::breaker::Breaker;
 use crate::resilience::faults::FaultSpec;
-use crate::sidecar::Upstream;
+use crate::sidecar::{LiveCell, Upstream};
 use crate::telemetry::metrics::Metrics;
 
 /// The largest request body the admin endpoint reads.
@@ -43,36 +42,32 @@ const MAX_ADMIN_BODY: usize = 64 << 10;
 #[derive(Debug)]
 pub struct AdminState {
     metrics: Arc<Metrics>,
-    config_json: Bytes,
+    live: LiveCell,
     ready: Arc<AtomicBool>,
-    upstreams: Vec<Arc<Upstream>>,
 }
 
 impl AdminState {
-    /// Captures the state to serve: the config is rendered once, here.
-    pub fn new(
-        metrics: Arc<Metrics>,
-        config: &Config,
-        ready: Arc<AtomicBool>,
-        upstreams: Vec<Arc<Upstream>>,
-    ) -> Self {
-        let config_json = serde_json::to_vec_pretty(config).expect("the config serializes");
+    /// The state to serve: metrics, the live configuration (which reloads
+    /// replace), and readiness.
+    pub fn new(metrics: Arc<Metrics>, live: LiveCell, ready: Arc<AtomicBool>) -> Self {
         Self {
             metrics,
-            config_json: Bytes::from(config_json),
+            live,
             ready,
-            upstreams,
         }
     }
 
-    fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
-        self.upstreams.iter().find(|u| &*u.config.name == name)
+    fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
+        self.live.load().upstream(name).cloned()
     }
 
-    fn circuits(&self) -> impl Iterator<Item = (&str, &Arc<Breaker>)> {
-        self.upstreams
+    fn circuits(&self) -> Vec<(Arc<str>, Arc<Breaker>)> {
+        self.live
+            .load()
+            .upstreams()
             .iter()
-            .filter_map(|u| Some((&*u.config.name, u.breaker()?)))
+            .filter_map(|u| Some((u.config.name.clone(), u.breaker()?.clone())))
+            .collect()
     }
 }
 
@@ -119,15 +114,17 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
     }
     match path.as_str() {
         "/circuits" => {
-            let circuits: BTreeMap<&str, _> = state
-                .circuits()
-                .map(|(name, b)| (name, b.snapshot()))
+            let circuits = state.circuits();
+            let snapshots: BTreeMap<&str, _> = circuits
+                .iter()
+                .map(|(name, b)| (&**name, b.snapshot()))
                 .collect();
-            json(StatusCode::OK, &circuits)
+            json(StatusCode::OK, &snapshots)
         }
         "/faults" => {
-            let faults: BTreeMap<&str, Option<FaultSpec>> = state
-                .upstreams
+            let live = state.live.load();
+            let faults: BTreeMap<&str, Option<FaultSpec>> = live
+                .upstreams()
                 .iter()
                 .map(|u| {
                     let spec = u.faults().current().map(|f| f.spec().clone());
@@ -146,7 +143,7 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
         ),
         "/config" => with_type(
             StatusCode::OK,
-            state.config_json.clone(),
+            state.live.load().config_json(),
             "application/json",
         ),
         _ => text(
@@ -212,7 +209,8 @@ fn force_circuit(state: &AdminState, rest: &str) -> Response<Body> {
             "use /circuits/<upstream>/open|close|reset\n",
         );
     };
-    let Some((_, breaker)) = state.circuits().find(|(n, _)| *n == name) else {
+    let circuits = state.circuits();
+    let Some((_, breaker)) = circuits.iter().find(|(n, _)| &**n == name) else {
         return text(
             StatusCode::NOT_FOUND,
             "no circuit breaker for that upstream (unknown, or its breaker is disabled)\n",

@@ -38,6 +38,10 @@ enum Command {
         /// How long in-flight requests may take to finish after SIGTERM.
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         grace_period: Duration,
+        /// How often the policy file is checked for changes; 0 turns the
+        /// check off (SIGHUP still reloads).
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        reload_interval: Duration,
     },
     /// Check a policy file.
     Config {
@@ -79,15 +83,23 @@ fn main() -> ExitCode {
             config,
             threads,
             grace_period,
+            reload_interval,
         } => {
-            let config = match config::load(&config) {
+            let path = config;
+            let config = match config::load(&path) {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("{error}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let options = sidecar::Options { grace_period };
+            let options = sidecar::Options {
+                grace_period,
+                watch: Some(sidecar::watch::WatchOptions {
+                    path,
+                    interval: reload_interval,
+                }),
+            };
             let result =
                 runtime(threads).block_on(sidecar::run(config, options, shutdown_signal()));
             match result {

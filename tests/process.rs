@@ -85,11 +85,16 @@ struct Process {
     child: Child,
     admin: SocketAddr,
     proxy: SocketAddr,
-    _config: tempfile::NamedTempFile,
+    config: tempfile::NamedTempFile,
+    logs: std_mpsc::Receiver<String>,
 }
 
 impl Process {
     fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, &[])
+    }
+
+    fn start_with(yaml: &str, args: &[&str]) -> Self {
         let config = write_config(&format!(
             "admin: {{listen: 127.0.0.1:0}}\nproxy: {{listen: 127.0.0.1:0}}\n{yaml}"
         ));
@@ -102,8 +107,9 @@ impl Process {
                 "1",
                 "--grace-period",
                 "10s",
-                "--config",
             ])
+            .args(args)
+            .arg("--config")
             .arg(config.path())
             .stderr(Stdio::piped())
             .spawn()
@@ -126,7 +132,25 @@ impl Process {
             admin,
             proxy,
             child,
-            _config: config,
+            config,
+            logs: rx,
+        }
+    }
+
+    /// Waits for a log event whose message is `message`.
+    fn wait_for_log(&self, message: &str) -> serde_json::Value {
+        loop {
+            let line = self
+                .logs
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no {message:?} in the log"));
+            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                && event["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            {
+                return event;
+            }
         }
     }
 
@@ -337,4 +361,55 @@ async fn curl_through_http_proxy_and_h2c() {
     assert_eq!(body, "over h2c");
     assert!(headers.starts_with("HTTP/2 200"), "{headers}");
     assert_eq!(upstream.requests(), 2);
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_an_invalid_file_keeps_the_old_config() {
+    let upstream = HttpUpstream::echo().await;
+    let head = "admin: {listen: 127.0.0.1:0}\nproxy: {listen: 127.0.0.1:0}\n";
+    let process = Process::start_with(
+        &format!("upstreams:\n  a: {{address: '{}'}}\n", upstream.addr),
+        &["--reload-interval", "0"],
+    );
+    let status = |host: &'static str| {
+        let proxy = process.proxy;
+        async move { call(proxy, host, Method::GET, "/", "").await.0.status }
+    };
+    assert_eq!(status("b").await, StatusCode::NOT_FOUND);
+
+    std::fs::write(
+        process.config.path(),
+        format!("{head}upstreams:\n  b: {{address: '{}'}}\n", upstream.addr),
+    )
+    .unwrap();
+    process.signal("HUP");
+    let event = process.wait_for_log("config reloaded");
+    assert_eq!(event["generation"], 2);
+    assert_eq!(status("b").await, StatusCode::OK);
+
+    std::fs::write(
+        process.config.path(),
+        format!("{head}upstreams:\n  c: {{adress: x}}\n"),
+    )
+    .unwrap();
+    process.signal("HUP");
+    let event = process.wait_for_log("config reload refused");
+    let message = event["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "{}:4:7: upstreams.c.adress: unknown field",
+            process.config.path().display()
+        )),
+        "{message}"
+    );
+    assert_eq!(status("b").await, StatusCode::OK);
+    let (_, metrics) = get(process.admin, "/metrics").await;
+    assert!(
+        metrics.contains("breakwater_config_generation 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("breakwater_config_reload_failures_total 1"),
+        "{metrics}"
+    );
 }

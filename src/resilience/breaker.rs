@@ -128,6 +128,7 @@ pub struct Snapshot {
 impl Breaker {
     /// A closed circuit.
     pub fn new(upstream: Arc<str>, params: BreakerParams, metrics: UpstreamMetrics) -> Arc<Self> {
+        metrics.circuit_created();
         Arc::new(Self {
             upstream,
             machine: Mutex::new(Machine {

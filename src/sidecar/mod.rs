@@ -4,13 +4,21 @@
 //! dedicated port, the admin port) and serves them; [`run`] does the same
 //! until a shutdown future resolves, then drains. Tests, the demo and the
 //! `breakwater sidecar` command all use these two functions.
+//!
+//! A running sidecar reloads its configuration ([`Sidecar::reload`], and
+//! from its file on change or SIGHUP, see [`watch`]): the new generation
+//! is swapped in atomically ([`live`]), new listeners are bound before the
+//! swap and removed ones drained after it, and listeners that did not
+//! change keep their connections.
 
 mod h2;
 mod headers;
+mod live;
 mod proxy;
 mod route;
 mod server;
 mod upstream;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,15 +26,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::sync::{Mutex, watch as signal};
+use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::telemetry::metrics::Metrics;
 pub(crate) use headers::is_hop_by_hop;
+pub use live::{Live, LiveCell};
 pub use proxy::{ProxyService, Target};
 pub use upstream::{Upstream, UpstreamClient};
 
@@ -34,14 +46,18 @@ pub use upstream::{Upstream, UpstreamClient};
 #[derive(Debug, Clone)]
 pub struct Options {
     /// How long in-flight requests may take to finish after a shutdown
-    /// signal before their connections are closed.
+    /// signal before their connections are closed (also the drain time of
+    /// a listener removed by a reload).
     pub grace_period: Duration,
+    /// Reload from this file when it changes or on SIGHUP.
+    pub watch: Option<watch::WatchOptions>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             grace_period: Duration::from_secs(20),
+            watch: None,
         }
     }
 }
@@ -58,26 +74,248 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
+/// Why a reload was refused. The configuration in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new file is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// A new listener could not be bound.
+    #[error("{0}")]
+    Bind(#[from] BindError),
+}
+
+/// What the reloads did so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// The generation in force (1: the configuration started with).
+    pub generation: u64,
+    /// Reloads refused so far.
+    pub failures: u64,
+    /// Why the last refused reload was refused.
+    pub last_error: Option<String>,
+}
+
 /// A running sidecar.
 #[derive(Debug)]
 pub struct Sidecar {
     /// Where the admin endpoint listens.
     pub admin_addr: SocketAddr,
-    /// Where the shared proxy port listens.
+    /// Where the shared proxy port listened at start.
     pub proxy_addr: SocketAddr,
-    /// Where each upstream's dedicated port listens, by upstream name.
+    /// Where each upstream's dedicated port listened at start, by upstream
+    /// name ([`Sidecar::listener_addrs`] has the current ones).
     pub upstream_addrs: BTreeMap<String, SocketAddr>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    control: Arc<Control>,
+    task: JoinHandle<()>,
+}
+
+/// A listener being served.
+#[derive(Debug)]
+struct Listener {
+    /// The address asked for (port 0: any).
+    configured: SocketAddr,
+    /// The address bound.
+    local: SocketAddr,
+    stop: signal::Sender<bool>,
+    graceful: Arc<GracefulShutdown>,
+    accept: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Stops accepting, then lets open connections finish within
+    /// `grace_period`.
+    async fn close(self, grace_period: Duration) {
+        let _ = self.stop.send(true);
+        let _ = self.accept.await;
+        drain(self.graceful, grace_period).await;
+    }
+}
+
+/// What a running sidecar needs to reload and to stop.
+#[derive(Debug)]
+struct Control {
+    live: LiveCell,
+    metrics: Arc<Metrics>,
+    listeners: Mutex<BTreeMap<Target, Listener>>,
+    builder: auto::Builder<TokioExecutor>,
+    grace_period: Duration,
+    status: signal::Sender<ReloadStatus>,
+    stop: signal::Sender<bool>,
+}
+
+impl Control {
+    /// Binds and serves a listener for `target`.
+    async fn listen(&self, target: &Target, addr: SocketAddr) -> Result<Listener, BindError> {
+        let listener = bind(target.to_string(), addr).await?;
+        let local = local_addr(&listener);
+        let (stop, stop_rx) = signal::channel(false);
+        let graceful = Arc::new(GracefulShutdown::new());
+        let service = ProxyService::new(target.clone(), self.live.clone(), self.metrics.clone());
+        let accept = tokio::spawn(server::serve(
+            listener,
+            service,
+            self.builder.clone(),
+            graceful.clone(),
+            stop_rx,
+        ));
+        Ok(Listener {
+            configured: addr,
+            local,
+            stop,
+            graceful,
+            accept,
+        })
+    }
+
+    /// Swaps in `config` (see [`Sidecar::reload`]).
+    async fn reload(&self, config: Config) -> Result<u64, ReloadError> {
+        let mut listeners = self.listeners.lock().await;
+        let current = self.live.load_full();
+        if config.admin.listen != current.config.admin.listen {
+            tracing::warn!(
+                configured = %config.admin.listen,
+                serving = %current.config.admin.listen,
+                "admin.listen changes take effect at the next restart"
+            );
+        }
+        let wanted = listen_addrs(&config);
+        let mut bound = BTreeMap::new();
+        for (target, addr) in &wanted {
+            let unchanged = listeners.get(target).is_some_and(|l| l.configured == *addr);
+            if unchanged {
+                continue;
+            }
+            match self.listen(target, *addr).await {
+                Ok(listener) => {
+                    bound.insert(target.clone(), listener);
+                }
+                Err(error) => {
+                    for (_, listener) in bound {
+                        listener.close(Duration::ZERO).await;
+                    }
+                    return Err(error.into());
+                }
+            }
+        }
+        let generation = current.generation + 1;
+        let removed: Vec<String> = current
+            .upstreams()
+            .iter()
+            .filter(|u| config.upstream(&u.config.name).is_none())
+            .map(|u| u.config.name.to_string())
+            .collect();
+        let live = Live::build(config, generation, &self.metrics, Some(&current));
+        let source = live.config.source.clone();
+        self.live.store(Arc::new(live));
+        for name in &removed {
+            self.metrics.forget(name);
+        }
+        let mut retired = Vec::new();
+        for (target, listener) in bound {
+            if let Some(old) = listeners.insert(target, listener) {
+                retired.push(old);
+            }
+        }
+        let gone: Vec<Target> = listeners
+            .keys()
+            .filter(|t| !wanted.contains_key(*t))
+            .cloned()
+            .collect();
+        for target in gone {
+            retired.extend(listeners.remove(&target));
+        }
+        drop(listeners);
+        let grace_period = self.grace_period;
+        for listener in retired {
+            tracing::info!(addr = %listener.local, "closing a listener the new config dropped");
+            tokio::spawn(listener.close(grace_period));
+        }
+        self.metrics.config_loaded(generation);
+        self.status.send_modify(|s| s.generation = generation);
+        tracing::info!(generation, config = %source, "config reloaded");
+        Ok(generation)
+    }
+
+    fn reload_failed(&self, error: &ReloadError) {
+        self.metrics.config_reload_failed();
+        tracing::error!("config reload refused, the config in force stays:\n{error}");
+        self.status.send_modify(|s| {
+            s.failures += 1;
+            s.last_error = Some(error.to_string());
+        });
+    }
+}
+
+/// Every proxy listener a configuration asks for.
+fn listen_addrs(config: &Config) -> BTreeMap<Target, SocketAddr> {
+    let mut addrs = BTreeMap::new();
+    addrs.insert(Target::Shared, config.proxy.listen);
+    for upstream in &config.upstreams {
+        if let Some(addr) = upstream.listen {
+            addrs.insert(Target::Upstream(upstream.name.clone()), addr);
+        }
+    }
+    addrs
 }
 
 impl Sidecar {
+    /// Swaps in a new configuration: new listeners are bound first (a
+    /// failure refuses the reload and changes nothing), then the new
+    /// generation takes every request that starts from now on, and
+    /// listeners the new configuration dropped are drained. Upstreams whose
+    /// address, protocol and policy did not change keep their state.
+    /// Returns the new generation.
+    pub async fn reload(&self, config: Config) -> Result<u64, ReloadError> {
+        let result = self.control.reload(config).await;
+        if let Err(error) = &result {
+            self.control.reload_failed(error);
+        }
+        result
+    }
+
+    /// Reloads from a policy file; an invalid file is refused and counted.
+    pub async fn reload_file(&self, path: &std::path::Path) -> Result<u64, ReloadError> {
+        reload_file(&self.control, path).await
+    }
+
+    /// Follows reloads: the generation in force and the failures so far.
+    pub fn reloads(&self) -> signal::Receiver<ReloadStatus> {
+        self.control.status.subscribe()
+    }
+
+    /// The generation of the configuration in force.
+    pub fn live(&self) -> Arc<Live> {
+        self.control.live.load_full()
+    }
+
+    /// Where each proxy listener listens now: `proxy`, and `upstream <name>`
+    /// for dedicated ports.
+    pub async fn listener_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        let listeners = self.control.listeners.lock().await;
+        listeners
+            .iter()
+            .map(|(target, l)| (target.to_string(), l.local))
+            .collect()
+    }
+
     /// Stops accepting, waits for in-flight requests (up to the grace
     /// period), and returns once everything is closed.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        let _ = self.control.stop.send(true);
         let _ = self.task.await;
     }
+}
+
+async fn reload_file(control: &Control, path: &std::path::Path) -> Result<u64, ReloadError> {
+    let result = match crate::config::load(path) {
+        Ok(config) => control.reload(config).await,
+        Err(error) => Err(error.into()),
+    };
+    if let Err(error) = &result {
+        control.reload_failed(error);
+    }
+    result
 }
 
 async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, BindError> {
@@ -92,73 +330,89 @@ async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, 
 /// bound, so the returned addresses accept connections at once.
 pub async fn start(config: Config, options: Options) -> Result<Sidecar, BindError> {
     let metrics = Arc::new(Metrics::new());
-    let upstreams: Vec<Arc<Upstream>> = config
-        .upstreams
-        .iter()
-        .map(|u| Arc::new(Upstream::new(u.clone(), &metrics)))
-        .collect();
-    let routes = Arc::new(route::Routes::new(&upstreams));
-
     let admin_listener = bind("admin", config.admin.listen).await?;
-    let proxy_listener = bind("proxy", config.proxy.listen).await?;
-    let mut listeners = vec![(proxy_listener, Target::Shared(routes))];
-    let mut upstream_addrs = BTreeMap::new();
-    for upstream in &upstreams {
-        if let Some(addr) = upstream.config.listen {
-            let listener = bind(format!("upstream {}", upstream.config.name), addr).await?;
-            upstream_addrs.insert(upstream.config.name.to_string(), local_addr(&listener));
-            listeners.push((listener, Target::Upstream(upstream.clone())));
-        }
-    }
     let admin_addr = local_addr(&admin_listener);
-    let proxy_addr = local_addr(&listeners[0].0);
+    let wanted = listen_addrs(&config);
+    let live: LiveCell = Arc::new(ArcSwap::from_pointee(Live::build(
+        config, 1, &metrics, None,
+    )));
+    let (stop, stop_rx) = signal::channel(false);
+    let (status, _) = signal::channel(ReloadStatus {
+        generation: 1,
+        ..ReloadStatus::default()
+    });
+    let control = Arc::new(Control {
+        live: live.clone(),
+        metrics: metrics.clone(),
+        listeners: Mutex::new(BTreeMap::new()),
+        builder: server::builder(),
+        grace_period: options.grace_period,
+        status,
+        stop,
+    });
+    let mut listeners = BTreeMap::new();
+    for (target, addr) in wanted {
+        let listener = control.listen(&target, addr).await?;
+        listeners.insert(target, listener);
+    }
+    let proxy_addr = listeners[&Target::Shared].local;
+    let upstream_addrs = listeners
+        .iter()
+        .filter_map(|(target, l)| match target {
+            Target::Upstream(name) => Some((name.to_string(), l.local)),
+            Target::Shared => None,
+        })
+        .collect();
+    *control.listeners.lock().await = listeners;
+    metrics.config_loaded(1);
 
     let ready = Arc::new(AtomicBool::new(false));
-    let (stop, stop_rx) = watch::channel(false);
     let admin_state = Arc::new(AdminState::new(
         metrics.clone(),
-        &config,
+        live.clone(),
         ready.clone(),
-        upstreams.clone(),
     ));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
-
-    let graceful = Arc::new(GracefulShutdown::new());
-    let builder = server::builder();
-    let mut accept_loops = JoinSet::new();
-    for (listener, target) in listeners {
-        let service = ProxyService::new(target, metrics.clone());
-        accept_loops.spawn(server::serve(
-            listener,
-            service,
-            builder.clone(),
-            graceful.clone(),
-            stop_rx.clone(),
-        ));
-    }
+    let watcher = options.watch.map(|watch| {
+        let control = control.clone();
+        tokio::spawn(watch::run(watch, stop_rx.clone(), move |path| {
+            let control = control.clone();
+            async move {
+                let _ = reload_file(&control, &path).await;
+            }
+        }))
+    });
     ready.store(true, Ordering::Release);
     tracing::info!(
         admin = %admin_addr,
         proxy = %proxy_addr,
-        upstreams = upstreams.len(),
-        config = %config.source,
+        upstreams = live.load().upstreams().len(),
+        config = %live.load().config.source,
         "sidecar ready"
     );
 
-    let grace_period = options.grace_period;
-    let task = tokio::spawn(async move {
-        let mut stopped = stop_rx;
-        let _ = stopped.wait_for(|stop| *stop).await;
-        ready.store(false, Ordering::Release);
-        while accept_loops.join_next().await.is_some() {}
-        drain(graceful, grace_period).await;
-        let _ = admin_task.await;
+    let task = tokio::spawn({
+        let control = control.clone();
+        async move {
+            let mut stopped = stop_rx;
+            let _ = stopped.wait_for(|stop| *stop).await;
+            ready.store(false, Ordering::Release);
+            if let Some(watcher) = watcher {
+                let _ = watcher.await;
+            }
+            let listeners = std::mem::take(&mut *control.listeners.lock().await);
+            let closing = listeners
+                .into_values()
+                .map(|l| l.close(control.grace_period));
+            futures_util::future::join_all(closing).await;
+            let _ = admin_task.await;
+        }
     });
     Ok(Sidecar {
         admin_addr,
         proxy_addr,
         upstream_addrs,
-        stop,
+        control,
         task,
     })
 }

@@ -10,7 +10,7 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::route::Routes;
+use super::live::LiveCell;
 use super::upstream::Upstream;
 use crate::body::Body;
 use crate::edge::{self, ProxyError};
@@ -18,25 +18,60 @@ use crate::resilience::fallback;
 use crate::telemetry::metrics::{Metrics, Outcome};
 
 /// Where a listener sends its requests.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Target {
-    /// A dedicated port: every request goes to this upstream.
-    Upstream(Arc<Upstream>),
     /// The shared port: route by authority.
-    Shared(Arc<Routes>),
+    Shared,
+    /// A dedicated port: every request goes to the upstream of this name.
+    Upstream(Arc<str>),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Shared => f.write_str("proxy"),
+            Target::Upstream(name) => write!(f, "upstream {name}"),
+        }
+    }
 }
 
 /// The service a listener serves.
 #[derive(Debug, Clone)]
 pub struct ProxyService {
     target: Target,
+    live: LiveCell,
     metrics: Arc<Metrics>,
 }
 
 impl ProxyService {
-    /// A service sending requests to `target`.
-    pub fn new(target: Target, metrics: Arc<Metrics>) -> Self {
-        Self { target, metrics }
+    /// A service sending requests to `target`, as the live configuration
+    /// routes it.
+    pub fn new(target: Target, live: LiveCell, metrics: Arc<Metrics>) -> Self {
+        Self {
+            target,
+            live,
+            metrics,
+        }
+    }
+
+    /// The upstream for a request in the current configuration, or the
+    /// reason there is none.
+    fn route<B>(&self, request: &Request<B>) -> Result<Arc<Upstream>, ProxyError> {
+        let live = self.live.load();
+        match &self.target {
+            Target::Upstream(name) => live.upstream(name).cloned().ok_or_else(|| {
+                // The upstream was removed by a reload while this
+                // connection stayed open.
+                ProxyError::UnknownHost {
+                    host: name.to_string(),
+                }
+            }),
+            Target::Shared => match live.routes().find(request) {
+                Ok(upstream) => Ok(upstream.clone()),
+                Err(Some(host)) => Err(ProxyError::UnknownHost { host }),
+                Err(None) => Err(ProxyError::NoHost),
+            },
+        }
     }
 }
 
@@ -53,20 +88,13 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             };
             return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
         }
-        let upstream = match &self.target {
-            Target::Upstream(upstream) => upstream.clone(),
-            Target::Shared(routes) => match routes.find(&request) {
-                Ok(upstream) => upstream.clone(),
-                Err(host) => {
-                    self.metrics.unrouted();
-                    let error = match host {
-                        Some(host) => ProxyError::UnknownHost { host },
-                        None => ProxyError::NoHost,
-                    };
-                    tracing::debug!(%error, "unrouted request");
-                    return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
-                }
-            },
+        let upstream = match self.route(&request) {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                self.metrics.unrouted();
+                tracing::debug!(%error, "unrouted request");
+                return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
+            }
         };
         Box::pin(forward(upstream, request, grpc))
     }

@@ -22,7 +22,7 @@ use crate::config::UpstreamConfig;
 use crate::edge::ProxyError;
 use crate::resilience::breaker::Breaker;
 use crate::resilience::classify::{GRPC_STATUS, GrpcTrailerStatus};
-use crate::resilience::faults::FaultCell;
+use crate::resilience::faults::{FaultCell, Faults};
 use crate::resilience::retry::replay::Completion;
 use crate::resilience::stack::Stack;
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
@@ -44,7 +44,7 @@ pub struct Upstream {
     /// Its metric handles.
     pub metrics: UpstreamMetrics,
     client: Arc<UpstreamClient>,
-    stack: Stack,
+    stack: Arc<Stack>,
 }
 
 impl Upstream {
@@ -52,14 +52,10 @@ impl Upstream {
     pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
         let metrics = metrics.upstream(&config.name);
         let client = Arc::new(UpstreamClient::new(&config));
-        let faults = config.faults.as_ref().map(|spec| {
-            spec.resolve()
-                .expect("fault specs are checked when the config loads")
-        });
         let stack = Stack::new(
             config.name.clone(),
             &config.policy,
-            faults,
+            resolve_faults(&config),
             client.clone(),
             &metrics,
         );
@@ -67,8 +63,32 @@ impl Upstream {
             config,
             metrics,
             client,
-            stack,
+            stack: Arc::new(stack),
         }
+    }
+
+    /// The same upstream under a reloaded `config`, keeping its client and
+    /// stack (breaker state, retry budget, slots, runtime faults), if its
+    /// address, protocol and policy did not change. Routing, criticality
+    /// and fallback come from the new config; faults too, when the new
+    /// config changed them.
+    pub fn reuse(&self, config: &Arc<UpstreamConfig>) -> Option<Self> {
+        let old = &self.config;
+        if old.address != config.address
+            || old.protocol != config.protocol
+            || old.policy != config.policy
+        {
+            return None;
+        }
+        if old.faults != config.faults {
+            self.stack.faults().set(resolve_faults(config));
+        }
+        Some(Self {
+            config: config.clone(),
+            metrics: self.metrics.clone(),
+            client: self.client.clone(),
+            stack: self.stack.clone(),
+        })
     }
 
     /// Its circuit breaker, unless disabled.
@@ -91,6 +111,13 @@ impl Upstream {
         let request = self.client.prepare(request);
         self.stack.call(request, grpc).await
     }
+}
+
+fn resolve_faults(config: &UpstreamConfig) -> Option<Faults> {
+    config.faults.as_ref().map(|spec| {
+        spec.resolve()
+            .expect("fault specs are checked when the config loads")
+    })
 }
 
 /// The connection handling for the upstream's protocol.

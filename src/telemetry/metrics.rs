@@ -92,6 +92,9 @@ pub struct Metrics {
     hedges: Family<UpstreamLabels, Counter>,
     fallbacks: Family<ReasonLabels, Counter>,
     faults: Family<KindLabels, Counter>,
+    config_generation: Gauge,
+    config_reloads: Counter,
+    config_reload_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -189,6 +192,24 @@ impl Metrics {
             "Faults injected by fault injection, by kind: delay, abort, truncate",
             faults.clone(),
         );
+        let config_generation = Gauge::default();
+        registry.register(
+            "config_generation",
+            "The generation of the config in force: 1 at start, one more per successful reload",
+            config_generation.clone(),
+        );
+        let config_reloads = Counter::default();
+        registry.register(
+            "config_reloads",
+            "Successful config reloads",
+            config_reloads.clone(),
+        );
+        let config_reload_failures = Counter::default();
+        registry.register(
+            "config_reload_failures",
+            "Config reloads refused (invalid file, or a port that cannot be bound); the config in force stays",
+            config_reload_failures.clone(),
+        );
         Self {
             registry,
             requests,
@@ -204,6 +225,9 @@ impl Metrics {
             hedges,
             fallbacks,
             faults,
+            config_generation,
+            config_reloads,
+            config_reload_failures,
         }
     }
 
@@ -253,6 +277,31 @@ impl Metrics {
             fallbacks: self.fallbacks.clone(),
             faults: self.faults.clone(),
         }))
+    }
+
+    /// Records the generation of the config now in force.
+    pub fn config_loaded(&self, generation: u64) {
+        self.config_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        if generation > 1 {
+            self.config_reloads.inc();
+        }
+    }
+
+    /// Counts a refused reload.
+    pub fn config_reload_failed(&self) {
+        self.config_reload_failures.inc();
+    }
+
+    /// Drops the gauges of an upstream a reload removed, so that it does
+    /// not linger as, say, an open circuit. Its counters stay: they only
+    /// ever grow, and rates over them stay right.
+    pub fn forget(&self, name: &str) {
+        let labels = UpstreamLabels {
+            upstream: name.to_owned(),
+        };
+        self.circuit_state.remove(&labels);
+        self.in_flight.remove(&labels);
     }
 
     /// Counts a request no upstream claimed.
@@ -353,6 +402,11 @@ impl UpstreamMetrics {
     /// Counts a retry the budget did not allow.
     pub fn budget_exhausted(&self) {
         self.0.budget_exhausted.inc();
+    }
+
+    /// Shows a new breaker's state (closed) without counting a transition.
+    pub fn circuit_created(&self) {
+        self.0.circuit_state.set(0);
     }
 
     /// Records a circuit state (0 closed, 1 open, 2 half-open) entered.
