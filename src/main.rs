@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use breakwater::telemetry::logging::{self, LogFormat};
+use breakwater::telemetry::traces::Tracing;
 use breakwater::{config, demo, sidecar};
 use clap::{Parser, Subcommand};
 
@@ -93,15 +94,24 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let options = sidecar::Options {
-                grace_period,
-                watch: Some(sidecar::watch::WatchOptions {
-                    path,
-                    interval: reload_interval,
-                }),
+            let watch = sidecar::watch::WatchOptions {
+                path,
+                interval: reload_interval,
             };
-            let result =
-                runtime(threads).block_on(sidecar::run(config, options, shutdown_signal()));
+            let result = runtime(threads).block_on(async move {
+                // The OTLP exporter must be built inside the runtime.
+                let tracing = Tracing::from_env().map_err(|e| e.to_string())?;
+                let options = sidecar::Options {
+                    grace_period,
+                    watch: Some(watch),
+                    tracing: tracing.clone(),
+                };
+                let result = sidecar::run(config, options, shutdown_signal()).await;
+                if let Some(tracing) = tracing {
+                    let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+                }
+                result.map_err(|e| e.to_string())
+            });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {

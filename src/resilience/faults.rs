@@ -337,6 +337,23 @@ pub struct Injection {
     pub truncate: Option<u64>,
 }
 
+impl Injection {
+    /// The kinds of fault in it, for spans.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        let mut kinds = Vec::new();
+        if self.delay.is_some() {
+            kinds.push(FaultKind::Delay.label());
+        }
+        if self.abort.is_some() {
+            kinds.push(FaultKind::Abort.label());
+        }
+        if self.truncate.is_some() {
+            kinds.push(FaultKind::Truncate.label());
+        }
+        kinds
+    }
+}
+
 impl Faults {
     /// The spec these faults were resolved from.
     pub fn spec(&self) -> &FaultSpec {

@@ -29,18 +29,19 @@ use std::time::Duration;
 use http::{Request, Response};
 use tokio::time::Instant;
 
-use super::breaker::Breaker;
+use super::breaker::{Admission, Breaker};
 use super::classify;
 use super::concurrency::Limiter;
 use super::deadline::{self, Deadline};
 use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
 use super::policy::Policy;
-use super::retry::Retry;
 use super::retry::replay::Completion;
+use super::retry::{Attempt, Cause, Retry};
 use crate::body::Body;
 use crate::edge::ProxyError;
 use crate::sidecar::UpstreamClient;
 use crate::telemetry::metrics::UpstreamMetrics;
+use crate::telemetry::traces::{AttemptStart, RequestSpan};
 
 /// One upstream's resilience stack.
 #[derive(Debug)]
@@ -102,6 +103,7 @@ impl Stack {
         &self,
         mut request: Request<Body>,
         grpc: bool,
+        span: Option<&RequestSpan>,
     ) -> Result<Response<Body>, ProxyError> {
         let deadline = deadline::start(self.timeout, request.headers(), grpc);
         let faults = self.faults.current();
@@ -114,8 +116,8 @@ impl Stack {
             let permit = self.limiter.acquire().await?;
             let response = self
                 .retry
-                .run(request, grpc, Some(deadline), |request, completion| {
-                    self.attempt(request, grpc, deadline, completion, faults)
+                .run(request, grpc, Some(deadline), |request, attempt| {
+                    self.attempt(request, grpc, deadline, attempt, faults, span)
                 })
                 .await?;
             Ok(response.map(|b| b.with_permit(permit)))
@@ -140,20 +142,42 @@ impl Stack {
         mut request: Request<Body>,
         grpc: bool,
         deadline: Deadline,
-        completion: Option<Completion>,
+        attempt: Attempt,
         faults: Option<(&Faults, Overrides)>,
+        span: Option<&RequestSpan>,
     ) -> Result<Response<Body>, ProxyError> {
-        let admission = match &self.breaker {
-            Some(breaker) => Some(breaker.admit().map_err(|_| ProxyError::CircuitOpen {
-                upstream: self.name.clone(),
-            })?),
+        let Attempt {
+            number,
+            completion,
+            cause,
+        } = attempt;
+        let admission = match self.breaker.as_ref().map(|b| b.admit()) {
             None => None,
+            Some(Ok(admission)) => Some(admission),
+            Some(Err(_)) => {
+                let refused = Err(ProxyError::CircuitOpen {
+                    upstream: self.name.clone(),
+                });
+                if let Some(span) = span {
+                    let start = self.span_start(number, cause, Some("open"), None);
+                    span.attempt(start, request.headers_mut()).finish(&refused);
+                }
+                return refused;
+            }
         };
+        let injection = faults.map(|(f, o)| f.draw(o, grpc));
+        let span = span.map(|s| {
+            let breaker = admission.as_ref().map(|a| match a {
+                Admission::Normal => "closed",
+                Admission::Probe(_) => "half-open",
+            });
+            let start = self.span_start(number, cause, breaker, injection.as_ref());
+            s.attempt(start, request.headers_mut())
+        });
         let left = deadline.remaining();
         let budget = self.per_try_timeout.map_or(left, |t| t.min(left));
         deadline::set_header(request.headers_mut(), budget, grpc);
         let started = Instant::now();
-        let injection = faults.map(|(f, o)| f.draw(o, grpc));
         let send = async {
             let Some(injection) = injection else {
                 return self.client.send(request, completion).await;
@@ -180,7 +204,27 @@ impl Stack {
                 started.elapsed(),
             );
         }
+        if let Some(span) = span {
+            span.finish(&result);
+        }
         result
+    }
+
+    /// What an attempt's span starts with.
+    fn span_start(
+        &self,
+        number: u32,
+        cause: Option<Cause>,
+        breaker: Option<&'static str>,
+        injection: Option<&Injection>,
+    ) -> AttemptStart<'_> {
+        AttemptStart {
+            upstream: &self.name,
+            number,
+            cause: cause.map(Cause::label),
+            breaker,
+            faults: injection.map(Injection::kinds).unwrap_or_default(),
+        }
     }
 
     /// Sends an attempt with its injected faults.

@@ -37,6 +37,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::traces::Tracing;
 pub(crate) use headers::is_hop_by_hop;
 pub use live::{Live, LiveCell};
 pub use proxy::{ProxyService, Target};
@@ -51,6 +52,8 @@ pub struct Options {
     pub grace_period: Duration,
     /// Reload from this file when it changes or on SIGHUP.
     pub watch: Option<watch::WatchOptions>,
+    /// Export spans of every request and attempt.
+    pub tracing: Option<Tracing>,
 }
 
 impl Default for Options {
@@ -58,6 +61,7 @@ impl Default for Options {
         Self {
             grace_period: Duration::from_secs(20),
             watch: None,
+            tracing: None,
         }
     }
 }
@@ -140,6 +144,7 @@ struct Control {
     listeners: Mutex<BTreeMap<Target, Listener>>,
     builder: auto::Builder<TokioExecutor>,
     grace_period: Duration,
+    tracing: Option<Tracing>,
     status: signal::Sender<ReloadStatus>,
     stop: signal::Sender<bool>,
 }
@@ -151,7 +156,12 @@ impl Control {
         let local = local_addr(&listener);
         let (stop, stop_rx) = signal::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
-        let service = ProxyService::new(target.clone(), self.live.clone(), self.metrics.clone());
+        let service = ProxyService::new(
+            target.clone(),
+            self.live.clone(),
+            self.metrics.clone(),
+            self.tracing.clone(),
+        );
         let accept = tokio::spawn(server::serve(
             listener,
             service,
@@ -347,6 +357,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, BindErro
         listeners: Mutex::new(BTreeMap::new()),
         builder: server::builder(),
         grace_period: options.grace_period,
+        tracing: options.tracing,
         status,
         stop,
     });

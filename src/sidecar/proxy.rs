@@ -16,6 +16,7 @@ use crate::body::Body;
 use crate::edge::{self, ProxyError};
 use crate::resilience::fallback;
 use crate::telemetry::metrics::{Metrics, Outcome};
+use crate::telemetry::traces::Tracing;
 
 /// Where a listener sends its requests.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,16 +42,23 @@ pub struct ProxyService {
     target: Target,
     live: LiveCell,
     metrics: Arc<Metrics>,
+    tracing: Option<Tracing>,
 }
 
 impl ProxyService {
     /// A service sending requests to `target`, as the live configuration
-    /// routes it.
-    pub fn new(target: Target, live: LiveCell, metrics: Arc<Metrics>) -> Self {
+    /// routes it, with spans when `tracing` is on.
+    pub fn new(
+        target: Target,
+        live: LiveCell,
+        metrics: Arc<Metrics>,
+        tracing: Option<Tracing>,
+    ) -> Self {
         Self {
             target,
             live,
             metrics,
+            tracing,
         }
     }
 
@@ -96,43 +104,55 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
             }
         };
-        Box::pin(forward(upstream, request, grpc))
+        Box::pin(forward(upstream, request, grpc, self.tracing.clone()))
     }
 }
 
-/// Sends a request to its upstream and records the outcome.
+/// Sends a request to its upstream and records the outcome (and, with
+/// tracing on, the request's span).
 async fn forward(
     upstream: Arc<Upstream>,
     request: Request<Incoming>,
     grpc: bool,
+    tracing: Option<Tracing>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let _in_flight = upstream.metrics.start();
-    let result = upstream.call(request, grpc).await;
-    if let Some(fallback) = &upstream.config.fallback
-        && let Some(reason) = fallback::reason(&result, grpc)
-    {
-        if let Err(error) = &result {
-            tracing::debug!(upstream = %upstream.config.name, %error, %reason, "degraded");
+    let span = tracing.map(|t| {
+        t.request(
+            request.headers(),
+            request.method(),
+            request.uri().path(),
+            &upstream.config.name,
+        )
+    });
+    let result = upstream.call(request, grpc, span.as_ref()).await;
+    let (outcome, response, error, degraded) = match (&upstream.config.fallback, result) {
+        (Some(fallback), result) if let Some(reason) = fallback::reason(&result, grpc) => {
+            if let Err(error) = &result {
+                tracing::debug!(upstream = %upstream.config.name, %error, %reason, "degraded");
+            }
+            upstream.metrics.fallback(&reason);
+            let response = fallback.answer(&reason, grpc);
+            (Outcome::Degraded, response, None, Some(reason))
         }
-        upstream.metrics.fallback(&reason);
-        let response = fallback.answer(&reason, grpc);
-        upstream
-            .metrics
-            .record(Outcome::Degraded, started.elapsed().as_secs_f64());
-        return Ok(response);
-    }
-    let (outcome, response) = match result {
-        Ok(response) => (outcome_of(&response, grpc), response),
-        Err(error) => {
+        (_, Ok(response)) => (outcome_of(&response, grpc), response, None, None),
+        (_, Err(error)) => {
             tracing::debug!(upstream = %upstream.config.name, %error, "upstream call failed");
-            (Outcome::Failure, edge::error_response(&error, grpc))
+            let response = edge::error_response(&error, grpc);
+            (Outcome::Failure, response, Some(error.reason()), None)
         }
     };
     upstream
         .metrics
         .record(outcome, started.elapsed().as_secs_f64());
-    Ok(response)
+    Ok(match span {
+        None => response,
+        Some(span) => {
+            span.answered(&response, error, degraded.as_deref());
+            span.end_with(response)
+        }
+    })
 }
 
 /// The outcome of an answered request, as classified.

@@ -26,6 +26,7 @@ use crate::resilience::faults::{FaultCell, Faults};
 use crate::resilience::retry::replay::Completion;
 use crate::resilience::stack::Stack;
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
+use crate::telemetry::traces::RequestSpan;
 
 /// How long to wait for a TCP connection to an upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,13 +104,15 @@ impl Upstream {
 
     /// Sends a caller's request through the upstream's policy (`grpc`:
     /// the request is a gRPC call).
+    /// `span`: the request's trace span, when tracing is on.
     pub async fn call(
         &self,
         request: Request<Incoming>,
         grpc: bool,
+        span: Option<&RequestSpan>,
     ) -> Result<Response<Body>, ProxyError> {
         let request = self.client.prepare(request);
-        self.stack.call(request, grpc).await
+        self.stack.call(request, grpc, span).await
     }
 }
 

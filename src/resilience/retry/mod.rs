@@ -61,6 +61,37 @@ const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// How long the budget remembers requests and retries.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
+/// What an attempt is, beyond its request.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// Whether the request body had been read whole when the answer
+    /// started (`None` when no copy of the body is kept).
+    pub completion: Option<Completion>,
+    /// Why this attempt was sent (`None` for the first).
+    pub cause: Option<Cause>,
+}
+
+/// Why an attempt after the first was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The previous attempt failed this way.
+    Retry(Failure),
+    /// No answer came within the hedging delay.
+    Hedge,
+}
+
+impl Cause {
+    /// A short label for spans and logs: the failure's label, or `hedge`.
+    pub fn label(self) -> String {
+        match self {
+            Cause::Retry(failure) => failure.label(),
+            Cause::Hedge => "hedge".into(),
+        }
+    }
+}
+
 /// One upstream's retry policy and budget.
 pub struct Retry {
     params: RetryParams,
@@ -108,7 +139,17 @@ impl Template {
             .map_or_else(Completion::complete, ReplayBody::completion)
     }
 
-    fn attempt(&self, n: u32) -> Request<Body> {
+    /// The `n`-th attempt's request and description.
+    fn attempt(&self, n: u32, cause: Option<Cause>) -> (Request<Body>, Attempt) {
+        let attempt = Attempt {
+            number: n,
+            completion: Some(self.completion()),
+            cause,
+        };
+        (self.request(n), attempt)
+    }
+
+    fn request(&self, n: u32) -> Request<Body> {
         let body = match &self.body {
             Some(body) => Body::replay(body.replay()),
             None => body::empty(),
@@ -161,8 +202,7 @@ impl Retry {
 
     /// Runs `attempt` until it succeeds or no retry is allowed (`grpc`: the
     /// call is gRPC, whose listed codes say what is safe to retry). `attempt`
-    /// gets each attempt's request and a handle telling whether the
-    /// request body has been read whole (`None` when no copy is kept).
+    /// gets each attempt's request and its [`Attempt`] description.
     pub async fn run<F, Fut>(
         &self,
         request: Request<Body>,
@@ -171,23 +211,29 @@ impl Retry {
         attempt: F,
     ) -> Result<Response<Body>, ProxyError>
     where
-        F: Fn(Request<Body>, Option<Completion>) -> Fut,
+        F: Fn(Request<Body>, Attempt) -> Fut,
         Fut: Future<Output = Result<Response<Body>, ProxyError>>,
     {
         self.budget.deposit();
         if self.params.max_attempts <= 1 && self.hedge.is_none() {
-            return attempt(request, None).await;
+            let first = Attempt {
+                number: 1,
+                completion: None,
+                cause: None,
+            };
+            return attempt(request, first).await;
         }
         let (parts, body) = request.into_parts();
         let safe = safe_to_repeat(&parts, &self.params, grpc);
         let template = Template::new(parts, body, self.params.buffer_limit);
-        let completion = template.completion();
         if let Some(hedge) = self.hedge.clone().filter(|_| safe) {
             return self.hedged(template, hedge, grpc, deadline, &attempt).await;
         }
         let mut sent = 1u32;
+        let mut cause = None;
         loop {
-            let result = attempt(template.attempt(sent), Some(completion.clone())).await;
+            let (request, description) = template.attempt(sent, cause);
+            let result = attempt(request, description).await;
             let Some(failure) = classify::classify(&result, grpc) else {
                 return result;
             };
@@ -200,6 +246,7 @@ impl Retry {
             drop(result);
             tokio::time::sleep(wait).await;
             sent += 1;
+            cause = Some(Cause::Retry(failure));
         }
     }
 
@@ -215,13 +262,16 @@ impl Retry {
         attempt: &F,
     ) -> Result<Response<Body>, ProxyError>
     where
-        F: Fn(Request<Body>, Option<Completion>) -> Fut,
+        F: Fn(Request<Body>, Attempt) -> Fut,
         Fut: Future<Output = Result<Response<Body>, ProxyError>>,
     {
-        let completion = template.completion();
+        let send = |n: u32, cause: Option<Cause>| {
+            let (request, description) = template.attempt(n, cause);
+            attempt(request, description)
+        };
         let max_attempts = self.params.max_attempts.max(hedge.max_attempts);
         let mut in_flight = FuturesUnordered::new();
-        in_flight.push(attempt(template.attempt(1), Some(completion.clone())));
+        in_flight.push(send(1, None));
         let mut sent = 1u32;
         let mut hedge_at = Instant::now() + hedge.delay;
         loop {
@@ -233,7 +283,7 @@ impl Retry {
                     if template.is_complete() && self.budget.withdraw() {
                         sent += 1;
                         self.metrics.hedge();
-                        in_flight.push(attempt(template.attempt(sent), Some(completion.clone())));
+                        in_flight.push(send(sent, Some(Cause::Hedge)));
                     }
                     continue;
                 }
@@ -253,7 +303,7 @@ impl Retry {
             drop(result);
             tokio::time::sleep(wait).await;
             sent += 1;
-            in_flight.push(attempt(template.attempt(sent), Some(completion.clone())));
+            in_flight.push(send(sent, Some(Cause::Retry(failure))));
             hedge_at = Instant::now() + hedge.delay;
         }
     }
