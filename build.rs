@@ -1,16 +1,30 @@
 //! Compiles the protobuf definitions with `protox`, a pure-Rust compiler,
-//! so building Breakwater never needs a system `protoc`.
+//! so building Breakwater never needs a system `protoc`. The control
+//! plane's descriptor set is kept too, for gRPC server reflection.
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/breakwater/echo/v1/echo.proto"];
-    for proto in protos {
+    let example = ["proto/breakwater/echo/v1/echo.proto"];
+    let api = ["proto/breakwater/v1/checkpoints.proto"];
+    for proto in example.iter().chain(&api) {
         println!("cargo:rerun-if-changed={proto}");
     }
-    let descriptors = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
         .bytes(".")
+        .compile_fds(protox::compile(example, ["proto"])?)?;
+
+    let descriptors = protox::compile(api, ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("breakwater_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    // The API's codec answers a malformed request INVALID_ARGUMENT, where
+    // the stock one answers INTERNAL.
+    tonic_prost_build::configure()
+        .bytes(".")
+        .codec_path("crate::codec::ApiCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

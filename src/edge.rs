@@ -196,6 +196,22 @@ pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
     response
 }
 
+/// An error and its causes in one line (`client error (Connect): tcp
+/// connect error: Connection refused`), for logs and answers.
+pub fn error_text(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: every
 /// byte outside printable ASCII, and `%` itself.
 fn percent_encode(message: &str) -> String {

@@ -12,13 +12,26 @@
 
 pub mod admin;
 pub mod body;
+pub mod cli;
+pub mod codec;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod edge;
 pub mod example;
 pub mod resilience;
 pub mod sidecar;
 pub mod telemetry;
+
+/// Generated code for the control plane's API (`proto/breakwater/v1`).
+pub mod api {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("breakwater.v1");
+
+    /// Every message and service, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/breakwater_descriptor.bin"));
+}
 
 /// Generated code for the built-in example gRPC service.
 pub mod echo {

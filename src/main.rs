@@ -1,12 +1,14 @@
 //! The `breakwater` command: parses arguments and calls the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use breakwater::control::auth::Auth;
 use breakwater::telemetry::logging::{self, LogFormat};
 use breakwater::telemetry::traces::Tracing;
-use breakwater::{config, demo, sidecar};
+use breakwater::{cli, config, control, demo, sidecar};
 use clap::{Parser, Subcommand};
 
 /// Exit status for invalid configuration or arguments.
@@ -44,6 +46,38 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         reload_interval: Duration,
     },
+    /// Run the control plane: checkpoints (and dead letters) on sled,
+    /// over gRPC and JSON/HTTP.
+    ControlPlane {
+        /// Where the store lives (created if missing).
+        #[arg(long, env = "BREAKWATER_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The gRPC address.
+        #[arg(long, default_value = breakwater::control::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// The JSON/HTTP address.
+        #[arg(long)]
+        http_listen: Option<SocketAddr>,
+        /// The admin address: /healthz, /readyz, /metrics.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// A file holding the bearer token every call must carry.
+        #[arg(long, env = "BREAKWATER_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Largest checkpoint state accepted.
+        #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+        max_state: u64,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: u16,
+    },
+    /// Workflow checkpoints on the control plane.
+    Checkpoint {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: CheckpointCommand,
+    },
     /// Check a policy file.
     Config {
         #[command(subcommand)]
@@ -60,6 +94,63 @@ enum Command {
     },
 }
 
+/// Where the control plane is.
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// The control plane's gRPC URL.
+    #[arg(
+        long,
+        env = "BREAKWATER_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    control_plane: String,
+    /// A file holding the bearer token.
+    #[arg(long, env = "BREAKWATER_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Print JSON, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum CheckpointCommand {
+    /// Save a checkpoint.
+    Put(cli::PutArgs),
+    /// Show the latest checkpoint, or a version.
+    Get {
+        /// The workflow's id.
+        workflow: String,
+        /// A version (default: the latest).
+        #[arg(long, default_value_t = 0)]
+        version: u64,
+    },
+    /// List a workflow's checkpoints, newest first.
+    List {
+        /// The workflow's id.
+        workflow: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        page_size: u32,
+        /// From a previous page.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Delete a workflow and all its checkpoints.
+    Delete {
+        /// The workflow's id.
+        workflow: String,
+    },
+    /// Keep only a workflow's newest checkpoints.
+    Prune {
+        /// The workflow's id.
+        workflow: String,
+        /// How many to keep.
+        #[arg(long)]
+        keep: u32,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate a policy file and print a summary of the resolved config.
@@ -71,6 +162,11 @@ enum ConfigCommand {
 
 fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(text)
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    breakwater::config::values::parse_size(text)
+        .ok_or_else(|| format!("{text:?} is not a size such as 4MiB"))
 }
 
 fn main() -> ExitCode {
@@ -116,6 +212,80 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!(%error, "sidecar failed to start");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::ControlPlane {
+            data_dir,
+            listen,
+            http_listen,
+            admin_listen,
+            token_file,
+            max_state,
+            threads,
+        } => {
+            let auth = match token_file {
+                None => Auth::open(),
+                Some(path) => match std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| Auth::with_token(&t))
+                {
+                    Ok(auth) => auth,
+                    Err(error) => {
+                        eprintln!("token file {}: {error}", path.display());
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+            };
+            let mut options = control::ControlOptions::new(data_dir);
+            options.listen = listen;
+            options.http_listen = http_listen;
+            options.admin_listen = admin_listen;
+            options.auth = auth;
+            options.max_state_bytes = usize::try_from(max_state).unwrap_or(usize::MAX);
+            let result = runtime(threads).block_on(async move {
+                let running = control::start(options).await?;
+                shutdown_signal().await;
+                tracing::info!("shutdown signal received");
+                running.shutdown().await;
+                Ok::<_, control::StartError>(())
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "the control plane failed to start");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Checkpoint { remote, command } => {
+            let remote = cli::Remote {
+                url: remote.control_plane,
+                token_file: remote.token_file,
+                json: remote.json,
+            };
+            let result = runtime(1).block_on(async move {
+                match command {
+                    CheckpointCommand::Put(args) => cli::put(&remote, args).await,
+                    CheckpointCommand::Get { workflow, version } => {
+                        cli::get(&remote, workflow, version).await
+                    }
+                    CheckpointCommand::List {
+                        workflow,
+                        page_size,
+                        page_token,
+                    } => cli::list(&remote, workflow, page_size, page_token).await,
+                    CheckpointCommand::Delete { workflow } => cli::delete(&remote, workflow).await,
+                    CheckpointCommand::Prune { workflow, keep } => {
+                        cli::prune(&remote, workflow, keep).await
+                    }
+                }
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error}");
                     ExitCode::FAILURE
                 }
             }

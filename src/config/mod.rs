@@ -10,7 +10,7 @@
 mod error;
 mod raw;
 mod resolve;
-pub(crate) mod values;
+pub mod values;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -83,7 +83,8 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-fn parse_size(text: &str) -> Option<u64> {
+/// Parses a size: a number of bytes, or with a unit (`64KiB`, `4MiB`).
+pub fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())

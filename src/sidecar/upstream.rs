@@ -301,18 +301,7 @@ fn refused_stream(error: &hyper::Error) -> bool {
     false
 }
 
-/// An error and its causes in one line (`client error (Connect): tcp
-/// connect error: Connection refused`), for logs and answers.
+/// An error and its causes in one line, as a body error.
 fn error_chain(error: &dyn std::error::Error) -> BoxError {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text.into()
+    crate::edge::error_text(error).into()
 }

@@ -361,3 +361,57 @@ pub async fn gated() -> (HttpUpstream, Arc<Notify>, Arc<Notify>) {
     .await;
     (upstream, arrived, release)
 }
+
+/// A child process and its log lines (JSON, from stderr).
+pub struct Logged {
+    pub child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Logged {
+    /// Starts `command` with its stderr piped and waits for the log event
+    /// whose message starts with `message`, which it returns.
+    pub fn start(mut command: std::process::Command, message: &str) -> (Self, serde_json::Value) {
+        use std::io::BufRead;
+        let mut child = command
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut logged = Self { child, lines };
+        let event = logged.wait_for(message);
+        (logged, event)
+    }
+
+    /// Waits (up to 30 s) for the log event whose message starts with
+    /// `message`.
+    pub fn wait_for(&mut self, message: &str) -> serde_json::Value {
+        loop {
+            let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_secs(30)) else {
+                let _ = self.child.kill();
+                panic!("no {message:?} in the log");
+            };
+            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                && event["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            {
+                return event;
+            }
+        }
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,129 @@
+//! The gRPC face of the control plane: the `Checkpoints` service, bearer
+//! token checks, health and reflection.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::auth::Auth;
+use super::service::{ApiError, ControlPlane};
+use crate::api::checkpoints_server::{self, CheckpointsServer};
+use crate::api::{
+    Checkpoint, DeleteCheckpointsRequest, DeleteCheckpointsResponse, GetCheckpointRequest,
+    ListCheckpointsRequest, ListCheckpointsResponse, PruneCheckpointsRequest,
+    PruneCheckpointsResponse, PutCheckpointRequest, PutCheckpointResponse,
+};
+
+/// Metadata carrying the latest version with an `ABORTED` answer.
+pub const CURRENT_VERSION: &str = "x-breakwater-current-version";
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let message = e.to_string();
+        match e {
+            ApiError::Invalid(_) => Status::invalid_argument(message),
+            ApiError::NotFound(_) => Status::not_found(message),
+            ApiError::Conflict { current, .. } => {
+                let mut status = Status::aborted(message);
+                status
+                    .metadata_mut()
+                    .insert(CURRENT_VERSION, current.into());
+                status
+            }
+            ApiError::Unauthenticated => Status::unauthenticated(message),
+            ApiError::Internal(_) => Status::internal(message),
+        }
+    }
+}
+
+/// The `Checkpoints` service.
+#[derive(Debug, Clone)]
+pub struct CheckpointsService(pub Arc<ControlPlane>);
+
+#[tonic::async_trait]
+impl checkpoints_server::Checkpoints for CheckpointsService {
+    async fn put(
+        &self,
+        request: Request<PutCheckpointRequest>,
+    ) -> Result<Response<PutCheckpointResponse>, Status> {
+        Ok(Response::new(
+            self.0.put_checkpoint(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get(
+        &self,
+        request: Request<GetCheckpointRequest>,
+    ) -> Result<Response<Checkpoint>, Status> {
+        Ok(Response::new(self.0.get_checkpoint(request.get_ref())?))
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListCheckpointsRequest>,
+    ) -> Result<Response<ListCheckpointsResponse>, Status> {
+        Ok(Response::new(self.0.list_checkpoints(request.get_ref())?))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteCheckpointsRequest>,
+    ) -> Result<Response<DeleteCheckpointsResponse>, Status> {
+        Ok(Response::new(
+            self.0
+                .delete_workflow(&request.get_ref().workflow_id)
+                .await?,
+        ))
+    }
+
+    async fn prune(
+        &self,
+        request: Request<PruneCheckpointsRequest>,
+    ) -> Result<Response<PruneCheckpointsResponse>, Status> {
+        Ok(Response::new(
+            self.0.prune_workflow(request.get_ref()).await?,
+        ))
+    }
+}
+
+/// The gRPC router: checkpoints and reflection behind the token check,
+/// health open to probes.
+pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes {
+    let limit = control.max_state_bytes() + (1 << 20);
+    let checkpoints = CheckpointsServer::new(CheckpointsService(control))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    // Both reflection versions: grpcurl and most tools speak v1, older
+    // ones v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid");
+    let (reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(async move {
+        reporter
+            .set_serving::<CheckpointsServer<CheckpointsService>>()
+            .await;
+    });
+    let check = move |request: Request<()>| auth.check_grpc(request);
+    tonic::service::Routes::new(health)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            checkpoints,
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection_v1,
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection_v1alpha,
+            check,
+        ))
+}

@@ -1,0 +1,356 @@
+//! The JSON/HTTP face of the control plane, for curl and for agents
+//! without gRPC stubs. The same operations as the gRPC services:
+//!
+//! | method and path | operation |
+//! |---|---|
+//! | `PUT /v1/checkpoints/{workflow}` | put (JSON body, below) |
+//! | `GET /v1/checkpoints/{workflow}[?version=N]` | get the latest or a version |
+//! | `GET /v1/checkpoints/{workflow}/history[?page_size=&page_token=]` | list, newest first |
+//! | `DELETE /v1/checkpoints/{workflow}` | delete the workflow |
+//! | `POST /v1/checkpoints/{workflow}/prune` | keep the newest `{"keep": N}` |
+//!
+//! Errors answer `{"error": {"code": "NOT_FOUND", "message": "..."}}` with
+//! the matching HTTP status (400, 401, 404, 409, 500).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+
+use super::auth::Auth;
+use super::service::{ApiError, ControlPlane};
+use crate::api::{
+    Checkpoint, GetCheckpointRequest, ListCheckpointsRequest, PruneCheckpointsRequest,
+    PutCheckpointRequest,
+};
+use crate::body::{self, Body};
+use crate::config::values::HumanDuration;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// The HTTP API's handler.
+#[derive(Debug, Clone)]
+pub struct HttpApi {
+    control: Arc<ControlPlane>,
+    auth: Auth,
+}
+
+/// `PUT /v1/checkpoints/{workflow}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutBody {
+    #[serde(default)]
+    step: String,
+    #[serde(default)]
+    completed_steps: Vec<String>,
+    /// The state as JSON, stored as its compact text.
+    state: Option<serde_json::Value>,
+    /// The state as bytes, base64-encoded.
+    state_base64: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    ttl: Option<HumanDuration>,
+    expected_version: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneBody {
+    keep: u32,
+}
+
+/// A checkpoint as JSON (the HTTP API's and the CLI's `--json` form).
+#[derive(Debug, Serialize)]
+pub struct CheckpointJson {
+    workflow_id: String,
+    version: u64,
+    step: String,
+    completed_steps: Vec<String>,
+    /// The state, when it is JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<serde_json::Value>,
+    /// The state's bytes, always.
+    state_base64: String,
+    metadata: BTreeMap<String, String>,
+    created_at: Option<String>,
+    expires_at: Option<String>,
+}
+
+fn rfc3339(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    let t = std::time::SystemTime::try_from(*t?).ok()?;
+    Some(humantime::format_rfc3339_millis(t).to_string())
+}
+
+impl From<Checkpoint> for CheckpointJson {
+    fn from(c: Checkpoint) -> Self {
+        Self {
+            state: serde_json::from_slice(&c.state).ok(),
+            state_base64: B64.encode(&c.state),
+            created_at: rfc3339(c.created_at.as_ref()),
+            expires_at: rfc3339(c.expires_at.as_ref()),
+            workflow_id: c.workflow_id,
+            version: c.version,
+            step: c.step,
+            completed_steps: c.completed_steps,
+            metadata: c.metadata.into_iter().collect(),
+        }
+    }
+}
+
+impl ApiError {
+    fn http(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            ApiError::Conflict { .. } => (StatusCode::CONFLICT, "ABORTED"),
+            ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+        }
+    }
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let mut body = serde_json::to_vec_pretty(value).expect("answers serialize");
+    body.push(b'\n');
+    let mut response = Response::new(body::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(e: &ApiError) -> Response<Body> {
+    let (status, code) = e.http();
+    let mut detail = serde_json::json!({"code": code, "message": e.to_string()});
+    if let ApiError::Conflict { current, .. } = e {
+        detail["current_version"] = (*current).into();
+    }
+    json(status, &serde_json::json!({ "error": detail }))
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::Invalid(message.into())
+}
+
+/// Decodes `%XX` escapes in a path segment.
+fn percent_decode(segment: &str) -> Result<String, ApiError> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| invalid(format!("bad percent-escape in {segment:?}")))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| invalid(format!("{segment:?} is not UTF-8")))
+}
+
+/// The query's `key=value` pairs.
+fn query(request: &Request<Incoming>) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut pairs = BTreeMap::new();
+    for pair in request
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        pairs.insert(percent_decode(key)?, percent_decode(value)?);
+    }
+    Ok(pairs)
+}
+
+fn number<T: std::str::FromStr>(
+    query: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<Option<T>, ApiError> {
+    query
+        .get(key)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| invalid(format!("{key}={v:?} is not a number")))
+        })
+        .transpose()
+}
+
+impl HttpApi {
+    /// The API over `control`, checking `auth`.
+    pub fn new(control: Arc<ControlPlane>, auth: Auth) -> Self {
+        Self { control, auth }
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        Ok(match self.route(request).await {
+            Ok(response) => response,
+            Err(e) => error(&e),
+        })
+    }
+
+    async fn body<T: serde::de::DeserializeOwned>(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<T, ApiError> {
+        // Base64 and JSON escaping make a state up to ~4/3 its size.
+        let limit = self.control.max_state_bytes() * 2 + (64 << 10);
+        let bytes = match Limited::new(request.into_body(), limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                return Err(invalid(format!(
+                    "the body is over {limit} bytes, or was cut short"
+                )));
+            }
+        };
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let e = e.into_inner();
+            if path == "." {
+                invalid(format!("invalid JSON body: {e}"))
+            } else {
+                invalid(format!("invalid JSON body: {path}: {e}"))
+            }
+        })
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        self.auth.check(request.headers())?;
+        let path = request.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (request.method().clone(), segments.as_slice()) {
+            (method, ["v1", "checkpoints", workflow]) => {
+                let workflow = percent_decode(workflow)?;
+                match method {
+                    Method::PUT => self.put(workflow, request).await,
+                    Method::GET => {
+                        let version = number(&query(&request)?, "version")?.unwrap_or(0);
+                        let checkpoint = self.control.get_checkpoint(&GetCheckpointRequest {
+                            workflow_id: workflow,
+                            version,
+                        })?;
+                        Ok(json(StatusCode::OK, &CheckpointJson::from(checkpoint)))
+                    }
+                    Method::DELETE => {
+                        let deleted = self.control.delete_workflow(&workflow).await?;
+                        Ok(json(
+                            StatusCode::OK,
+                            &serde_json::json!({"deleted": deleted.deleted}),
+                        ))
+                    }
+                    _ => Err(invalid(
+                        "use PUT, GET or DELETE on /v1/checkpoints/{workflow}",
+                    )),
+                }
+            }
+            (Method::GET, ["v1", "checkpoints", workflow, "history"]) => {
+                let query = query(&request)?;
+                let page = self.control.list_checkpoints(&ListCheckpointsRequest {
+                    workflow_id: percent_decode(workflow)?,
+                    page_size: number(&query, "page_size")?.unwrap_or(0),
+                    page_token: query.get("page_token").cloned().unwrap_or_default(),
+                })?;
+                let checkpoints: Vec<CheckpointJson> = page
+                    .checkpoints
+                    .into_iter()
+                    .map(CheckpointJson::from)
+                    .collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "checkpoints": checkpoints,
+                        "next_page_token": page.next_page_token,
+                    }),
+                ))
+            }
+            (Method::POST, ["v1", "checkpoints", workflow, "prune"]) => {
+                let workflow_id = percent_decode(workflow)?;
+                let body: PruneBody = self.body(request).await?;
+                let pruned = self
+                    .control
+                    .prune_workflow(&PruneCheckpointsRequest {
+                        workflow_id,
+                        keep: body.keep,
+                    })
+                    .await?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"deleted": pruned.deleted}),
+                ))
+            }
+            _ => Err(ApiError::NotFound(format!(
+                "no {} {path}: see the API in docs/control-plane.md",
+                request.method()
+            ))),
+        }
+    }
+
+    async fn put(
+        &self,
+        workflow_id: String,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, ApiError> {
+        let body: PutBody = self.body(request).await?;
+        let state = match (body.state, body.state_base64) {
+            (Some(_), Some(_)) => return Err(invalid("give state or state_base64, not both")),
+            (Some(value), None) => {
+                Bytes::from(serde_json::to_vec(&value).expect("JSON values serialize"))
+            }
+            (None, Some(text)) => Bytes::from(
+                B64.decode(text.trim())
+                    .map_err(|e| invalid(format!("state_base64 is not base64: {e}")))?,
+            ),
+            (None, None) => Bytes::new(),
+        };
+        let put = self
+            .control
+            .put_checkpoint(PutCheckpointRequest {
+                workflow_id,
+                step: body.step,
+                completed_steps: body.completed_steps,
+                state,
+                metadata: body.metadata.into_iter().collect(),
+                ttl: body
+                    .ttl
+                    .map(|t| prost_types::Duration::try_from(t.0).unwrap_or_default()),
+                expected_version: body.expected_version,
+            })
+            .await?;
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "version": put.version,
+                "created_at": rfc3339(put.created_at.as_ref()),
+                "expires_at": rfc3339(put.expires_at.as_ref()),
+            }),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_escapes_decode() {
+        assert_eq!(percent_decode("inv%2F17%20a").unwrap(), "inv/17 a");
+        assert!(percent_decode("bad%zz").is_err());
+        assert!(percent_decode("cut%4").is_err());
+    }
+}

@@ -1,0 +1,96 @@
+//! The control plane's Prometheus metrics, served on its admin port.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Buckets for API calls and flushes, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+/// The control plane's registry and metrics.
+pub struct ControlMetrics {
+    registry: Registry,
+    checkpoints_written: Counter,
+    requests: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    flushes: Histogram,
+}
+
+impl std::fmt::Debug for ControlMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for ControlMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControlMetrics {
+    /// Registers every control-plane metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("breakwater");
+        let checkpoints_written = Counter::default();
+        registry.register(
+            "checkpoints_written",
+            "Checkpoint versions written (acknowledged, durable)",
+            checkpoints_written.clone(),
+        );
+        let requests: Family<MethodLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(BUCKETS));
+        registry.register(
+            "control_request_duration_seconds",
+            "Control-plane API calls, by method, from request to answer",
+            requests.clone(),
+        );
+        let flushes = Histogram::new(BUCKETS);
+        registry.register(
+            "store_flush_duration_seconds",
+            "Store flushes (one per group of concurrent writes)",
+            flushes.clone(),
+        );
+        Self {
+            registry,
+            checkpoints_written,
+            requests,
+            flushes,
+        }
+    }
+
+    /// Counts a durable checkpoint write.
+    pub fn checkpoint_written(&self) {
+        self.checkpoints_written.inc();
+    }
+
+    /// Records an API call's latency.
+    pub fn observe_request(&self, method: &'static str, took: Duration) {
+        self.requests
+            .get_or_create(&MethodLabels { method })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records a store flush's latency.
+    pub fn observe_flush(&self, took: Duration) {
+        self.flushes.observe(took.as_secs_f64());
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,282 @@
+//! The control plane: durable workflow checkpoints (and, next, the
+//! dead-letter queue) on sled, served over gRPC ([`grpc`]) and JSON/HTTP
+//! ([`http`]), with metrics and health on an admin port.
+//!
+//! [`start`] opens the store, binds every listener and serves; tests, the
+//! demo and `breakwater control-plane` all use it.
+
+pub mod auth;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod service;
+pub mod store;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::header::{CONTENT_TYPE, HeaderValue};
+use ::http::{Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::body::{self, Body};
+use auth::Auth;
+use metrics::ControlMetrics;
+use service::ControlPlane;
+use store::{SledStore, Store};
+
+/// Default gRPC address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+/// How the control plane runs.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// The gRPC address.
+    pub listen: SocketAddr,
+    /// The JSON/HTTP address, if any.
+    pub http_listen: Option<SocketAddr>,
+    /// The admin address (health, metrics), if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// Calls must carry this bearer token.
+    pub auth: Auth,
+    /// Largest checkpoint state.
+    pub max_state_bytes: usize,
+    /// How often expired workflows are swept away.
+    pub sweep_interval: Duration,
+}
+
+impl ControlOptions {
+    /// Defaults for a data directory: gRPC on 127.0.0.1:7070, no HTTP or
+    /// admin port, no token.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            listen: DEFAULT_LISTEN.parse().expect("a valid address"),
+            http_listen: None,
+            admin_listen: None,
+            auth: Auth::open(),
+            max_state_bytes: service::DEFAULT_MAX_STATE_BYTES,
+            sweep_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        /// The data directory.
+        dir: PathBuf,
+        /// Why.
+        source: store::StoreError,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        /// What it was for.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct Running {
+    /// The gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// The JSON/HTTP address.
+    pub http_addr: Option<SocketAddr>,
+    /// The admin address.
+    pub admin_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for dyn Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Running {
+    /// Stops serving, lets calls in flight finish, flushes the store.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+}
+
+/// Opens the store, binds every listener and serves until shut down.
+pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
+    let store: Arc<dyn Store> =
+        Arc::new(
+            SledStore::open(&options.data_dir).map_err(|source| StartError::Store {
+                dir: options.data_dir.clone(),
+                source,
+            })?,
+        );
+    let metrics = Arc::new(ControlMetrics::new());
+    let control = Arc::new(ControlPlane::new(
+        store.clone(),
+        metrics.clone(),
+        options.max_state_bytes,
+    ));
+    let grpc_listener = bind("gRPC", options.listen).await?;
+    let http_listener = match options.http_listen {
+        Some(addr) => Some(bind("HTTP", addr).await?),
+        None => None,
+    };
+    let admin_listener = match options.admin_listen {
+        Some(addr) => Some(bind("admin", addr).await?),
+        None => None,
+    };
+    let grpc_addr = local(&grpc_listener);
+    let http_addr = http_listener.as_ref().map(local);
+    let admin_addr = admin_listener.as_ref().map(local);
+    if options.auth.is_open() {
+        tracing::warn!(
+            "the control plane is OPEN: no --token-file was given, so anyone who can reach \
+             its ports can read and change checkpoints and dead letters"
+        );
+    }
+
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let routes = grpc::router(control.clone(), options.auth.clone());
+    let mut grpc_stop = stop_rx.clone();
+    tasks.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let result = tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "the gRPC server failed");
+        }
+    });
+    if let Some(listener) = http_listener {
+        let api = http::HttpApi::new(control.clone(), options.auth.clone());
+        tasks.spawn(serve_http(listener, stop_rx.clone(), move |request| {
+            let api = api.clone();
+            async move { api.handle(request).await }
+        }));
+    }
+    if let Some(listener) = admin_listener {
+        let metrics = metrics.clone();
+        tasks.spawn(serve_http(listener, stop_rx.clone(), move |request| {
+            let metrics = metrics.clone();
+            async move { Ok::<_, Infallible>(admin(&metrics, request.uri().path())) }
+        }));
+    }
+    let sweeper = control.clone();
+    let mut sweep_stop = stop_rx.clone();
+    let interval = options.sweep_interval;
+    tasks.spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                () = async { let _ = sweep_stop.wait_for(|s| *s).await; } => break,
+                _ = ticker.tick() => match sweeper.sweep().await {
+                    Ok(0) => {}
+                    Ok(swept) => tracing::info!(swept, "expired workflows deleted"),
+                    Err(error) => tracing::error!(%error, "sweeping expired workflows failed"),
+                },
+            }
+        }
+    });
+    let or_off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(
+        grpc = %grpc_addr,
+        http = %or_off(http_addr),
+        admin = %or_off(admin_addr),
+        data_dir = %options.data_dir.display(),
+        "control plane ready"
+    );
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        admin_addr,
+        stop,
+        tasks,
+        store,
+    })
+}
+
+/// The control plane's admin answers.
+fn admin(metrics: &ControlMetrics, path: &str) -> Response<Body> {
+    let (status, text, content_type) = match path {
+        "/healthz" | "/readyz" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
+        "/metrics" => (
+            StatusCode::OK,
+            metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n".to_owned(),
+            "text/plain",
+        ),
+    };
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop`.
+async fn serve_http<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handle: F)
+where
+    F: Fn(::http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let accepted = tokio::select! {
+            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let service = hyper::service::service_fn(handle.clone());
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+}
