@@ -6,7 +6,10 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let example = ["proto/breakwater/echo/v1/echo.proto"];
-    let api = ["proto/breakwater/v1/checkpoints.proto"];
+    let api = [
+        "proto/breakwater/v1/checkpoints.proto",
+        "proto/breakwater/v1/dead_letters.proto",
+    ];
     for proto in example.iter().chain(&api) {
         println!("cargo:rerun-if-changed={proto}");
     }

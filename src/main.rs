@@ -64,12 +64,23 @@ enum Command {
         /// A file holding the bearer token every call must carry.
         #[arg(long, env = "BREAKWATER_TOKEN_FILE")]
         token_file: Option<PathBuf>,
-        /// Largest checkpoint state accepted.
+        /// Largest checkpoint state (and dead-letter body) accepted.
         #[arg(long, default_value = "4MiB", value_parser = parse_size)]
         max_state: u64,
+        /// The upstreams' policies (the sidecars' policy file), used to
+        /// replay dead letters.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Worker threads.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
+    },
+    /// The dead-letter queue on the control plane.
+    Dlq {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: DlqCommand,
     },
     /// Workflow checkpoints on the control plane.
     Checkpoint {
@@ -152,6 +163,61 @@ enum CheckpointCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List letters, oldest first.
+    List {
+        /// Only this upstream's letters.
+        #[arg(long, default_value = "")]
+        upstream: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        page_size: u32,
+        /// From a previous page.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Show a letter, with its headers and body.
+    Show {
+        /// The letter's id.
+        id: String,
+    },
+    /// Send letters again to their upstream; delivered ones are removed.
+    Replay {
+        #[command(flatten)]
+        selection: SelectionArgs,
+    },
+    /// Remove letters.
+    Purge {
+        #[command(flatten)]
+        selection: SelectionArgs,
+    },
+}
+
+/// Which letters: ids, an upstream's, or all.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct SelectionArgs {
+    /// Letter ids.
+    ids: Vec<String>,
+    /// Every letter of this upstream.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Every letter.
+    #[arg(long)]
+    all: bool,
+}
+
+impl From<SelectionArgs> for cli::Selection {
+    fn from(args: SelectionArgs) -> Self {
+        match (args.upstream, args.all) {
+            (Some(upstream), _) => cli::Selection::Upstream(upstream),
+            (None, true) => cli::Selection::All,
+            (None, false) => cli::Selection::Ids(args.ids),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate a policy file and print a summary of the resolved config.
     Check {
@@ -223,8 +289,16 @@ fn main() -> ExitCode {
             admin_listen,
             token_file,
             max_state,
+            config,
             threads,
         } => {
+            let policies = match config.as_deref().map(config::load).transpose() {
+                Ok(policies) => policies,
+                Err(error) => {
+                    eprintln!("{error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             let auth = match token_file {
                 None => Auth::open(),
                 Some(path) => match std::fs::read_to_string(&path)
@@ -244,6 +318,7 @@ fn main() -> ExitCode {
             options.admin_listen = admin_listen;
             options.auth = auth;
             options.max_state_bytes = usize::try_from(max_state).unwrap_or(usize::MAX);
+            options.policies = policies;
             let result = runtime(threads).block_on(async move {
                 let running = control::start(options).await?;
                 shutdown_signal().await;
@@ -259,12 +334,28 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Dlq { remote, command } => {
+            let remote = remote.into();
+            let result = runtime(1).block_on(async move {
+                match command {
+                    DlqCommand::List {
+                        upstream,
+                        page_size,
+                        page_token,
+                    } => cli::dlq_list(&remote, upstream, page_size, page_token).await,
+                    DlqCommand::Show { id } => cli::dlq_show(&remote, id).await,
+                    DlqCommand::Replay { selection } => {
+                        cli::dlq_replay(&remote, selection.into()).await
+                    }
+                    DlqCommand::Purge { selection } => {
+                        cli::dlq_purge(&remote, selection.into()).await
+                    }
+                }
+            });
+            finish(result)
+        }
         Command::Checkpoint { remote, command } => {
-            let remote = cli::Remote {
-                url: remote.control_plane,
-                token_file: remote.token_file,
-                json: remote.json,
-            };
+            let remote = remote.into();
             let result = runtime(1).block_on(async move {
                 match command {
                     CheckpointCommand::Put(args) => cli::put(&remote, args).await,
@@ -282,13 +373,7 @@ fn main() -> ExitCode {
                     }
                 }
             });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+            finish(result)
         }
         Command::Demo {
             requests,
@@ -305,6 +390,27 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+impl From<RemoteArgs> for cli::Remote {
+    fn from(args: RemoteArgs) -> Self {
+        Self {
+            url: args.control_plane,
+            token_file: args.token_file,
+            json: args.json,
+        }
+    }
+}
+
+/// Exit status of an operator command; errors go to stderr.
+fn finish(result: Result<(), cli::CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -13,7 +13,7 @@ mod resolve;
 pub mod values;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http::uri::Authority;
@@ -71,7 +71,45 @@ pub struct Config {
     pub proxy: ListenConfig,
     /// Every upstream, sorted by name.
     pub upstreams: Vec<Arc<UpstreamConfig>>,
+    /// Where dead letters go, if anywhere.
+    pub control_plane: Option<ControlPlaneConfig>,
+    /// The local spool of dead letters on their way.
+    pub dead_letters: DeadLettersConfig,
 }
+
+/// `control_plane`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ControlPlaneConfig {
+    /// Its gRPC URL.
+    pub url: String,
+    /// A file holding its bearer token.
+    pub token_file: Option<PathBuf>,
+}
+
+/// `dead_letters`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLettersConfig {
+    /// Where letters wait while the control plane is unreachable.
+    pub spool_dir: PathBuf,
+    /// The spool's bound; letters beyond it are dropped and counted.
+    pub max_spool_bytes: u64,
+    /// Headers left out of letters, besides `authorization`, `cookie` and
+    /// `proxy-authorization` (lowercase).
+    pub redact_headers: Vec<String>,
+}
+
+/// An upstream's `dead_letter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DeadLetterPolicy {
+    /// Request body bytes kept in a letter; more are cut and the letter
+    /// marked truncated.
+    pub max_body: u64,
+}
+
+/// Default bound of a dead letter's body.
+pub const DEFAULT_DEAD_LETTER_MAX_BODY: u64 = 1 << 20;
+/// Default bound of the spool.
+pub const DEFAULT_MAX_SPOOL_BYTES: u64 = 64 << 20;
 
 /// A listening address.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -103,6 +141,8 @@ pub struct UpstreamConfig {
     pub fallback: Option<Arc<Fallback>>,
     /// Faults injected at start (the admin API changes them at runtime).
     pub faults: Option<FaultSpec>,
+    /// Requests that finally fail are dead-lettered, if set.
+    pub dead_letter: Option<DeadLetterPolicy>,
 }
 
 fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {

@@ -13,7 +13,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
 use super::Protocol;
-use super::values::HumanDuration;
+use super::values::{ByteSize, HumanDuration};
 use crate::resilience::fallback::Criticality;
 use crate::resilience::faults::FaultSpec;
 use crate::resilience::policy::{RawBreaker, RawHedge, RawPolicy, RawRetry};
@@ -25,6 +25,8 @@ use std::num::NonZeroU32;
 pub(crate) struct RawConfig {
     pub admin: Option<RawListen>,
     pub proxy: Option<RawListen>,
+    pub control_plane: Option<Spanned<RawControlPlane>>,
+    pub dead_letters: Option<RawDeadLetters>,
     #[serde(default)]
     pub defaults: RawPolicy,
     #[serde(default)]
@@ -62,6 +64,7 @@ pub(crate) struct RawUpstream {
     pub criticality: Option<Spanned<Criticality>>,
     pub fallback: Option<Spanned<RawFallback>>,
     pub faults: Option<Spanned<FaultSpec>>,
+    pub dead_letter: Option<Spanned<RawDeadLetter>>,
     // The policy fields, as in `defaults` (see `policy()`). They are
     // listed here rather than flattened: serde's `flatten` loses source
     // positions and cannot deny unknown fields.
@@ -72,6 +75,68 @@ pub(crate) struct RawUpstream {
     pub circuit_breaker: Option<RawBreaker>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_pending: Option<u32>,
+}
+
+/// `control_plane`: where sidecars send dead letters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawControlPlane {
+    pub url: Spanned<String>,
+    pub token_file: Option<String>,
+}
+
+/// `dead_letters`: the sidecar's local spool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDeadLetters {
+    pub spool_dir: Option<String>,
+    pub max_spool_bytes: Option<ByteSize>,
+    #[serde(default)]
+    pub redact_headers: Vec<Spanned<String>>,
+}
+
+/// An upstream's `dead_letter`: `true`, or a block.
+#[derive(Debug)]
+pub(crate) struct RawDeadLetter {
+    pub enabled: bool,
+    pub max_body: Option<ByteSize>,
+}
+
+impl<'de> Deserialize<'de> for RawDeadLetter {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Block {
+            #[serde(default = "yes")]
+            enabled: bool,
+            max_body: Option<ByteSize>,
+        }
+        fn yes() -> bool {
+            true
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Flag(bool),
+            Block(Block),
+        }
+        Ok(
+            match Written::deserialize(deserializer).map_err(|_| {
+                serde::de::Error::custom(
+                    "expected true, false, or a block such as {max_body: 1MiB}",
+                )
+            })? {
+                Written::Flag(enabled) => Self {
+                    enabled,
+                    max_body: None,
+                },
+                Written::Block(b) => Self {
+                    enabled: b.enabled,
+                    max_body: b.max_body,
+                },
+            },
+        )
+    }
 }
 
 /// An optional upstream's `fallback` block.

@@ -16,8 +16,8 @@ use std::path::Path;
 use super::raw::{RawConfig, RawFallback, RawKeyPositions, RawListen};
 use super::values::Merge;
 use super::{
-    Config, ConfigError, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN, Diagnostic, ListenConfig,
-    UpstreamConfig,
+    Config, ConfigError, ControlPlaneConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN,
+    DeadLetterPolicy, DeadLettersConfig, Diagnostic, ListenConfig, UpstreamConfig,
 };
 use crate::resilience::fallback::{Criticality, Fallback};
 use crate::resilience::faults::FaultSpec;
@@ -149,6 +149,7 @@ struct Pending {
     criticality: Criticality,
     fallback: Option<Arc<Fallback>>,
     faults: Option<FaultSpec>,
+    dead_letter: Option<DeadLetterPolicy>,
 }
 
 /// Validates the raw model and resolves it into the runtime [`Config`].
@@ -168,6 +169,29 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         .map(|i| resolve_upstream(&mut check, file, &raw, i, &mut listens))
         .collect();
     check_listens(&mut check, &listens);
+    let control_plane = raw.control_plane.as_ref().and_then(|c| {
+        let url = &c.value.url;
+        match url.value.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some() =>
+            {
+                Some(ControlPlaneConfig {
+                    url: url.value.clone(),
+                    token_file: c.value.token_file.as_ref().map(|f| relative_to(file, f)),
+                })
+            }
+            _ => {
+                check.error(
+                    url,
+                    "control_plane.url",
+                    format!("invalid URL {:?}: expected http://host:port", url.value),
+                );
+                None
+            }
+        }
+    });
+    let dead_letters = resolve_dead_letters(&mut check, file, raw.dead_letters.as_ref());
     check_claims(&mut check, &raw, &pending);
     let implicit = implicit_hosts(&pending);
 
@@ -194,6 +218,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 criticality: p.criticality,
                 fallback: p.fallback,
                 faults: p.faults,
+                dead_letter: p.dead_letter,
             })
         })
         .collect();
@@ -207,7 +232,47 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
             listen: proxy.expect("checked above").0,
         },
         upstreams,
+        control_plane,
+        dead_letters,
     })
+}
+
+/// A path from the policy file, relative to the file's directory.
+fn relative_to(file: &str, path: &str) -> std::path::PathBuf {
+    Path::new(file).parent().unwrap_or(Path::new("")).join(path)
+}
+
+fn resolve_dead_letters(
+    check: &mut Checker,
+    file: &str,
+    raw: Option<&super::raw::RawDeadLetters>,
+) -> DeadLettersConfig {
+    let mut redact_headers = Vec::new();
+    for (i, name) in raw
+        .map(|r| r.redact_headers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        match HeaderName::from_bytes(name.value.as_bytes()) {
+            Ok(header) => redact_headers.push(header.as_str().to_owned()),
+            Err(_) => check.error(
+                name,
+                format!("dead_letters.redact_headers[{i}]"),
+                format!("{:?} is not a valid header name", name.value),
+            ),
+        }
+    }
+    DeadLettersConfig {
+        spool_dir: raw.and_then(|r| r.spool_dir.as_deref()).map_or_else(
+            || std::env::temp_dir().join("breakwater-spool"),
+            |d| relative_to(file, d),
+        ),
+        max_spool_bytes: raw
+            .and_then(|r| r.max_spool_bytes)
+            .map_or(super::DEFAULT_MAX_SPOOL_BYTES, |b| b.0),
+        redact_headers,
+    }
 }
 
 /// Checks and resolves the `i`th upstream, recording its listener.
@@ -273,6 +338,24 @@ fn resolve_upstream(
         (None, Criticality::Optional) => Some(Fallback::default()),
         (None, Criticality::Critical) => None,
     };
+    let dead_letter = match &up.dead_letter {
+        Some(d) if d.value.enabled => {
+            if raw.control_plane.is_none() {
+                check.error(
+                    d,
+                    format!("{prefix}.dead_letter"),
+                    "dead letters go to the control plane: set control_plane.url",
+                );
+            }
+            Some(DeadLetterPolicy {
+                max_body: d
+                    .value
+                    .max_body
+                    .map_or(super::DEFAULT_DEAD_LETTER_MAX_BODY, |b| b.0),
+            })
+        }
+        _ => None,
+    };
     if let Some(faults) = &up.faults
         && let Err(errors) = faults.value.resolve()
     {
@@ -281,6 +364,7 @@ fn resolve_upstream(
         }
     }
     Pending {
+        dead_letter,
         faults: up.faults.as_ref().map(|f| f.value.clone()),
         address,
         protocol: up.protocol.unwrap_or_default(),
@@ -335,10 +419,7 @@ fn resolve_fallback(
         }
         (Some(text), None) => Bytes::from(text.clone()),
         (None, Some(path)) => {
-            let full = Path::new(file)
-                .parent()
-                .unwrap_or(Path::new(""))
-                .join(&path.value);
+            let full = relative_to(file, &path.value);
             match std::fs::read(&full) {
                 Ok(bytes) => Bytes::from(bytes),
                 Err(e) => {

@@ -347,3 +347,55 @@ fn fault_mistakes_are_reported_where_written() {
     assert_eq!(faults.seed, Some(7));
     assert_eq!(faults.abort.as_ref().unwrap().percent.0, 2.5);
 }
+
+#[test]
+fn dead_letters_need_a_control_plane_and_resolve_their_spool() {
+    let message = error("upstreams:\n  orders: {address: o:1, dead_letter: true}\n");
+    assert!(
+        message.contains("policies.yaml:2:39: upstreams.orders.dead_letter: dead letters go to the control plane: set control_plane.url"),
+        "{message}"
+    );
+    let message =
+        error("control_plane: {url: 'ftp://x'}\ndead_letters: {redact_headers: ['bad header']}\n");
+    assert!(
+        message.contains("policies.yaml:1:22: control_plane.url: invalid URL \"ftp://x\""),
+        "{message}"
+    );
+    assert!(
+        message
+            .contains("dead_letters.redact_headers[0]: \"bad header\" is not a valid header name"),
+        "{message}"
+    );
+    let message = error("upstreams:\n  orders: {address: o:1, dead_letter: sometimes}\n");
+    assert!(
+        message.contains("upstreams.orders.dead_letter: expected true, false, or a block"),
+        "{message}"
+    );
+
+    let config = parse(
+        "/etc/breakwater/p.yaml",
+        "control_plane: {url: 'http://cp:7070', token_file: token}\ndead_letters: {spool_dir: spool, max_spool_bytes: 1MiB, redact_headers: [X-Api-Key]}\nupstreams:\n  a: {address: a:1, dead_letter: {max_body: 4KiB}}\n  b: {address: b:1, dead_letter: true}\n  c: {address: c:1, dead_letter: false}\n",
+    )
+    .unwrap();
+    let cp = config.control_plane.as_ref().unwrap();
+    assert_eq!(
+        cp.token_file.as_deref(),
+        Some(std::path::Path::new("/etc/breakwater/token"))
+    );
+    assert_eq!(
+        config.dead_letters.spool_dir,
+        std::path::Path::new("/etc/breakwater/spool")
+    );
+    assert_eq!(config.dead_letters.max_spool_bytes, 1 << 20);
+    assert_eq!(config.dead_letters.redact_headers, ["x-api-key"]);
+    let max_body = |name: &str| {
+        config
+            .upstream(name)
+            .unwrap()
+            .dead_letter
+            .map(|d| d.max_body)
+    };
+    assert_eq!(max_body("a"), Some(4096));
+    assert_eq!(max_body("b"), Some(DEFAULT_DEAD_LETTER_MAX_BODY));
+    assert_eq!(max_body("c"), None);
+}

@@ -1,4 +1,5 @@
-//! The gRPC face of the control plane: the `Checkpoints` service, bearer
+//! The gRPC face of the control plane: the `Checkpoints` and
+//! `DeadLetters` services, bearer
 //! token checks, health and reflection.
 
 use std::sync::Arc;
@@ -8,10 +9,14 @@ use tonic::{Request, Response, Status};
 use super::auth::Auth;
 use super::service::{ApiError, ControlPlane};
 use crate::api::checkpoints_server::{self, CheckpointsServer};
+use crate::api::dead_letters_server::{self, DeadLettersServer};
 use crate::api::{
-    Checkpoint, DeleteCheckpointsRequest, DeleteCheckpointsResponse, GetCheckpointRequest,
-    ListCheckpointsRequest, ListCheckpointsResponse, PruneCheckpointsRequest,
-    PruneCheckpointsResponse, PutCheckpointRequest, PutCheckpointResponse,
+    Checkpoint, DeadLetter, DeleteCheckpointsRequest, DeleteCheckpointsResponse,
+    EnqueueDeadLetterRequest, GetCheckpointRequest, GetDeadLetterRequest, ListCheckpointsRequest,
+    ListCheckpointsResponse, ListDeadLettersRequest, ListDeadLettersResponse,
+    PruneCheckpointsRequest, PruneCheckpointsResponse, PurgeDeadLettersRequest,
+    PurgeDeadLettersResponse, PutCheckpointRequest, PutCheckpointResponse, ReplayDeadLetterRequest,
+    ReplayDeadLetterResponse,
 };
 
 /// Metadata carrying the latest version with an `ABORTED` answer.
@@ -30,6 +35,7 @@ impl From<ApiError> for Status {
                     .insert(CURRENT_VERSION, current.into());
                 status
             }
+            ApiError::Precondition(_) => Status::failed_precondition(message),
             ApiError::Unauthenticated => Status::unauthenticated(message),
             ApiError::Internal(_) => Status::internal(message),
         }
@@ -86,11 +92,58 @@ impl checkpoints_server::Checkpoints for CheckpointsService {
     }
 }
 
+/// The `DeadLetters` service.
+#[derive(Debug, Clone)]
+pub struct DeadLettersService(pub Arc<ControlPlane>);
+
+#[tonic::async_trait]
+impl dead_letters_server::DeadLetters for DeadLettersService {
+    async fn enqueue(
+        &self,
+        request: Request<EnqueueDeadLetterRequest>,
+    ) -> Result<Response<DeadLetter>, Status> {
+        Ok(Response::new(
+            self.0.enqueue_letter(request.into_inner().letter).await?,
+        ))
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        Ok(Response::new(self.0.list_letters(request.get_ref())?))
+    }
+
+    async fn get(
+        &self,
+        request: Request<GetDeadLetterRequest>,
+    ) -> Result<Response<DeadLetter>, Status> {
+        Ok(Response::new(self.0.get_letter(&request.get_ref().id)?))
+    }
+
+    async fn replay(
+        &self,
+        request: Request<ReplayDeadLetterRequest>,
+    ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
+        Ok(Response::new(
+            self.0.replay_letter(&request.get_ref().id).await?,
+        ))
+    }
+
+    async fn purge(
+        &self,
+        request: Request<PurgeDeadLettersRequest>,
+    ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
+        let purged = self.0.purge_letters(request.into_inner().target).await?;
+        Ok(Response::new(PurgeDeadLettersResponse { purged }))
+    }
+}
+
 /// The gRPC router: checkpoints and reflection behind the token check,
 /// health open to probes.
 pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes {
     let limit = control.max_state_bytes() + (1 << 20);
-    let checkpoints = CheckpointsServer::new(CheckpointsService(control))
+    let checkpoints = CheckpointsServer::new(CheckpointsService(control.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     // Both reflection versions: grpcurl and most tools speak v1, older
@@ -106,16 +159,26 @@ pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes 
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("the embedded descriptor set is valid");
+    let dead_letters = DeadLettersServer::new(DeadLettersService(control))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
     let (reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(async move {
         reporter
             .set_serving::<CheckpointsServer<CheckpointsService>>()
+            .await;
+        reporter
+            .set_serving::<DeadLettersServer<DeadLettersService>>()
             .await;
     });
     let check = move |request: Request<()>| auth.check_grpc(request);
     tonic::service::Routes::new(health)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             checkpoints,
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            dead_letters,
             check.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -8,6 +8,12 @@
 //! | `GET /v1/checkpoints/{workflow}/history[?page_size=&page_token=]` | list, newest first |
 //! | `DELETE /v1/checkpoints/{workflow}` | delete the workflow |
 //! | `POST /v1/checkpoints/{workflow}/prune` | keep the newest `{"keep": N}` |
+//! | `POST /v1/dead-letters` | enqueue a letter (JSON body, below) |
+//! | `GET /v1/dead-letters[?upstream=&page_size=&page_token=&without_bodies=true]` | list, oldest first |
+//! | `GET /v1/dead-letters/{id}` | one letter |
+//! | `POST /v1/dead-letters/{id}/replay` | send it again |
+//! | `DELETE /v1/dead-letters/{id}` | purge one |
+//! | `DELETE /v1/dead-letters?upstream=U` or `?all=true` | purge an upstream's, or all |
 //!
 //! Errors answer `{"error": {"code": "NOT_FOUND", "message": "..."}}` with
 //! the matching HTTP status (400, 401, 404, 409, 500).
@@ -26,9 +32,10 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Auth;
 use super::service::{ApiError, ControlPlane};
+use crate::api::purge_dead_letters_request::Target as PurgeTarget;
 use crate::api::{
-    Checkpoint, GetCheckpointRequest, ListCheckpointsRequest, PruneCheckpointsRequest,
-    PutCheckpointRequest,
+    Checkpoint, DeadLetter, GetCheckpointRequest, Header, ListCheckpointsRequest,
+    ListDeadLettersRequest, PruneCheckpointsRequest, PutCheckpointRequest,
 };
 use crate::body::{self, Body};
 use crate::config::values::HumanDuration;
@@ -104,12 +111,125 @@ impl From<Checkpoint> for CheckpointJson {
     }
 }
 
+/// A dead letter as JSON.
+#[derive(Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LetterJson {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    id: String,
+    upstream: String,
+    #[serde(default)]
+    source: String,
+    method: String,
+    uri: String,
+    #[serde(default)]
+    headers: Vec<HeaderJson>,
+    /// The body as text, when it is UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body: Option<String>,
+    /// The body's bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+    #[serde(default)]
+    body_truncated: bool,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default)]
+    grpc: bool,
+    #[serde(default, skip_deserializing)]
+    failed_at: Option<String>,
+    #[serde(default, skip_deserializing)]
+    enqueued_at: Option<String>,
+    #[serde(default, skip_deserializing)]
+    replays: u32,
+    #[serde(default, skip_deserializing, skip_serializing_if = "String::is_empty")]
+    last_replay_error: String,
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    last_replay_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderJson {
+    name: String,
+    value: String,
+}
+
+impl From<DeadLetter> for LetterJson {
+    fn from(l: DeadLetter) -> Self {
+        Self {
+            body: std::str::from_utf8(&l.body).ok().map(str::to_owned),
+            body_base64: Some(B64.encode(&l.body)),
+            headers: l
+                .headers
+                .iter()
+                .map(|h| HeaderJson {
+                    name: h.name.clone(),
+                    value: String::from_utf8_lossy(&h.value).into_owned(),
+                })
+                .collect(),
+            failed_at: rfc3339(l.failed_at.as_ref()),
+            enqueued_at: rfc3339(l.enqueued_at.as_ref()),
+            last_replay_at: rfc3339(l.last_replay_at.as_ref()),
+            id: l.id,
+            upstream: l.upstream,
+            source: l.source,
+            method: l.method,
+            uri: l.uri,
+            body_truncated: l.body_truncated,
+            reason: l.reason,
+            attempts: l.attempts,
+            grpc: l.grpc,
+            replays: l.replays,
+            last_replay_error: l.last_replay_error,
+        }
+    }
+}
+
+impl LetterJson {
+    fn into_letter(self) -> Result<DeadLetter, ApiError> {
+        let body = match (self.body, self.body_base64) {
+            (Some(_), Some(_)) => return Err(invalid("give body or body_base64, not both")),
+            (Some(text), None) => Bytes::from(text),
+            (None, Some(text)) => Bytes::from(
+                B64.decode(text.trim())
+                    .map_err(|e| invalid(format!("body_base64 is not base64: {e}")))?,
+            ),
+            (None, None) => Bytes::new(),
+        };
+        Ok(DeadLetter {
+            upstream: self.upstream,
+            source: self.source,
+            method: self.method,
+            uri: self.uri,
+            headers: self
+                .headers
+                .into_iter()
+                .map(|h| Header {
+                    name: h.name,
+                    value: Bytes::from(h.value),
+                })
+                .collect(),
+            body,
+            body_truncated: self.body_truncated,
+            reason: self.reason,
+            attempts: self.attempts,
+            grpc: self.grpc,
+            failed_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            ..Default::default()
+        })
+    }
+}
+
 impl ApiError {
     fn http(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, "ABORTED"),
+            ApiError::Precondition(_) => (StatusCode::BAD_REQUEST, "FAILED_PRECONDITION"),
             ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         }
@@ -292,6 +412,65 @@ impl HttpApi {
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({"deleted": pruned.deleted}),
+                ))
+            }
+            (Method::POST, ["v1", "dead-letters"]) => {
+                let letter: LetterJson = self.body(request).await?;
+                let stored = self
+                    .control
+                    .enqueue_letter(Some(letter.into_letter()?))
+                    .await?;
+                Ok(json(StatusCode::OK, &LetterJson::from(stored)))
+            }
+            (Method::GET, ["v1", "dead-letters"]) => {
+                let query = query(&request)?;
+                let page = self.control.list_letters(&ListDeadLettersRequest {
+                    upstream: query.get("upstream").cloned().unwrap_or_default(),
+                    page_size: number(&query, "page_size")?.unwrap_or(0),
+                    page_token: query.get("page_token").cloned().unwrap_or_default(),
+                    without_bodies: query.get("without_bodies").is_some_and(|v| v == "true"),
+                })?;
+                let letters: Vec<LetterJson> =
+                    page.letters.into_iter().map(LetterJson::from).collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"letters": letters, "next_page_token": page.next_page_token}),
+                ))
+            }
+            (Method::DELETE, ["v1", "dead-letters"]) => {
+                let query = query(&request)?;
+                let target = match (query.get("upstream"), query.get("all")) {
+                    (Some(upstream), None) => PurgeTarget::Upstream(upstream.clone()),
+                    (None, Some(all)) => PurgeTarget::All(all == "true"),
+                    _ => return Err(invalid("purge with ?upstream=NAME or ?all=true")),
+                };
+                let purged = self.control.purge_letters(Some(target)).await?;
+                Ok(json(StatusCode::OK, &serde_json::json!({"purged": purged})))
+            }
+            (Method::GET, ["v1", "dead-letters", id]) => {
+                let letter = self.control.get_letter(id)?;
+                Ok(json(StatusCode::OK, &LetterJson::from(letter)))
+            }
+            (Method::DELETE, ["v1", "dead-letters", id]) => {
+                let purged = self
+                    .control
+                    .purge_letters(Some(PurgeTarget::Id((*id).to_owned())))
+                    .await?;
+                if purged == 0 {
+                    return Err(ApiError::NotFound(format!("no dead letter {id}")));
+                }
+                Ok(json(StatusCode::OK, &serde_json::json!({"purged": purged})))
+            }
+            (Method::POST, ["v1", "dead-letters", id, "replay"]) => {
+                let outcome = self.control.replay_letter(id).await?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "delivered": outcome.delivered,
+                        "status": outcome.status,
+                        "grpc_status": outcome.grpc_status,
+                        "error": outcome.error,
+                    }),
                 ))
             }
             _ => Err(ApiError::NotFound(format!(

@@ -5,6 +5,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -12,6 +13,11 @@ use prometheus_client::registry::Registry;
 const BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
@@ -22,6 +28,8 @@ struct MethodLabels {
 pub struct ControlMetrics {
     registry: Registry,
     checkpoints_written: Counter,
+    dead_letters: Gauge,
+    replays: Family<ResultLabels, Counter>,
     requests: Family<MethodLabels, Histogram, fn() -> Histogram>,
     flushes: Histogram,
 }
@@ -48,6 +56,18 @@ impl ControlMetrics {
             "Checkpoint versions written (acknowledged, durable)",
             checkpoints_written.clone(),
         );
+        let dead_letters = Gauge::default();
+        registry.register(
+            "dead_letters",
+            "Letters in the dead-letter queue",
+            dead_letters.clone(),
+        );
+        let replays = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "dead_letter_replays",
+            "Dead-letter replays, by result: delivered or failed",
+            replays.clone(),
+        );
         let requests: Family<MethodLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(BUCKETS));
         registry.register(
@@ -64,6 +84,8 @@ impl ControlMetrics {
         Self {
             registry,
             checkpoints_written,
+            dead_letters,
+            replays,
             requests,
             flushes,
         }
@@ -72,6 +94,18 @@ impl ControlMetrics {
     /// Counts a durable checkpoint write.
     pub fn checkpoint_written(&self) {
         self.checkpoints_written.inc();
+    }
+
+    /// Sets the dead-letter queue's depth.
+    pub fn set_dead_letters(&self, depth: u64) {
+        self.dead_letters
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a replay.
+    pub fn replayed(&self, delivered: bool) {
+        let result = if delivered { "delivered" } else { "failed" };
+        self.replays.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Records an API call's latency.

@@ -51,6 +51,8 @@ pub struct ControlOptions {
     pub max_state_bytes: usize,
     /// How often expired workflows are swept away.
     pub sweep_interval: Duration,
+    /// The upstreams' policies, for replaying dead letters.
+    pub policies: Option<crate::config::Config>,
 }
 
 impl ControlOptions {
@@ -65,6 +67,7 @@ impl ControlOptions {
             auth: Auth::open(),
             max_state_bytes: service::DEFAULT_MAX_STATE_BYTES,
             sweep_interval: Duration::from_secs(10),
+            policies: None,
         }
     }
 }
@@ -144,10 +147,12 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
             })?,
         );
     let metrics = Arc::new(ControlMetrics::new());
+    let replayer = options.policies.as_ref().map(service::Replayer::new);
     let control = Arc::new(ControlPlane::new(
         store.clone(),
         metrics.clone(),
         options.max_state_bytes,
+        replayer,
     ));
     let grpc_listener = bind("gRPC", options.listen).await?;
     let http_listener = match options.http_listen {

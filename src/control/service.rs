@@ -7,13 +7,26 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use http_body_util::BodyExt;
+
 use super::metrics::ControlMetrics;
 use super::store::{GroupCommit, NewCheckpoint, Page, Store, StoreError};
+use crate::api::purge_dead_letters_request::Target as PurgeTarget;
 use crate::api::{
     Checkpoint, DeleteCheckpointsResponse, GetCheckpointRequest, ListCheckpointsRequest,
     ListCheckpointsResponse, PruneCheckpointsRequest, PruneCheckpointsResponse,
     PutCheckpointRequest, PutCheckpointResponse,
 };
+use crate::api::{
+    DeadLetter, ListDeadLettersRequest, ListDeadLettersResponse, ReplayDeadLetterResponse,
+};
+use crate::body;
+use crate::config::Config;
+use crate::sidecar::Upstream;
+use crate::telemetry::metrics::Metrics;
 
 /// Default largest checkpoint state.
 pub const DEFAULT_MAX_STATE_BYTES: usize = 4 << 20;
@@ -42,6 +55,10 @@ pub enum ApiError {
         /// The latest version.
         current: u64,
     },
+    /// The request cannot be served as things are (400 /
+    /// `FAILED_PRECONDITION`), such as a replay with no policy for the
+    /// letter's upstream.
+    Precondition(String),
     /// No or a wrong token (401 / `UNAUTHENTICATED`).
     Unauthenticated,
     /// The store failed (500 / `INTERNAL`); nothing was acknowledged.
@@ -51,7 +68,10 @@ pub enum ApiError {
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ApiError::Invalid(m) | ApiError::NotFound(m) | ApiError::Internal(m) => f.write_str(m),
+            ApiError::Invalid(m)
+            | ApiError::NotFound(m)
+            | ApiError::Precondition(m)
+            | ApiError::Internal(m) => f.write_str(m),
             ApiError::Conflict { message, .. } => f.write_str(message),
             ApiError::Unauthenticated => {
                 f.write_str("missing or wrong token: send authorization: Bearer <token>")
@@ -82,6 +102,33 @@ pub struct ControlPlane {
     commit: GroupCommit,
     metrics: Arc<ControlMetrics>,
     max_state_bytes: usize,
+    replayer: Option<Replayer>,
+    /// Letters being replayed now: a second replay of one waits its turn
+    /// rather than sending it twice.
+    replaying: Mutex<HashSet<u64>>,
+}
+
+/// Sends dead letters again, through the upstreams of a policy file.
+pub struct Replayer {
+    upstreams: HashMap<String, Arc<Upstream>>,
+}
+
+impl Replayer {
+    /// Builds every upstream of `config`, with its resilience stack.
+    pub fn new(config: &Config) -> Self {
+        let metrics = Metrics::new();
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                (
+                    u.name.to_string(),
+                    Arc::new(Upstream::new(u.clone(), &metrics)),
+                )
+            })
+            .collect();
+        Self { upstreams }
+    }
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -156,20 +203,25 @@ fn page_size(size: u32) -> usize {
 }
 
 impl ControlPlane {
-    /// A control plane over `store`. Must run inside a tokio runtime (the
-    /// group commit's flusher is a task).
+    /// A control plane over `store`, replaying dead letters with
+    /// `replayer`. Must run inside a tokio runtime (the group commit's
+    /// flusher is a task).
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<ControlMetrics>,
         max_state_bytes: usize,
+        replayer: Option<Replayer>,
     ) -> Self {
         let flushes = metrics.clone();
         let commit = GroupCommit::start(store.clone(), move |d| flushes.observe_flush(d));
+        metrics.set_dead_letters(store.letter_count());
         Self {
             store,
             commit,
             metrics,
             max_state_bytes,
+            replayer,
+            replaying: Mutex::default(),
         }
     }
 
@@ -325,6 +377,157 @@ impl ControlPlane {
         Ok(PruneCheckpointsResponse { deleted })
     }
 
+    /// Stores a dead letter; answers once it is durable.
+    pub async fn enqueue_letter(&self, letter: Option<DeadLetter>) -> Result<DeadLetter, ApiError> {
+        let _timer = self.timer("dead_letters.Enqueue");
+        let letter = letter.ok_or_else(|| ApiError::Invalid("letter is missing".into()))?;
+        check_id("upstream", &letter.upstream)?;
+        if letter.method.is_empty() || http::Method::from_bytes(letter.method.as_bytes()).is_err() {
+            return Err(ApiError::Invalid(format!(
+                "method {:?} is not an HTTP method",
+                letter.method
+            )));
+        }
+        if !letter.uri.starts_with('/') || letter.uri.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(ApiError::Invalid(format!(
+                "uri {:?} is not a path and query",
+                letter.uri
+            )));
+        }
+        if letter.body.len() > self.max_state_bytes {
+            return Err(ApiError::Invalid(format!(
+                "body is {} bytes, over the limit of {} bytes",
+                letter.body.len(),
+                self.max_state_bytes
+            )));
+        }
+        for header in &letter.headers {
+            if http::HeaderName::from_bytes(header.name.as_bytes()).is_err()
+                || http::HeaderValue::from_bytes(&header.value).is_err()
+            {
+                return Err(ApiError::Invalid(format!(
+                    "header {:?} is not valid",
+                    header.name
+                )));
+            }
+        }
+        let store = self.store.clone();
+        let stored =
+            tokio::task::spawn_blocking(move || store.enqueue_letter(letter, SystemTime::now()))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
+        self.commit.durable().await?;
+        self.metrics.set_dead_letters(self.store.letter_count());
+        Ok(stored)
+    }
+
+    /// Letters, oldest first, optionally of one upstream.
+    pub fn list_letters(
+        &self,
+        request: &ListDeadLettersRequest,
+    ) -> Result<ListDeadLettersResponse, ApiError> {
+        let _timer = self.timer("dead_letters.List");
+        let after = page_token(&request.page_token)?;
+        let upstream = (!request.upstream.is_empty()).then_some(request.upstream.as_str());
+        let (mut letters, next) =
+            self.store
+                .list_letters(upstream, after, page_size(request.page_size))?;
+        if request.without_bodies {
+            for letter in &mut letters {
+                letter.body = bytes::Bytes::new();
+            }
+        }
+        Ok(ListDeadLettersResponse {
+            letters,
+            next_page_token: next.map(|v| v.to_string()).unwrap_or_default(),
+        })
+    }
+
+    /// One letter.
+    pub fn get_letter(&self, id: &str) -> Result<DeadLetter, ApiError> {
+        let _timer = self.timer("dead_letters.Get");
+        Ok(self.store.get_letter(letter_id(id)?)?)
+    }
+
+    /// Sends a letter again under its upstream's policy: delivered, it is
+    /// removed; failed, the attempt is recorded on it.
+    pub async fn replay_letter(&self, id: &str) -> Result<ReplayDeadLetterResponse, ApiError> {
+        let _timer = self.timer("dead_letters.Replay");
+        let id = letter_id(id)?;
+        let mut letter = self.store.get_letter(id)?;
+        let Some(replayer) = &self.replayer else {
+            return Err(ApiError::Precondition(
+                "replay needs the upstreams' policies: start the control plane with --config policies.yaml".into(),
+            ));
+        };
+        let upstream = replayer.upstreams.get(&letter.upstream).ok_or_else(|| {
+            ApiError::Precondition(format!(
+                "upstream {:?} is not in the policies file, so the letter cannot be sent",
+                letter.upstream
+            ))
+        })?;
+        if !self
+            .replaying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id)
+        {
+            return Err(ApiError::Precondition(format!(
+                "dead letter {id} is being replayed already"
+            )));
+        }
+        let outcome = replay(upstream, &letter).await;
+        self.replaying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        let response = match outcome {
+            Ok(delivered) => {
+                self.store.remove_letters(&[id])?;
+                self.metrics.replayed(true);
+                delivered
+            }
+            Err(failed) => {
+                letter.replays += 1;
+                letter.last_replay_error = failed.error.clone();
+                letter.last_replay_at = Some(prost_types::Timestamp::from(SystemTime::now()));
+                self.store.update_letter(&letter)?;
+                self.metrics.replayed(false);
+                failed
+            }
+        };
+        self.commit.durable().await?;
+        self.metrics.set_dead_letters(self.store.letter_count());
+        Ok(response)
+    }
+
+    /// Removes one letter, an upstream's, or all.
+    pub async fn purge_letters(&self, target: Option<PurgeTarget>) -> Result<u64, ApiError> {
+        let _timer = self.timer("dead_letters.Purge");
+        let ids = match target {
+            None => {
+                return Err(ApiError::Invalid(
+                    "say what to purge: id, upstream or all".into(),
+                ));
+            }
+            Some(PurgeTarget::Id(id)) => vec![letter_id(&id)?],
+            Some(PurgeTarget::Upstream(upstream)) => {
+                check_id("upstream", &upstream)?;
+                self.store.letter_ids(Some(&upstream))?
+            }
+            Some(PurgeTarget::All(true)) => self.store.letter_ids(None)?,
+            Some(PurgeTarget::All(false)) => {
+                return Err(ApiError::Invalid(
+                    "all must be true to purge every letter".into(),
+                ));
+            }
+        };
+        let purged = self.store.remove_letters(&ids)?;
+        self.commit.durable().await?;
+        self.metrics.set_dead_letters(self.store.letter_count());
+        Ok(purged)
+    }
+
     /// Deletes expired workflows (the background sweep).
     pub async fn sweep(&self) -> Result<u64, ApiError> {
         let store = self.store.clone();
@@ -337,6 +540,87 @@ impl ControlPlane {
         Ok(swept)
     }
 }
+
+fn letter_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::Invalid(format!("{id:?} is not a dead letter id")))
+}
+
+/// Largest answer read back from a replay.
+const MAX_REPLAY_ANSWER: usize = 1 << 20;
+
+/// Sends a letter through `upstream`; `Ok` when the upstream took it (a
+/// 2xx answer, and gRPC status 0 for gRPC calls).
+async fn replay(
+    upstream: &Upstream,
+    letter: &DeadLetter,
+) -> Result<ReplayDeadLetterResponse, ReplayDeadLetterResponse> {
+    let failed = |status: u32, grpc_status: i32, error: String| ReplayDeadLetterResponse {
+        delivered: false,
+        status,
+        grpc_status,
+        error,
+    };
+    let mut request = http::Request::new(body::full(letter.body.clone()));
+    *request.method_mut() = http::Method::from_bytes(letter.method.as_bytes())
+        .map_err(|_| failed(0, -1, "the letter's method is invalid".into()))?;
+    *request.uri_mut() = letter
+        .uri
+        .parse()
+        .map_err(|_| failed(0, -1, "the letter's uri is invalid".into()))?;
+    for header in &letter.headers {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(header.name.as_bytes()),
+            http::HeaderValue::from_bytes(&header.value),
+        ) {
+            request.headers_mut().append(name, value);
+        }
+    }
+    if let Ok(value) = http::HeaderValue::from_str(&letter.id) {
+        request.headers_mut().insert(REPLAY_HEADER, value);
+    }
+    let response = upstream
+        .call(request, letter.grpc, Default::default())
+        .await
+        .map_err(|e| failed(0, -1, e.to_string()))?;
+    let status = u32::from(response.status().as_u16());
+    let header_grpc = grpc_status(response.headers());
+    let (_, body) = response.into_parts();
+    let collected = http_body_util::Limited::new(body, MAX_REPLAY_ANSWER)
+        .collect()
+        .await
+        .map_err(|e| failed(status, -1, format!("the answer failed: {e}")))?;
+    let grpc = header_grpc.or_else(|| collected.trailers().and_then(grpc_status));
+    let grpc_code = grpc.unwrap_or(if letter.grpc { -1 } else { 0 });
+    let ok = (200..300).contains(&status) && (!letter.grpc || grpc == Some(0));
+    if ok {
+        Ok(ReplayDeadLetterResponse {
+            delivered: true,
+            status,
+            grpc_status: grpc_code,
+            error: String::new(),
+        })
+    } else if letter.grpc && (200..300).contains(&status) {
+        Err(failed(
+            status,
+            grpc_code,
+            format!("the upstream answered gRPC status {grpc_code}"),
+        ))
+    } else {
+        Err(failed(
+            status,
+            grpc_code,
+            format!("the upstream answered HTTP {status}"),
+        ))
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Marks a request sent by a replay, with the letter's id.
+pub const REPLAY_HEADER: &str = "x-breakwater-replay";
 
 #[cfg(test)]
 mod tests {

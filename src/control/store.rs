@@ -10,6 +10,8 @@
 //! | `checkpoints` | `workflow 0x00` | the workflow: latest version, expiry |
 //! | `checkpoints` | `workflow 0x01 version(u64 BE)` | a `Checkpoint` message |
 //! | `expiry` | `expires_at_ms(u64 BE) workflow` | empty: the TTL sweep's index |
+//! | `dead_letters` | `id(u64 BE)` | a `DeadLetter` message |
+//! | `dead_letters_by_upstream` | `upstream 0x00 id(u64 BE)` | empty: the per-upstream index |
 //!
 //! Workflow ids contain no control characters, so `0x00` and `0x01` end
 //! the id unambiguously, and a workflow's versions sort oldest first.
@@ -20,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::Checkpoint;
+use crate::api::{Checkpoint, DeadLetter};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,27 @@ pub trait Store: Send + Sync + 'static {
     -> Result<u64, StoreError>;
     /// Deletes the workflows expired at `now`; returns how many.
     fn sweep_expired(&self, now: SystemTime) -> Result<u64, StoreError>;
+    /// Stores a dead letter under a new id (ids grow); returns it.
+    fn enqueue_letter(&self, letter: DeadLetter, now: SystemTime)
+    -> Result<DeadLetter, StoreError>;
+    /// Letters after id `after`, oldest first, of one upstream or all, at
+    /// most `limit`; and the id to continue after, if there are more.
+    fn list_letters(
+        &self,
+        upstream: Option<&str>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, Option<u64>), StoreError>;
+    /// One letter.
+    fn get_letter(&self, id: u64) -> Result<DeadLetter, StoreError>;
+    /// Rewrites a letter that still exists (a replay recorded).
+    fn update_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;
+    /// Removes letters by id; returns how many existed.
+    fn remove_letters(&self, ids: &[u64]) -> Result<u64, StoreError>;
+    /// The ids of one upstream's letters, or of all letters.
+    fn letter_ids(&self, upstream: Option<&str>) -> Result<Vec<u64>, StoreError>;
+    /// How many letters are stored.
+    fn letter_count(&self) -> u64;
     /// Makes every write so far durable (blocks until it is on disk).
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -106,6 +129,10 @@ pub struct SledStore {
     db: sled::Db,
     checkpoints: sled::Tree,
     expiry: sled::Tree,
+    letters: sled::Tree,
+    letters_by_upstream: sled::Tree,
+    /// The letter count, kept here: sled's `len` walks the tree.
+    letter_count: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A workflow's record: its latest version and expiry.
@@ -178,6 +205,27 @@ fn expiry_key(expires_at_ms: u64, workflow: &str) -> Vec<u8> {
     key
 }
 
+fn upstream_key(upstream: &str, id: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(upstream.len() + 9);
+    key.extend_from_slice(upstream.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn id_of(key: &[u8]) -> u64 {
+    u64::from_be_bytes(
+        key[key.len() - 8..]
+            .try_into()
+            .expect("keys end with an id"),
+    )
+}
+
+fn decode_letter(bytes: &[u8]) -> Result<DeadLetter, StoreError> {
+    DeadLetter::decode(bytes)
+        .map_err(|e| StoreError::Storage(format!("a dead letter is corrupt: {e}")))
+}
+
 fn not_found(workflow: &str) -> StoreError {
     StoreError::NotFound(format!("no workflow {workflow:?}"))
 }
@@ -191,9 +239,14 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open()?;
+        let letters = db.open_tree("dead_letters")?;
+        let count = letters.len() as u64;
         Ok(Self {
             checkpoints: db.open_tree("checkpoints")?,
             expiry: db.open_tree("expiry")?,
+            letters_by_upstream: db.open_tree("dead_letters_by_upstream")?,
+            letters,
+            letter_count: Arc::new(std::sync::atomic::AtomicU64::new(count)),
             db,
         })
     }
@@ -406,6 +459,129 @@ impl Store for SledStore {
         Ok(swept)
     }
 
+    fn enqueue_letter(
+        &self,
+        mut letter: DeadLetter,
+        now: SystemTime,
+    ) -> Result<DeadLetter, StoreError> {
+        use sled::Transactional;
+        let id = self.db.generate_id()?;
+        letter.id = id.to_string();
+        letter.enqueued_at = Some(timestamp(millis(now)));
+        let bytes = letter.encode_to_vec();
+        let index = upstream_key(&letter.upstream, id);
+        (&self.letters, &self.letters_by_upstream)
+            .transaction(|(letters, by_upstream)| {
+                letters.insert(&id.to_be_bytes(), bytes.as_slice())?;
+                by_upstream.insert(index.as_slice(), &[])?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Abort(e) => e,
+                sled::transaction::TransactionError::Storage(e) => e.into(),
+            })?;
+        self.letter_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(letter)
+    }
+
+    fn list_letters(
+        &self,
+        upstream: Option<&str>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, Option<u64>), StoreError> {
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let ids: Box<dyn Iterator<Item = Result<u64, StoreError>>> = match upstream {
+            Some(upstream) => Box::new(
+                self.letters_by_upstream
+                    .range(upstream_key(upstream, start)..upstream_key(upstream, u64::MAX))
+                    .keys()
+                    .map(|k| Ok(id_of(&k?))),
+            ),
+            None => Box::new(
+                self.letters
+                    .range(start.to_be_bytes()..)
+                    .keys()
+                    .map(|k| Ok(id_of(&k?))),
+            ),
+        };
+        let mut letters = Vec::with_capacity(limit.min(64));
+        for id in ids {
+            let id = id?;
+            if letters.len() == limit {
+                let last = letters
+                    .last()
+                    .map(|l: &DeadLetter| l.id.parse().unwrap_or(id));
+                return Ok((letters, last));
+            }
+            // An index entry whose letter is gone (a purge cut short) is
+            // skipped.
+            if let Some(bytes) = self.letters.get(id.to_be_bytes())? {
+                letters.push(decode_letter(&bytes)?);
+            }
+        }
+        Ok((letters, None))
+    }
+
+    fn get_letter(&self, id: u64) -> Result<DeadLetter, StoreError> {
+        let bytes = self
+            .letters
+            .get(id.to_be_bytes())?
+            .ok_or_else(|| StoreError::NotFound(format!("no dead letter {id}")))?;
+        decode_letter(&bytes)
+    }
+
+    fn update_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let id: u64 = letter
+            .id
+            .parse()
+            .map_err(|_| StoreError::NotFound(format!("no dead letter {:?}", letter.id)))?;
+        let bytes = letter.encode_to_vec();
+        let key = id.to_be_bytes();
+        // Only if it is still there: a purge may have raced the replay.
+        let updated = self
+            .letters
+            .update_and_fetch(key, |old| old.map(|_| bytes.clone()))?;
+        if updated.is_none() {
+            return Err(StoreError::NotFound(format!("no dead letter {id}")));
+        }
+        Ok(())
+    }
+
+    fn remove_letters(&self, ids: &[u64]) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for id in ids {
+            let Some(bytes) = self.letters.remove(id.to_be_bytes())? else {
+                continue;
+            };
+            removed += 1;
+            if let Ok(letter) = decode_letter(&bytes) {
+                self.letters_by_upstream
+                    .remove(upstream_key(&letter.upstream, *id))?;
+            }
+        }
+        self.letter_count
+            .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
+        Ok(removed)
+    }
+
+    fn letter_ids(&self, upstream: Option<&str>) -> Result<Vec<u64>, StoreError> {
+        match upstream {
+            Some(upstream) => self
+                .letters_by_upstream
+                .range(upstream_key(upstream, 0)..=upstream_key(upstream, u64::MAX))
+                .keys()
+                .map(|k| Ok(id_of(&k?)))
+                .collect(),
+            None => self.letters.iter().keys().map(|k| Ok(id_of(&k?))).collect(),
+        }
+    }
+
+    fn letter_count(&self) -> u64 {
+        self.letter_count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
@@ -612,6 +788,65 @@ mod tests {
             "a"
         );
         assert!(store.expiry.is_empty());
+    }
+
+    fn letter(upstream: &str, reason: &str) -> DeadLetter {
+        DeadLetter {
+            upstream: upstream.into(),
+            method: "POST".into(),
+            uri: "/post".into(),
+            body: bytes::Bytes::from_static(b"{}"),
+            reason: reason.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn letters_are_listed_oldest_first_by_upstream_and_removed() {
+        let (_dir, store) = store();
+        let a1 = store.enqueue_letter(letter("a", "r1"), at(1)).unwrap();
+        let b1 = store.enqueue_letter(letter("b", "r2"), at(2)).unwrap();
+        let a2 = store.enqueue_letter(letter("a", "r3"), at(3)).unwrap();
+        assert_eq!(store.letter_count(), 3);
+        let ids = |letters: &[DeadLetter]| letters.iter().map(|l| l.id.clone()).collect::<Vec<_>>();
+        let (all, next) = store.list_letters(None, None, 2).unwrap();
+        assert_eq!(ids(&all), [a1.id.clone(), b1.id.clone()]);
+        let (rest, end) = store.list_letters(None, next, 2).unwrap();
+        assert_eq!(ids(&rest), std::slice::from_ref(&a2.id));
+        assert_eq!(end, None);
+        let (of_a, _) = store.list_letters(Some("a"), None, 10).unwrap();
+        assert_eq!(ids(&of_a), [a1.id.clone(), a2.id.clone()]);
+        assert_eq!(
+            store.get_letter(b1.id.parse().unwrap()).unwrap().reason,
+            "r2"
+        );
+
+        let mut replayed = a1.clone();
+        replayed.replays = 1;
+        store.update_letter(&replayed).unwrap();
+        assert_eq!(store.get_letter(a1.id.parse().unwrap()).unwrap().replays, 1);
+
+        let of_a = store.letter_ids(Some("a")).unwrap();
+        assert_eq!(store.remove_letters(&of_a).unwrap(), 2);
+        assert_eq!(store.letter_count(), 1);
+        assert!(
+            store
+                .list_letters(Some("a"), None, 10)
+                .unwrap()
+                .0
+                .is_empty()
+        );
+        assert!(matches!(
+            store.update_letter(&replayed),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(
+            store
+                .remove_letters(&store.letter_ids(None).unwrap())
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.letter_count(), 0);
     }
 
     #[test]

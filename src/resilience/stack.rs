@@ -43,6 +43,15 @@ use crate::sidecar::UpstreamClient;
 use crate::telemetry::metrics::UpstreamMetrics;
 use crate::telemetry::traces::{AttemptStart, RequestSpan};
 
+/// What a caller of [`Stack::call`] watches of the call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Observe<'a> {
+    /// The request's trace span, when tracing is on.
+    pub span: Option<&'a RequestSpan>,
+    /// Counts the attempts made (breaker refusals included).
+    pub attempts: Option<&'a std::sync::atomic::AtomicU32>,
+}
+
 /// One upstream's resilience stack.
 #[derive(Debug)]
 pub struct Stack {
@@ -103,7 +112,7 @@ impl Stack {
         &self,
         mut request: Request<Body>,
         grpc: bool,
-        span: Option<&RequestSpan>,
+        observe: Observe<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         let deadline = deadline::start(self.timeout, request.headers(), grpc);
         let faults = self.faults.current();
@@ -117,7 +126,7 @@ impl Stack {
             let response = self
                 .retry
                 .run(request, grpc, Some(deadline), |request, attempt| {
-                    self.attempt(request, grpc, deadline, attempt, faults, span)
+                    self.attempt(request, grpc, deadline, attempt, faults, observe)
                 })
                 .await?;
             Ok(response.map(|b| b.with_permit(permit)))
@@ -144,8 +153,12 @@ impl Stack {
         deadline: Deadline,
         attempt: Attempt,
         faults: Option<(&Faults, Overrides)>,
-        span: Option<&RequestSpan>,
+        observe: Observe<'_>,
     ) -> Result<Response<Body>, ProxyError> {
+        if let Some(attempts) = observe.attempts {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let span = observe.span;
         let Attempt {
             number,
             completion,

@@ -11,6 +11,7 @@
 //! swap and removed ones drained after it, and listeners that did not
 //! change keep their connections.
 
+pub mod dead_letter;
 mod h2;
 mod headers;
 mod live;
@@ -38,6 +39,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::traces::Tracing;
+use dead_letter::DeadLetters;
 pub(crate) use headers::is_hop_by_hop;
 pub use live::{Live, LiveCell};
 pub use proxy::{ProxyService, Target};
@@ -76,6 +78,17 @@ pub struct BindError {
     pub addr: SocketAddr,
     /// The operating system's error.
     pub source: std::io::Error,
+}
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("{0}")]
+    Bind(#[from] BindError),
+    /// The dead-letter spool could not be opened.
+    #[error("{0}")]
+    Spool(#[from] dead_letter::SpoolError),
 }
 
 /// Why a reload was refused. The configuration in force stays.
@@ -145,6 +158,7 @@ struct Control {
     builder: auto::Builder<TokioExecutor>,
     grace_period: Duration,
     tracing: Option<Tracing>,
+    dead_letters: Option<Arc<DeadLetters>>,
     status: signal::Sender<ReloadStatus>,
     stop: signal::Sender<bool>,
 }
@@ -161,6 +175,7 @@ impl Control {
             self.live.clone(),
             self.metrics.clone(),
             self.tracing.clone(),
+            self.dead_letters.clone(),
         );
         let accept = tokio::spawn(server::serve(
             listener,
@@ -338,8 +353,10 @@ async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, 
 
 /// Binds every listener and starts serving. Returns once all listeners are
 /// bound, so the returned addresses accept connections at once.
-pub async fn start(config: Config, options: Options) -> Result<Sidecar, BindError> {
+pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartError> {
     let metrics = Arc::new(Metrics::new());
+    let (stop_letters, stop_letters_rx) = signal::channel(false);
+    let dead_letters = DeadLetters::start(&config, metrics.clone(), stop_letters_rx)?;
     let admin_listener = bind("admin", config.admin.listen).await?;
     let admin_addr = local_addr(&admin_listener);
     let wanted = listen_addrs(&config);
@@ -358,6 +375,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, BindErro
         builder: server::builder(),
         grace_period: options.grace_period,
         tracing: options.tracing,
+        dead_letters: dead_letters.as_ref().map(|(sink, _)| sink.clone()),
         status,
         stop,
     });
@@ -416,6 +434,12 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, BindErro
                 .into_values()
                 .map(|l| l.close(control.grace_period));
             futures_util::future::join_all(closing).await;
+            if let Some((sink, shipper)) = dead_letters {
+                // Letters of the last requests are spooled before the end.
+                sink.settle(Duration::from_secs(2)).await;
+                let _ = stop_letters.send(true);
+                let _ = shipper.await;
+            }
             let _ = admin_task.await;
         }
     });
@@ -455,7 +479,7 @@ pub async fn run(
     config: Config,
     options: Options,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), BindError> {
+) -> Result<(), StartError> {
     let sidecar = start(config, options).await?;
     shutdown.await;
     tracing::info!("shutdown signal received");

@@ -10,11 +10,15 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::dead_letter::{Capture, DeadLetters, Failed};
 use super::live::LiveCell;
 use super::upstream::Upstream;
 use crate::body::Body;
 use crate::edge::{self, ProxyError};
 use crate::resilience::fallback;
+use crate::resilience::stack::Observe;
 use crate::telemetry::metrics::{Metrics, Outcome};
 use crate::telemetry::traces::Tracing;
 
@@ -43,22 +47,26 @@ pub struct ProxyService {
     live: LiveCell,
     metrics: Arc<Metrics>,
     tracing: Option<Tracing>,
+    dead_letters: Option<Arc<DeadLetters>>,
 }
 
 impl ProxyService {
     /// A service sending requests to `target`, as the live configuration
-    /// routes it, with spans when `tracing` is on.
+    /// routes it, with spans when `tracing` is on and letters for failed
+    /// requests when `dead_letters` is.
     pub fn new(
         target: Target,
         live: LiveCell,
         metrics: Arc<Metrics>,
         tracing: Option<Tracing>,
+        dead_letters: Option<Arc<DeadLetters>>,
     ) -> Self {
         Self {
             target,
             live,
             metrics,
             tracing,
+            dead_letters,
         }
     }
 
@@ -104,17 +112,25 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
             }
         };
-        Box::pin(forward(upstream, request, grpc, self.tracing.clone()))
+        Box::pin(forward(
+            upstream,
+            request,
+            grpc,
+            self.tracing.clone(),
+            self.dead_letters.clone(),
+        ))
     }
 }
 
 /// Sends a request to its upstream and records the outcome (and, with
-/// tracing on, the request's span).
+/// tracing on, the request's span; with dead letters on, a letter for a
+/// request that finally failed).
 async fn forward(
     upstream: Arc<Upstream>,
     request: Request<Incoming>,
     grpc: bool,
     tracing: Option<Tracing>,
+    dead_letters: Option<Arc<DeadLetters>>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let _in_flight = upstream.metrics.start();
@@ -126,9 +142,38 @@ async fn forward(
             &upstream.config.name,
         )
     });
-    let result = upstream.call(request, grpc, span.as_ref()).await;
-    let (outcome, response, error, degraded) = match (&upstream.config.fallback, result) {
-        (Some(fallback), result) if let Some(reason) = fallback::reason(&result, grpc) => {
+    let capture = match (dead_letters, upstream.config.dead_letter) {
+        (Some(sink), Some(policy)) => {
+            let head = sink.head(request.method(), request.uri(), request.headers());
+            Some((sink, Capture::new(policy.max_body), head))
+        }
+        _ => None,
+    };
+    let request = match &capture {
+        Some((_, capture, _)) => request.map(|b| capture.wrap(b)),
+        None => request.map(Body::incoming),
+    };
+    let attempts = AtomicU32::new(0);
+    let observe = Observe {
+        span: span.as_ref(),
+        attempts: capture.is_some().then_some(&attempts),
+    };
+    let result = upstream.call(request, grpc, observe).await;
+    let failure = if upstream.config.fallback.is_some() || capture.is_some() {
+        fallback::reason(&result, grpc)
+    } else {
+        None
+    };
+    if let (Some((sink, capture, head)), Some(reason)) = (capture, &failure) {
+        let failed = Failed {
+            reason: reason.to_string(),
+            attempts: attempts.load(Ordering::Relaxed),
+            grpc,
+        };
+        sink.submit(&upstream.config.name, head, capture, failed);
+    }
+    let (outcome, response, error, degraded) = match (&upstream.config.fallback, failure, result) {
+        (Some(fallback), Some(reason), result) => {
             if let Err(error) = &result {
                 tracing::debug!(upstream = %upstream.config.name, %error, %reason, "degraded");
             }
@@ -136,8 +181,8 @@ async fn forward(
             let response = fallback.answer(&reason, grpc);
             (Outcome::Degraded, response, None, Some(reason))
         }
-        (_, Ok(response)) => (outcome_of(&response, grpc), response, None, None),
-        (_, Err(error)) => {
+        (_, _, Ok(response)) => (outcome_of(&response, grpc), response, None, None),
+        (_, _, Err(error)) => {
             tracing::debug!(upstream = %upstream.config.name, %error, "upstream call failed");
             let response = edge::error_response(&error, grpc);
             (Outcome::Failure, response, Some(error.reason()), None)

@@ -24,9 +24,8 @@ use crate::resilience::breaker::Breaker;
 use crate::resilience::classify::{GRPC_STATUS, GrpcTrailerStatus};
 use crate::resilience::faults::{FaultCell, Faults};
 use crate::resilience::retry::replay::Completion;
-use crate::resilience::stack::Stack;
+use crate::resilience::stack::{Observe, Stack};
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
-use crate::telemetry::traces::RequestSpan;
 
 /// How long to wait for a TCP connection to an upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,15 +103,15 @@ impl Upstream {
 
     /// Sends a caller's request through the upstream's policy (`grpc`:
     /// the request is a gRPC call).
-    /// `span`: the request's trace span, when tracing is on.
+    /// `observe`: the trace span and attempt counter, if wanted.
     pub async fn call(
         &self,
-        request: Request<Incoming>,
+        request: Request<Body>,
         grpc: bool,
-        span: Option<&RequestSpan>,
+        observe: Observe<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         let request = self.client.prepare(request);
-        self.stack.call(request, grpc, span).await
+        self.stack.call(request, grpc, observe).await
     }
 }
 
@@ -175,8 +174,8 @@ impl UpstreamClient {
     /// Rewrites a caller's request for the upstream: absolute URI for the
     /// client, `Host` / `:authority` set to the upstream's address, the
     /// upstream's protocol version, no hop-by-hop headers.
-    pub fn prepare(&self, request: Request<Incoming>) -> Request<Body> {
-        let (mut parts, incoming) = request.into_parts();
+    pub fn prepare(&self, request: Request<Body>) -> Request<Body> {
+        let (mut parts, body) = request.into_parts();
         let mut target = uri::Parts::default();
         target.scheme = Some(Scheme::HTTP);
         target.authority = Some(self.address.clone());
@@ -197,7 +196,7 @@ impl UpstreamClient {
             parts.version = Version::HTTP_11;
         }
         parts.extensions.clear();
-        Request::from_parts(parts, Body::incoming(incoming))
+        Request::from_parts(parts, body)
     }
 
     /// Sends one attempt and returns the upstream's answer, hop-by-hop

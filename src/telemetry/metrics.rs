@@ -76,6 +76,12 @@ struct StateLabels {
     to: &'static str,
 }
 
+fn labels(upstream: &str) -> UpstreamLabels {
+    UpstreamLabels {
+        upstream: upstream.to_owned(),
+    }
+}
+
 /// The registry and metric families of one sidecar.
 pub struct Metrics {
     registry: Registry,
@@ -92,6 +98,10 @@ pub struct Metrics {
     hedges: Family<UpstreamLabels, Counter>,
     fallbacks: Family<ReasonLabels, Counter>,
     faults: Family<KindLabels, Counter>,
+    dead_letters: Family<UpstreamLabels, Counter>,
+    dead_letters_dropped: Family<UpstreamLabels, Counter>,
+    dead_letters_delivered: Family<UpstreamLabels, Counter>,
+    dead_letter_spool: Family<UpstreamLabels, Gauge>,
     config_generation: Gauge,
     config_reloads: Counter,
     config_reload_failures: Counter,
@@ -192,6 +202,30 @@ impl Metrics {
             "Faults injected by fault injection, by kind: delay, abort, truncate",
             faults.clone(),
         );
+        let dead_letters = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "dead_letters",
+            "Requests that finally failed and were captured as dead letters",
+            dead_letters.clone(),
+        );
+        let dead_letters_dropped = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "dead_letters_dropped",
+            "Dead letters dropped because the spool (or the queue to it) was full",
+            dead_letters_dropped.clone(),
+        );
+        let dead_letters_delivered = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "dead_letters_delivered",
+            "Dead letters delivered to the control plane",
+            dead_letters_delivered.clone(),
+        );
+        let dead_letter_spool = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "dead_letter_spool",
+            "Dead letters waiting in the local spool for the control plane",
+            dead_letter_spool.clone(),
+        );
         let config_generation = Gauge::default();
         registry.register(
             "config_generation",
@@ -225,6 +259,10 @@ impl Metrics {
             hedges,
             fallbacks,
             faults,
+            dead_letters,
+            dead_letters_dropped,
+            dead_letters_delivered,
+            dead_letter_spool,
             config_generation,
             config_reloads,
             config_reload_failures,
@@ -286,6 +324,32 @@ impl Metrics {
         if generation > 1 {
             self.config_reloads.inc();
         }
+    }
+
+    /// Counts a captured dead letter.
+    pub fn dead_letter_captured(&self, upstream: &str) {
+        self.dead_letters.get_or_create(&labels(upstream)).inc();
+    }
+
+    /// Counts a dropped dead letter.
+    pub fn dead_letter_dropped(&self, upstream: &str) {
+        self.dead_letters_dropped
+            .get_or_create(&labels(upstream))
+            .inc();
+    }
+
+    /// Counts a delivered dead letter.
+    pub fn dead_letter_delivered(&self, upstream: &str) {
+        self.dead_letters_delivered
+            .get_or_create(&labels(upstream))
+            .inc();
+    }
+
+    /// Moves the spool gauge of `upstream` by `delta` letters.
+    pub fn dead_letter_spooled(&self, upstream: &str, delta: i64) {
+        self.dead_letter_spool
+            .get_or_create(&labels(upstream))
+            .inc_by(delta);
     }
 
     /// Counts a refused reload.

@@ -1,0 +1,351 @@
+//! Dead letters end to end: a request that finally fails reaches the
+//! control plane with its content and without credentials; while the
+//! control plane is down it waits in the sidecar's spool, across a sidecar
+//! restart; a replay delivers it once the upstream is healthy.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use breakwater::api::dead_letters_client::DeadLettersClient;
+use breakwater::api::{
+    DeadLetter, EnqueueDeadLetterRequest, Header, ListDeadLettersRequest, ReplayDeadLetterRequest,
+};
+use breakwater::control::{self, ControlOptions, Running};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use support::*;
+use tonic::transport::Channel;
+
+async fn control_plane(dir: &Path, listen: SocketAddr, policies: Option<&str>) -> Running {
+    let mut options = ControlOptions::new(dir.to_owned());
+    options.listen = listen;
+    options.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    options.policies =
+        policies.map(|yaml| breakwater::config::parse("policies.yaml", yaml).unwrap());
+    control::start(options).await.unwrap()
+}
+
+async fn letters(addr: SocketAddr) -> Vec<DeadLetter> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    DeadLettersClient::new(channel)
+        .list(ListDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .letters
+}
+
+/// Waits (up to 10 s) until the control plane holds `n` letters.
+async fn wait_for_letters(addr: SocketAddr, n: usize) -> Vec<DeadLetter> {
+    for _ in 0..1000 {
+        let letters = letters(addr).await;
+        if letters.len() >= n {
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the control plane did not get {n} letters");
+}
+
+/// Waits (up to 10 s) until a sidecar metric has `value`.
+async fn wait_for_metric(admin: SocketAddr, series: &str, value: f64) {
+    for _ in 0..1000 {
+        if metric(admin, series).await == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{series} never became {value}");
+}
+
+fn sidecar_yaml(control_plane: SocketAddr, spool: &Path, upstream: SocketAddr) -> String {
+    format!(
+        "control_plane: {{url: 'http://{control_plane}'}}\ndead_letters: {{spool_dir: '{}', redact_headers: [x-api-key]}}\nupstreams:\n  orders:\n    address: '{upstream}'\n    dead_letter: true\n    retry: {{max_attempts: 2, backoff: {{base: 1ms}}, retry_non_idempotent: true}}\n",
+        spool.display()
+    )
+}
+
+fn order() -> Request<breakwater::body::Body> {
+    Request::post("/orders?batch=7")
+        .header("host", "orders")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer agent-secret")
+        .header("cookie", "session=1")
+        .header("x-api-key", "k-123")
+        .header("x-invoice", "INV-17")
+        .body(breakwater::body::full(r#"{"po": "PO-9", "amount": 1200}"#))
+        .unwrap()
+}
+
+async fn send(addr: SocketAddr, request: Request<breakwater::body::Body>) -> StatusCode {
+    let mut conn = h1_connect(addr).await;
+    let response = conn.send_request(request).await.unwrap();
+    let status = response.status();
+    let _ = response.into_body().collect().await;
+    status
+}
+
+#[tokio::test]
+async fn a_finally_failed_request_reaches_the_control_plane_without_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = control_plane(&dir.path().join("cp"), "127.0.0.1:0".parse().unwrap(), None).await;
+    let upstream = HttpUpstream::start(|request: Request<Incoming>| async move {
+        // Reads the body, as a real service would, then fails.
+        let _ = request.into_body().collect().await;
+        answer(503, &[], "down")
+    })
+    .await;
+    let sidecar = sidecar(&sidecar_yaml(
+        running.grpc_addr,
+        &dir.path().join("spool"),
+        upstream.addr,
+    ))
+    .await;
+
+    assert_eq!(
+        send(sidecar.proxy_addr, order()).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let letters = wait_for_letters(running.grpc_addr, 1).await;
+    let letter = &letters[0];
+    assert_eq!(letter.upstream, "orders");
+    assert_eq!(
+        (letter.method.as_str(), letter.uri.as_str()),
+        ("POST", "/orders?batch=7")
+    );
+    assert_eq!(letter.body, r#"{"po": "PO-9", "amount": 1200}"#);
+    assert!(!letter.body_truncated);
+    assert_eq!((letter.reason.as_str(), letter.attempts), ("http-503", 2));
+    let names: Vec<&str> = letter.headers.iter().map(|h| h.name.as_str()).collect();
+    for secret in ["authorization", "cookie", "x-api-key"] {
+        assert!(!names.contains(&secret), "{secret} leaked: {names:?}");
+    }
+    assert!(
+        names.contains(&"x-invoice") && names.contains(&"content-type"),
+        "{names:?}"
+    );
+    assert!(letter.failed_at.is_some() && letter.enqueued_at.is_some());
+    assert_eq!(upstream.requests(), 2);
+    wait_for_metric(
+        sidecar.admin_addr,
+        "breakwater_dead_letters_delivered_total{upstream=\"orders\"}",
+        1.0,
+    )
+    .await;
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn letters_wait_in_the_spool_across_a_restart_until_the_control_plane_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port for the control plane, which is not running yet.
+    let cp_addr = closed_port().await;
+    let spool = dir.path().join("spool");
+    let yaml = sidecar_yaml(cp_addr, &spool, closed_port().await);
+    let spooled = "breakwater_dead_letter_spool{upstream=\"orders\"}";
+
+    let first = sidecar(&yaml).await;
+    // The upstream is unreachable too: it never read the body, which is
+    // still captured whole.
+    assert_eq!(
+        send(first.proxy_addr, order()).await,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(
+        send(first.proxy_addr, order()).await,
+        StatusCode::BAD_GATEWAY
+    );
+    wait_for_metric(first.admin_addr, spooled, 2.0).await;
+    first.shutdown().await;
+
+    let second = sidecar(&yaml).await;
+    assert_eq!(
+        metric(second.admin_addr, spooled).await,
+        2.0,
+        "the spool survived"
+    );
+    let running = control_plane(&dir.path().join("cp"), cp_addr, None).await;
+    let letters = wait_for_letters(running.grpc_addr, 2).await;
+    assert_eq!(letters.len(), 2, "delivered once each");
+    for letter in &letters {
+        assert_eq!(letter.reason, "connect-failure");
+        assert_eq!(letter.body, r#"{"po": "PO-9", "amount": 1200}"#);
+    }
+    wait_for_metric(second.admin_addr, spooled, 0.0).await;
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replay_delivers_once_the_upstream_is_healthy() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let flag = healthy.clone();
+    let upstream = HttpUpstream::start(move |request: Request<Incoming>| {
+        let healthy = flag.load(Ordering::SeqCst);
+        async move {
+            let _ = request.into_body().collect().await;
+            if healthy {
+                answer(201, &[], "created")
+            } else {
+                answer(503, &[], "down")
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!(
+        "upstreams:\n  orders: {{address: '{}', retry: {{max_attempts: 1}}}}\n",
+        upstream.addr
+    );
+    let running = control_plane(dir.path(), "127.0.0.1:0".parse().unwrap(), Some(&policies)).await;
+    let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = DeadLettersClient::new(channel);
+    let letter = DeadLetter {
+        upstream: "orders".into(),
+        method: "POST".into(),
+        uri: "/orders".into(),
+        headers: vec![Header {
+            name: "idempotency-key".into(),
+            value: Bytes::from_static(b"order-9"),
+        }],
+        body: Bytes::from_static(b"{\"po\": \"PO-9\"}"),
+        reason: "http-503".into(),
+        ..Default::default()
+    };
+    let id = client
+        .enqueue(EnqueueDeadLetterRequest {
+            letter: Some(letter),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+
+    let failed = client
+        .replay(ReplayDeadLetterRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!failed.delivered);
+    assert_eq!(failed.status, 503);
+    let kept = letters(running.grpc_addr).await;
+    assert_eq!(kept.len(), 1, "a failed replay keeps the letter");
+    assert_eq!(kept[0].replays, 1);
+    assert_eq!(kept[0].last_replay_error, "the upstream answered HTTP 503");
+
+    healthy.store(true, Ordering::SeqCst);
+    let delivered = client
+        .replay(ReplayDeadLetterRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(delivered.delivered, "{delivered:?}");
+    assert_eq!(delivered.status, 201);
+    assert!(
+        letters(running.grpc_addr).await.is_empty(),
+        "a delivered letter is removed"
+    );
+    let seen = upstream.last_seen();
+    assert_eq!(seen.uri.path(), "/orders");
+    assert_eq!(seen.headers["idempotency-key"], "order-9");
+    assert_eq!(seen.headers["x-breakwater-replay"], id.as_str());
+
+    let status = client
+        .replay(ReplayDeadLetterRequest { id })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_cli_and_the_json_api_list_show_replay_and_purge() {
+    const BIN: &str = env!("CARGO_BIN_EXE_breakwater");
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!(
+        "upstreams:\n  orders: {{address: '{}'}}\n",
+        closed_port().await
+    );
+    let running = control_plane(dir.path(), "127.0.0.1:0".parse().unwrap(), Some(&policies)).await;
+    let http = running.http_addr.unwrap();
+    for uri in ["/a", "/b"] {
+        let body = format!(
+            r#"{{"upstream": "orders", "method": "POST", "uri": "{uri}", "body": "x", "reason": "connect-failure", "attempts": 3}}"#
+        );
+        let (parts, answer) = admin(http, Method::POST, "/v1/dead-letters", body).await;
+        assert_eq!(parts.status, StatusCode::OK, "{answer:?}");
+    }
+    let (parts, _) = admin(
+        http,
+        Method::POST,
+        "/v1/dead-letters",
+        r#"{"upstream": "orders", "method": "BAD METHOD", "uri": "/"}"#,
+    )
+    .await;
+    assert_eq!(parts.status, StatusCode::BAD_REQUEST);
+
+    let url = format!("http://{}", running.grpc_addr);
+    let cli = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let url = url.clone();
+        async move {
+            tokio::process::Command::new(BIN)
+                .arg("dlq")
+                .args(&args)
+                .args(["--control-plane", &url])
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let out = cli(&["list"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(
+        table.contains("POST /a") && table.contains("connect-failure"),
+        "{table}"
+    );
+    let listed = admin_json(http, "/v1/dead-letters?upstream=orders").await;
+    let first = listed["letters"][0]["id"].as_str().unwrap().to_owned();
+    let out = cli(&["show", &first, "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["uri"], "/a");
+    assert_eq!(shown["attempts"], 3);
+
+    // The upstream is down: the replay fails, the letters stay.
+    let out = cli(&["replay", "--upstream", "orders"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 replayed, 2 failed"),
+        "{out:?}"
+    );
+    assert_eq!(
+        admin_json(http, &format!("/v1/dead-letters/{first}")).await["replays"],
+        1
+    );
+
+    let out = cli(&["purge", &first]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1 letters purged\n");
+    let (parts, answer) = admin(http, Method::DELETE, "/v1/dead-letters?all=true", "").await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&answer).unwrap()["purged"],
+        1
+    );
+    assert!(letters(running.grpc_addr).await.is_empty());
+    running.shutdown().await;
+}
