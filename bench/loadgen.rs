@@ -12,6 +12,11 @@
 //!   (coordinated omission). The schedule is kept by a dedicated thread
 //!   with a precise sleep, not by the runtime's millisecond timer.
 //!
+//! `loadgen checkpoints` drives the control plane: `--concurrency` writers
+//! putting checkpoints (`--state-bytes` of state, spread over `--workflows`
+//! workflows) as fast as acknowledgements come back; reports throughput
+//! and latency percentiles.
+//!
 //! Output: one JSON object on stdout.
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -77,6 +82,31 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         warmup: Duration,
     },
+    /// Put checkpoints into a control plane.
+    Checkpoints(CheckpointArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckpointArgs {
+    /// The control plane's gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    target: String,
+    /// Writers, each with one put in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections (writers are spread over them).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Workflows written to.
+    #[arg(long, default_value_t = 10_000)]
+    workflows: u64,
+    /// Bytes of state per checkpoint.
+    #[arg(long, default_value_t = 1024)]
+    state_bytes: usize,
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -139,7 +169,75 @@ fn main() {
             });
             println!("{}", report.json(duration));
         }
+        Command::Checkpoints(args) => {
+            let report = runtime.block_on(checkpoints(&args));
+            println!("{}", report.json(args.duration));
+        }
     }
+}
+
+// ------------------------------------------------------------ checkpoints
+
+async fn checkpoints(args: &CheckpointArgs) -> Report {
+    use breakwater::api::PutCheckpointRequest;
+    use breakwater::api::checkpoints_client::CheckpointsClient;
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let channel = tonic::transport::Endpoint::from_shared(args.target.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("the control plane is reachable");
+        clients.push(CheckpointsClient::new(channel));
+    }
+    let state = Bytes::from(vec![b'x'; args.state_bytes]);
+    let next = Arc::new(AtomicU64::new(0));
+    let run = |duration: Duration| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..args.concurrency)
+            .map(|i| {
+                let mut client = clients[i % clients.len()].clone();
+                let (stop, next, state) = (stop.clone(), next.clone(), state.clone());
+                let workflows = args.workflows;
+                tokio::spawn(async move {
+                    let mut report = Report::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        let put = PutCheckpointRequest {
+                            workflow_id: format!("wf-{}", n % workflows),
+                            step: "step".into(),
+                            state: state.clone(),
+                            ..Default::default()
+                        };
+                        let started = Instant::now();
+                        match client.put(put).await {
+                            Ok(_) => {
+                                report.ok += 1;
+                                report
+                                    .latencies_us
+                                    .push(started.elapsed().as_micros() as u32);
+                            }
+                            Err(_) => report.errors += 1,
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        async move {
+            tokio::time::sleep(duration).await;
+            stop.store(true, Ordering::Relaxed);
+            let mut report = Report::default();
+            for worker in workers {
+                report.merge(worker.await.unwrap());
+            }
+            report
+        }
+    };
+    if !args.warmup.is_zero() {
+        run(args.warmup).await;
+    }
+    run(args.duration).await
 }
 
 // ---------------------------------------------------------------- upstream

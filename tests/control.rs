@@ -466,3 +466,42 @@ async fn the_cli_puts_and_reads_checkpoints() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_expired_workflow_vanishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = control_plane(dir.path(), Auth::open()).await;
+    let mut client = client(&running).await;
+    let put = PutCheckpointRequest {
+        ttl: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
+        ..put("short-lived", "a", None)
+    };
+    let started = tokio::time::Instant::now();
+    let answer = client.put(put).await.unwrap().into_inner();
+    assert!(answer.expires_at.is_some());
+    let get = GetCheckpointRequest {
+        workflow_id: "short-lived".into(),
+        version: 0,
+    };
+    // The TTL runs on the wall clock: poll until the workflow is gone.
+    loop {
+        match client.get(get.clone()).await {
+            Ok(_) => {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(5),
+                    "never expired"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::NotFound);
+                break;
+            }
+        }
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    running.shutdown().await;
+}

@@ -1,6 +1,6 @@
 //! Durability: the control plane is killed with SIGKILL in the middle of a
 //! write load, restarted on the same data, and every acknowledged
-//! checkpoint is there, whole.
+//! checkpoint and dead letter is there, whole.
 
 mod support;
 
@@ -8,12 +8,17 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use breakwater::api::checkpoints_client::CheckpointsClient;
-use breakwater::api::{GetCheckpointRequest, ListCheckpointsRequest, PutCheckpointRequest};
+use breakwater::api::dead_letters_client::DeadLettersClient;
+use breakwater::api::{
+    DeadLetter, EnqueueDeadLetterRequest, GetCheckpointRequest, GetDeadLetterRequest,
+    ListCheckpointsRequest, PutCheckpointRequest,
+};
 use bytes::Bytes;
 use support::Logged;
 
 const BIN: &str = env!("CARGO_BIN_EXE_breakwater");
 const WRITERS: usize = 16;
+const LETTER_WRITERS: usize = 4;
 
 fn control_plane(dir: &std::path::Path) -> (Logged, String) {
     let mut command = Command::new(BIN);
@@ -77,6 +82,33 @@ async fn every_acknowledged_checkpoint_survives_sigkill() {
             }
         }));
     }
+    let letters: Arc<Mutex<Vec<(String, Bytes)>>> = Arc::default();
+    let letter_client = DeadLettersClient::connect(url.clone()).await.unwrap();
+    for w in 0..LETTER_WRITERS {
+        let (mut client, letters) = (letter_client.clone(), letters.clone());
+        writers.push(tokio::spawn(async move {
+            for n in 0u64.. {
+                let body = state(&format!("letter-{w}"), n);
+                let letter = DeadLetter {
+                    upstream: format!("up-{w}"),
+                    method: "POST".into(),
+                    uri: format!("/orders/{n}"),
+                    body: body.clone(),
+                    reason: "http-503".into(),
+                    ..Default::default()
+                };
+                match client
+                    .enqueue(EnqueueDeadLetterRequest {
+                        letter: Some(letter),
+                    })
+                    .await
+                {
+                    Ok(stored) => letters.lock().unwrap().push((stored.into_inner().id, body)),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
     // Kill once a good number of writes are acknowledged, with more in
     // flight.
     enough.notified().await;
@@ -86,10 +118,21 @@ async fn every_acknowledged_checkpoint_survives_sigkill() {
         writer.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
+    let letters = letters.lock().unwrap().clone();
     drop(process);
 
     let (_process, url) = control_plane(dir.path());
-    let mut client = CheckpointsClient::connect(url).await.unwrap();
+    let mut client = CheckpointsClient::connect(url.clone()).await.unwrap();
+    let mut letter_client = DeadLettersClient::connect(url).await.unwrap();
+    assert!(!letters.is_empty());
+    for (id, body) in &letters {
+        let letter = letter_client
+            .get(GetDeadLetterRequest { id: id.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("letter {id}: {e}"))
+            .into_inner();
+        assert_eq!(&letter.body, body, "letter {id}");
+    }
     let mut highest = std::collections::BTreeMap::new();
     for (workflow, version) in &acked {
         let entry = highest.entry(workflow.clone()).or_insert(0);

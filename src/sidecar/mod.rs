@@ -159,6 +159,12 @@ struct Control {
     grace_period: Duration,
     tracing: Option<Tracing>,
     dead_letters: Option<Arc<DeadLetters>>,
+    /// `control_plane` and `dead_letters` as started: the spool and the
+    /// shipper are not rebuilt by a reload.
+    letters_config: (
+        Option<crate::config::ControlPlaneConfig>,
+        crate::config::DeadLettersConfig,
+    ),
     status: signal::Sender<ReloadStatus>,
     stop: signal::Sender<bool>,
 }
@@ -202,6 +208,13 @@ impl Control {
                 configured = %config.admin.listen,
                 serving = %current.config.admin.listen,
                 "admin.listen changes take effect at the next restart"
+            );
+        }
+        if (&config.control_plane, &config.dead_letters)
+            != (&self.letters_config.0, &self.letters_config.1)
+        {
+            tracing::warn!(
+                "control_plane and dead_letters changes take effect at the next restart"
             );
         }
         let wanted = listen_addrs(&config);
@@ -360,6 +373,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
     let admin_listener = bind("admin", config.admin.listen).await?;
     let admin_addr = local_addr(&admin_listener);
     let wanted = listen_addrs(&config);
+    let letters_config = (config.control_plane.clone(), config.dead_letters.clone());
     let live: LiveCell = Arc::new(ArcSwap::from_pointee(Live::build(
         config, 1, &metrics, None,
     )));
@@ -376,6 +390,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         grace_period: options.grace_period,
         tracing: options.tracing,
         dead_letters: dead_letters.as_ref().map(|(sink, _)| sink.clone()),
+        letters_config,
         status,
         stop,
     });
