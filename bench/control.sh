@@ -33,7 +33,7 @@ LOADGEN=target/release/examples/loadgen
 # ---------------------------------------------------------------- Breakwater
 rm -rf "$OUT/cp-data"
 $BIN --log-format json control-plane --data-dir "$OUT/cp-data" --listen 127.0.0.1:17070 \
-    --threads 2 2>"$OUT/cp.log" &
+    2>"$OUT/cp.log" &
 CP=$!
 trap 'kill $CP 2>/dev/null || true' EXIT
 for _ in $(seq 100); do grep -q "control plane ready" "$OUT/cp.log" && break; sleep 0.1; done

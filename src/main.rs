@@ -71,8 +71,10 @@ enum Command {
         /// replay dead letters.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Worker threads.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+        /// Worker threads. One is the fastest on small machines: the work
+        /// is short and waits on one flush pipeline, and a second thread
+        /// mostly adds wake-ups (docs/BENCHMARKS.md).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
     },
     /// The dead-letter queue on the control plane.

@@ -178,7 +178,10 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
     let routes = grpc::router(control.clone(), options.auth.clone());
     let mut grpc_stop = stop_rx.clone();
     tasks.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        // Without TCP_NODELAY a small answer can wait out the peer's
+        // delayed ACK: 40 ms on Linux.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async move {
@@ -274,6 +277,7 @@ where
             accepted = listener.accept() => accepted,
         };
         let Ok((stream, _)) = accepted else { continue };
+        let _ = stream.set_nodelay(true);
         let service = hyper::service::service_fn(handle.clone());
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)

@@ -238,7 +238,13 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, StoreError> {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // Flushes are ours (group commit): sled's own periodic flush would
+        // only compete with them.
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         let letters = db.open_tree("dead_letters")?;
         let count = letters.len() as u64;
         Ok(Self {
