@@ -20,8 +20,10 @@
 //! benchmark, it cost 21 thousand instructions per request over plain
 //! pass-through (+28%), most of it allocation and moving futures between
 //! boxes. Composed as plain calls in one function, the whole call is one
-//! future with no allocation of its own. Each mechanism still lives in its
-//! own module with its own tests; only their composition is here.
+//! future plus one box per attempt (an attempt's future is a few KiB, and
+//! inline it made every call's future that large: moving it cost more than
+//! the allocation, see docs/BENCHMARKS.md). Each mechanism still lives in
+//! its own module with its own tests; only their composition is here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -195,7 +197,9 @@ impl Stack {
             let Some(injection) = injection else {
                 return self.client.send(request, completion).await;
             };
-            self.inject(injection, request, completion).await
+            // Boxed: faults are rare; their future should not grow the
+            // common one.
+            Box::pin(self.inject(injection, request, completion)).await
         };
         let result = match self.per_try_timeout {
             None => send.await,

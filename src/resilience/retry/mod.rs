@@ -221,19 +221,23 @@ impl Retry {
                 completion: None,
                 cause: None,
             };
-            return attempt(request, first).await;
+            // Boxed: an attempt's future is a few KiB (client, timeouts,
+            // faults, spans); inline, it made every caller's future that
+            // large, and moving it cost more than this allocation.
+            return Box::pin(attempt(request, first)).await;
         }
         let (parts, body) = request.into_parts();
         let safe = safe_to_repeat(&parts, &self.params, grpc);
         let template = Template::new(parts, body, self.params.buffer_limit);
         if let Some(hedge) = self.hedge.clone().filter(|_| safe) {
-            return self.hedged(template, hedge, grpc, deadline, &attempt).await;
+            // Boxed: the rare path should not grow every call's future.
+            return Box::pin(self.hedged(template, hedge, grpc, deadline, &attempt)).await;
         }
         let mut sent = 1u32;
         let mut cause = None;
         loop {
             let (request, description) = template.attempt(sent, cause);
-            let result = attempt(request, description).await;
+            let result = Box::pin(attempt(request, description)).await;
             let Some(failure) = classify::classify(&result, grpc) else {
                 return result;
             };
