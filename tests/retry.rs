@@ -490,3 +490,73 @@ async fn post_requests_are_not_hedged() {
     call(sidecar.proxy_addr, "agent", Method::POST, "/", "x").await;
     assert_eq!(upstream.requests(), 1);
 }
+
+/// An HTTP/2 upstream (the h2 crate, no hyper) that refuses its first
+/// `refusals` streams with `REFUSED_STREAM` and answers 200 after.
+async fn refusing(refusals: usize) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let mut streams = 0;
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                streams += 1;
+                if streams <= refusals {
+                    log.lock().unwrap().push("refused".into());
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
+                // Read the body, as a service that processes the call does.
+                let mut body = request.into_body();
+                let mut received = Vec::new();
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    received.extend_from_slice(&chunk);
+                }
+                log.lock()
+                    .unwrap()
+                    .push(format!("served {}", String::from_utf8_lossy(&received)));
+                let response = http::Response::new(());
+                let mut send = respond.send_response(response, false).unwrap();
+                send.send_data(Bytes::from_static(b"ok"), true).unwrap();
+            }
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_retried_even_for_post() {
+    let (addr, seen) = refusing(1).await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent:\n    address: '{addr}'\n    protocol: http2\n    retry: {{backoff: {{base: 1ms}}, on: [refused-stream]}}\n"
+    ))
+    .await;
+    // POST without an idempotency key: only a failure that proves the
+    // upstream never processed the request may be retried, and a refused
+    // stream is one.
+    let (parts, body) = call(sidecar.proxy_addr, "agent", Method::POST, "/orders", "po-9").await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body, "ok");
+    assert_eq!(*seen.lock().unwrap(), ["refused", "served po-9"]);
+    let retries = metric(
+        sidecar.admin_addr,
+        "breakwater_retries_total{upstream=\"agent\",reason=\"refused-stream\"}",
+    )
+    .await;
+    assert_eq!(retries, 1.0);
+
+    // Without retries the refusal reaches the caller as such.
+    let (addr, _) = refusing(1).await;
+    let single = support::sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{addr}', protocol: http2, retry: {{max_attempts: 1}}}}\n"
+    ))
+    .await;
+    let (parts, _) = call(single.proxy_addr, "agent", Method::GET, "/", "").await;
+    assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(parts.headers["x-breakwater-error"], "refused-stream");
+}
