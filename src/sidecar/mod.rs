@@ -445,10 +445,12 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
                 let _ = watcher.await;
             }
             let listeners = std::mem::take(&mut *control.listeners.lock().await);
+            tracing::info!(grace_period = ?control.grace_period, "draining");
             let closing = listeners
                 .into_values()
                 .map(|l| l.close(control.grace_period));
             futures_util::future::join_all(closing).await;
+            tracing::info!("drained");
             if let Some((sink, shipper)) = dead_letters {
                 // Letters of the last requests are spooled before the end.
                 sink.settle(Duration::from_secs(2)).await;
@@ -476,10 +478,12 @@ async fn drain(graceful: Arc<GracefulShutdown>, grace_period: Duration) {
         return;
     };
     let open = graceful.count();
-    tracing::info!(connections = open, grace_period = ?grace_period, "draining");
-    match tokio::time::timeout(grace_period, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("drained"),
-        Err(_) => tracing::warn!("grace period over; closing the remaining connections"),
+    tracing::debug!(connections = open, grace_period = ?grace_period, "draining a listener");
+    if tokio::time::timeout(grace_period, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing the remaining connections");
     }
 }
 
