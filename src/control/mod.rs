@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod service;
 pub mod store;
+pub mod template;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
