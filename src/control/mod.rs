@@ -9,6 +9,7 @@ pub mod auth;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod saga_spec;
 pub mod service;
 pub mod store;
 pub mod template;
