@@ -27,18 +27,8 @@ cargo build --release --locked -j2 --bin breakwater --example loadgen
 BW=target/release/breakwater
 LOADGEN=target/release/examples/loadgen
 
-write_config() { # file extra-defaults
-cat > "$1" <<YAML
-admin: {listen: 127.0.0.1:18190}
-proxy: {listen: 127.0.0.1:18191}
-defaults: {$2}
-upstreams:
-  upstream: {address: 127.0.0.1:18080, protocol: http1, listen: 127.0.0.1:18100}
-  grpc-upstream: {address: 127.0.0.1:18081, protocol: grpc, listen: 127.0.0.1:18101}
-YAML
-}
-write_config "$OUT/instructions-off.yaml" "retry: {max_attempts: 1}, circuit_breaker: {enabled: false}"
-write_config "$OUT/instructions-on.yaml" ""
+. bench/policies.sh
+write_policies "$OUT/instructions"
 
 wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; exit 1; }
 
