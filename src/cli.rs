@@ -416,16 +416,7 @@ fn print_letter(l: &DeadLetter) {
         );
     }
     let cut = if l.body_truncated { " (truncated)" } else { "" };
-    match std::str::from_utf8(&l.body) {
-        Ok(text) => println!("body{cut}       {text}"),
-        Err(_) => {
-            use base64::Engine as _;
-            println!(
-                "body{cut}       (base64) {}",
-                base64::engine::general_purpose::STANDARD.encode(&l.body)
-            );
-        }
-    }
+    println!("body{cut}       {}", readable(&l.body));
 }
 
 /// What to replay or purge.
@@ -535,6 +526,18 @@ pub async fn dlq_purge(remote: &Remote, selection: Selection) -> Result<(), CliE
     Ok(())
 }
 
+/// Bytes as text when they are UTF-8, else as base64, marked.
+fn readable(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => format!(
+            "(base64) {}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        ),
+    }
+}
+
 fn print_json(value: &impl serde::Serialize) {
     println!(
         "{}",
@@ -561,16 +564,7 @@ fn print_checkpoint(c: Checkpoint) {
     for (key, value) in metadata {
         println!("metadata   {key}={value}");
     }
-    match std::str::from_utf8(&c.state) {
-        Ok(text) => println!("state      {text}"),
-        Err(_) => {
-            use base64::Engine as _;
-            println!(
-                "state      (base64) {}",
-                base64::engine::general_purpose::STANDARD.encode(&c.state)
-            );
-        }
-    }
+    println!("state      {}", readable(&c.state));
 }
 
 /// Prints rows under a header, columns padded to their widest cell.

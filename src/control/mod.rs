@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use ::http::header::{CONTENT_TYPE, HeaderValue};
 use ::http::{Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -265,29 +265,18 @@ fn admin(metrics: &ControlMetrics, path: &str) -> Response<Body> {
     response
 }
 
-/// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop`.
-async fn serve_http<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handle: F)
+/// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop`, then
+/// lets open connections finish (up to 10 s).
+async fn serve_http<F, Fut>(listener: TcpListener, stop: watch::Receiver<bool>, handle: F)
 where
     F: Fn(::http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    loop {
-        let accepted = tokio::select! {
-            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
-            accepted = listener.accept() => accepted,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let _ = stream.set_nodelay(true);
-        let service = hyper::service::service_fn(handle.clone());
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+    let service = hyper::service::service_fn(handle);
+    crate::sidecar::server::serve(listener, service, builder, graceful.clone(), stop).await;
+    if let Ok(graceful) = Arc::try_unwrap(graceful) {
+        let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
 }

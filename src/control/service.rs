@@ -225,11 +225,6 @@ impl ControlPlane {
         }
     }
 
-    /// The metrics.
-    pub fn metrics(&self) -> &Arc<ControlMetrics> {
-        &self.metrics
-    }
-
     /// The largest state accepted.
     pub fn max_state_bytes(&self) -> usize {
         self.max_state_bytes
@@ -611,7 +606,7 @@ async fn replay(
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    crate::resilience::classify::grpc_status(headers).map(i32::from)
 }
 
 /// Marks a request sent by a replay, with the letter's id.

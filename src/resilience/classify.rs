@@ -62,6 +62,14 @@ pub fn grpc_name(code: u8) -> &'static str {
 /// The gRPC status header (or trailer).
 pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
+/// The `grpc-status` in a header (or trailer) map, if there is a valid one.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    std::str::from_utf8(headers.get(GRPC_STATUS)?.as_bytes())
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// gRPC `DEADLINE_EXCEEDED`.
 pub const GRPC_DEADLINE_EXCEEDED: u8 = GrpcCode::DeadlineExceeded as u8;
 /// gRPC `RESOURCE_EXHAUSTED`.
@@ -139,17 +147,12 @@ pub fn classify_response<B>(response: &Response<B>, grpc: bool) -> Option<Failur
     if !grpc {
         return None;
     }
-    let grpc = response
-        .headers()
-        .get(GRPC_STATUS)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .and_then(|v| v.parse::<u8>().ok())
-        .or_else(|| {
-            response
-                .extensions()
-                .get::<GrpcTrailerStatus>()
-                .map(|s| s.0)
-        });
+    let grpc = grpc_status(response.headers()).or_else(|| {
+        response
+            .extensions()
+            .get::<GrpcTrailerStatus>()
+            .map(|s| s.0)
+    });
     match grpc {
         Some(0) | None => None,
         Some(code) => Some(Failure::Grpc(code)),

@@ -17,7 +17,7 @@ mod headers;
 mod live;
 mod proxy;
 mod route;
-mod server;
+pub(crate) mod server;
 mod upstream;
 pub mod watch;
 

@@ -13,7 +13,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::proxy::ProxyService;
+use std::convert::Infallible;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::Body;
 
 /// Largest request head (request line and headers) accepted over HTTP/1.1,
 /// and largest header list over HTTP/2.
@@ -47,13 +52,19 @@ pub fn builder() -> auto::Builder<TokioExecutor> {
 /// Serves `listener` until `stop` turns true, then closes the listener so
 /// new connections are refused. Connections already accepted keep going
 /// until `graceful` drains them.
-pub async fn serve(
+pub async fn serve<S>(
     listener: TcpListener,
-    service: ProxyService,
+    service: S,
     builder: auto::Builder<TokioExecutor>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     loop {
         let accepted = tokio::select! {
             biased;

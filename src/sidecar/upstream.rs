@@ -21,7 +21,7 @@ use crate::body::{self, Body, BoxError};
 use crate::config::UpstreamConfig;
 use crate::edge::ProxyError;
 use crate::resilience::breaker::Breaker;
-use crate::resilience::classify::{GRPC_STATUS, GrpcTrailerStatus};
+use crate::resilience::classify::{self, GRPC_STATUS, GrpcTrailerStatus};
 use crate::resilience::faults::{FaultCell, Faults};
 use crate::resilience::retry::replay::Completion;
 use crate::resilience::stack::{Observe, Stack};
@@ -243,10 +243,7 @@ impl UpstreamClient {
                 source: error_chain(&e),
             }),
             Some(Ok(frame)) => {
-                let status = frame
-                    .trailers_ref()
-                    .and_then(|t| t.get(GRPC_STATUS))
-                    .and_then(|s| std::str::from_utf8(s.as_bytes()).ok()?.parse().ok());
+                let status = frame.trailers_ref().and_then(classify::grpc_status);
                 if let Some(status) = status {
                     parts.extensions.insert(GrpcTrailerStatus(status));
                 }

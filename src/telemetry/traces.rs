@@ -31,7 +31,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 use crate::body::{self, Body, BoxError};
-use crate::resilience::classify::GRPC_STATUS;
+use crate::resilience::classify;
 
 /// A tracer exporting to an OTLP collector.
 #[derive(Debug, Clone)]
@@ -282,7 +282,7 @@ impl Drop for AttemptSpan {
 }
 
 fn grpc_status(headers: &HeaderMap) -> Option<i64> {
-    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
+    classify::grpc_status(headers).map(i64::from)
 }
 
 /// An answer's body that ends its request's span when it ends.
