@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let api = [
         "proto/breakwater/v1/checkpoints.proto",
         "proto/breakwater/v1/dead_letters.proto",
+        "proto/breakwater/v1/sagas.proto",
     ];
     for proto in example.iter().chain(&api) {
         println!("cargo:rerun-if-changed={proto}");

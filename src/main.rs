@@ -67,10 +67,13 @@ enum Command {
         /// Largest checkpoint state (and dead-letter body) accepted.
         #[arg(long, default_value = "4MiB", value_parser = parse_size)]
         max_state: u64,
-        /// The upstreams' policies (the sidecars' policy file), used to
-        /// replay dead letters.
+        /// The upstreams' policies (the sidecars' policy file): the
+        /// upstreams sagas call and dead letters are replayed to.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// How many sagas run at once; the others wait their turn.
+        #[arg(long, default_value_t = breakwater::control::saga::DEFAULT_WORKERS)]
+        saga_workers: usize,
         /// Worker threads. One is the fastest on small machines: the work
         /// is short and waits on one flush pipeline, and a second thread
         /// mostly adds wake-ups (docs/BENCHMARKS.md).
@@ -90,6 +93,14 @@ enum Command {
         remote: RemoteArgs,
         #[command(subcommand)]
         command: CheckpointCommand,
+    },
+    /// Sagas on the control plane: start one from a YAML file, show,
+    /// list, watch, abort.
+    Saga {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: SagaCommand,
     },
     /// Check a policy file.
     Config {
@@ -161,6 +172,51 @@ enum CheckpointCommand {
         /// How many to keep.
         #[arg(long)]
         keep: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SagaCommand {
+    /// Start the saga a YAML (or JSON) file defines; starting an id that
+    /// exists shows that saga.
+    Start {
+        /// The definition.
+        file: PathBuf,
+        /// Watch it until it ends, then show it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a saga: its state and each step's.
+    Show {
+        /// The saga's id.
+        id: String,
+    },
+    /// List sagas by id.
+    List {
+        /// Only sagas in this state: running, completed, compensating,
+        /// compensated, failed (they need a person), aborted.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        page_size: u32,
+        /// From a previous page.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Print a saga's events until it ends, or every saga's.
+    Watch {
+        /// The saga's id (none: all sagas).
+        id: Option<String>,
+    },
+    /// Abort a running saga: the step in flight finishes, then what was
+    /// done is compensated.
+    Abort {
+        /// The saga's id.
+        id: String,
+        /// Why (recorded as the saga's error).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -292,6 +348,7 @@ fn main() -> ExitCode {
             token_file,
             max_state,
             config,
+            saga_workers,
             threads,
         } => {
             let policies = match config.as_deref().map(config::load).transpose() {
@@ -321,6 +378,7 @@ fn main() -> ExitCode {
             options.auth = auth;
             options.max_state_bytes = usize::try_from(max_state).unwrap_or(usize::MAX);
             options.policies = policies;
+            options.saga_workers = saga_workers;
             let result = runtime(threads).block_on(async move {
                 let running = control::start(options).await?;
                 shutdown_signal().await;
@@ -351,6 +409,27 @@ fn main() -> ExitCode {
                     }
                     DlqCommand::Purge { selection } => {
                         cli::dlq_purge(&remote, selection.into()).await
+                    }
+                }
+            });
+            finish(result)
+        }
+        Command::Saga { remote, command } => {
+            let remote = remote.into();
+            let result = runtime(1).block_on(async move {
+                match command {
+                    SagaCommand::Start { file, wait } => {
+                        cli::saga::start(&remote, &file, wait).await
+                    }
+                    SagaCommand::Show { id } => cli::saga::show(&remote, &id).await,
+                    SagaCommand::List {
+                        state,
+                        page_size,
+                        page_token,
+                    } => cli::saga::list(&remote, state, page_size, page_token).await,
+                    SagaCommand::Watch { id } => cli::saga::watch(&remote, id).await,
+                    SagaCommand::Abort { id, reason } => {
+                        cli::saga::abort(&remote, id, reason).await
                     }
                 }
             });

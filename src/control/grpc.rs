@@ -1,15 +1,20 @@
-//! The gRPC face of the control plane: the `Checkpoints` and
-//! `DeadLetters` services, bearer
-//! token checks, health and reflection.
+//! The gRPC face of the control plane: the `Checkpoints`, `DeadLetters`
+//! and `Sagas` services, bearer token checks, health and reflection.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::auth::Auth;
+use super::saga_proto;
 use super::service::{ApiError, ControlPlane};
 use crate::api::checkpoints_server::{self, CheckpointsServer};
 use crate::api::dead_letters_server::{self, DeadLettersServer};
+use crate::api::sagas_server::{self, SagasServer};
+use crate::api::{
+    AbortSagaRequest, GetSagaRequest, ListSagasRequest, ListSagasResponse, Saga, SagaEvent,
+    StartSagaRequest, WatchSagasRequest,
+};
 use crate::api::{
     Checkpoint, DeadLetter, DeleteCheckpointsRequest, DeleteCheckpointsResponse,
     EnqueueDeadLetterRequest, GetCheckpointRequest, GetDeadLetterRequest, ListCheckpointsRequest,
@@ -139,6 +144,77 @@ impl dead_letters_server::DeadLetters for DeadLettersService {
     }
 }
 
+/// The `Sagas` service.
+#[derive(Debug, Clone)]
+pub struct SagasService(pub Arc<ControlPlane>);
+
+type EventStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<SagaEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl sagas_server::Sagas for SagasService {
+    async fn start(&self, request: Request<StartSagaRequest>) -> Result<Response<Saga>, Status> {
+        let definition = request
+            .into_inner()
+            .definition
+            .ok_or_else(|| Status::invalid_argument("definition is missing"))?;
+        let spec = saga_proto::spec_from_proto(definition).map_err(Status::invalid_argument)?;
+        let (record, _) = self.0.sagas.start(spec).await?;
+        Ok(Response::new(saga_proto::record_to_proto(&record, true)))
+    }
+
+    async fn get(&self, request: Request<GetSagaRequest>) -> Result<Response<Saga>, Status> {
+        let record = self.0.sagas.get(&request.get_ref().id)?;
+        Ok(Response::new(saga_proto::record_to_proto(&record, true)))
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListSagasRequest>,
+    ) -> Result<Response<ListSagasResponse>, Status> {
+        let request = request.into_inner();
+        let state = match request.state {
+            0 => None,
+            n => Some(
+                saga_proto::state_from_proto(n)
+                    .ok_or_else(|| Status::invalid_argument(format!("state {n} is not a state")))?,
+            ),
+        };
+        let (records, next_page_token) =
+            self.0
+                .sagas
+                .list_page(state, request.page_size, &request.page_token)?;
+        Ok(Response::new(ListSagasResponse {
+            sagas: records
+                .iter()
+                .map(|r| saga_proto::record_to_proto(r, false))
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchSagasRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = request.into_inner().id;
+        let events = self.0.sagas.watch((!id.is_empty()).then_some(id))?;
+        let stream = futures_util::StreamExt::map(events, |event| match event {
+            Ok(event) => Ok(saga_proto::event_to_proto(&event)),
+            Err(message) => Err(Status::data_loss(message)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn abort(&self, request: Request<AbortSagaRequest>) -> Result<Response<Saga>, Status> {
+        let request = request.into_inner();
+        let record = self.0.sagas.abort(&request.id, &request.reason).await?;
+        Ok(Response::new(saga_proto::record_to_proto(&record, true)))
+    }
+}
+
 /// The gRPC router: checkpoints and reflection behind the token check,
 /// health open to probes.
 pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes {
@@ -159,6 +235,9 @@ pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes 
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("the embedded descriptor set is valid");
+    let sagas = SagasServer::new(SagasService(control.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
     let dead_letters = DeadLettersServer::new(DeadLettersService(control))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
@@ -170,6 +249,7 @@ pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes 
         reporter
             .set_serving::<DeadLettersServer<DeadLettersService>>()
             .await;
+        reporter.set_serving::<SagasServer<SagasService>>().await;
     });
     let check = move |request: Request<()>| auth.check_grpc(request);
     tonic::service::Routes::new(health)
@@ -179,6 +259,10 @@ pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes 
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             dead_letters,
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            sagas,
             check.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -14,6 +14,11 @@
 //! | `POST /v1/dead-letters/{id}/replay` | send it again |
 //! | `DELETE /v1/dead-letters/{id}` | purge one |
 //! | `DELETE /v1/dead-letters?upstream=U` or `?all=true` | purge an upstream's, or all |
+//! | `POST /v1/sagas` | start a saga (its definition; 201, or 200 when it exists) |
+//! | `GET /v1/sagas[?state=&page_size=&page_token=]` | list, by id |
+//! | `GET /v1/sagas/{id}` | one saga |
+//! | `GET /v1/sagas[/{id}]?watch=true` | events as JSON lines |
+//! | `POST /v1/sagas/{id}/abort` | abort (`{"reason": "..."}`, optional) |
 //!
 //! Errors answer `{"error": {"code": "NOT_FOUND", "message": "..."}}` with
 //! the matching HTTP status (400, 401, 404, 409, 500).
@@ -31,6 +36,8 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::auth::Auth;
+use super::saga::SagaState;
+use super::saga_spec::SagaSpec;
 use super::service::{ApiError, ControlPlane};
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
 use crate::api::{
@@ -260,6 +267,32 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::Invalid(message.into())
 }
 
+/// Parses a JSON body; errors name the field.
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let e = e.into_inner();
+        if path == "." {
+            invalid(format!("invalid JSON body: {e}"))
+        } else {
+            invalid(format!("invalid JSON body: {path}: {e}"))
+        }
+    })
+}
+
+fn watching(query: &BTreeMap<String, String>) -> bool {
+    query.get("watch").is_some_and(|v| v == "true" || v == "1")
+}
+
+/// `POST /v1/sagas/{id}/abort`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AbortBody {
+    #[serde(default)]
+    reason: String,
+}
+
 /// Decodes `%XX` escapes in a path segment.
 fn percent_decode(segment: &str) -> Result<String, ApiError> {
     let bytes = segment.as_bytes();
@@ -324,30 +357,56 @@ impl HttpApi {
         })
     }
 
+    /// A JSON body, or `T::default()` when there is none.
+    async fn optional_body<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<T, ApiError> {
+        let bytes = self.bytes(request).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(T::default());
+        }
+        parse(&bytes)
+    }
+
     async fn body<T: serde::de::DeserializeOwned>(
         &self,
         request: Request<Incoming>,
     ) -> Result<T, ApiError> {
+        parse(&self.bytes(request).await?)
+    }
+
+    async fn bytes(&self, request: Request<Incoming>) -> Result<Bytes, ApiError> {
         // Base64 and JSON escaping make a state up to ~4/3 its size.
         let limit = self.control.max_state_bytes() * 2 + (64 << 10);
-        let bytes = match Limited::new(request.into_body(), limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => {
-                return Err(invalid(format!(
-                    "the body is over {limit} bytes, or was cut short"
-                )));
+        match Limited::new(request.into_body(), limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(_) => Err(invalid(format!(
+                "the body is over {limit} bytes, or was cut short"
+            ))),
+        }
+    }
+
+    /// Streams events as JSON lines until the watch ends.
+    fn watch(&self, id: Option<String>) -> Result<Response<Body>, ApiError> {
+        let events = self.control.sagas.watch(id)?;
+        let lines = futures_util::StreamExt::map(events, |event| {
+            let mut line = match event {
+                Ok(event) => serde_json::to_vec(&event),
+                Err(message) => serde_json::to_vec(
+                    &serde_json::json!({"error": {"code": "DATA_LOSS", "message": message}}),
+                ),
             }
-        };
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let e = e.into_inner();
-            if path == "." {
-                invalid(format!("invalid JSON body: {e}"))
-            } else {
-                invalid(format!("invalid JSON body: {path}: {e}"))
-            }
-        })
+            .expect("events serialize");
+            line.push(b'\n');
+            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(line)))
+        });
+        let mut response = Response::new(body::boxed(http_body_util::StreamBody::new(lines)));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        Ok(response)
     }
 
     async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -472,6 +531,55 @@ impl HttpApi {
                         "error": outcome.error,
                     }),
                 ))
+            }
+            (Method::POST, ["v1", "sagas"]) => {
+                let spec: SagaSpec = self.body(request).await?;
+                let (record, created) = self.control.sagas.start(spec).await?;
+                let status = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                Ok(json(status, &record))
+            }
+            (Method::GET, ["v1", "sagas"]) => {
+                let query = query(&request)?;
+                if watching(&query) {
+                    return self.watch(None);
+                }
+                let state = query
+                    .get("state")
+                    .map(|s| {
+                        SagaState::parse(s).ok_or_else(|| {
+                            invalid(format!(
+                                "state {s:?} is not one of running, completed, compensating, \
+                                 compensated, failed, aborted"
+                            ))
+                        })
+                    })
+                    .transpose()?;
+                let (sagas, next_page_token) = self.control.sagas.list_page(
+                    state,
+                    number(&query, "page_size")?.unwrap_or(0),
+                    query.get("page_token").map_or("", String::as_str),
+                )?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"sagas": sagas, "next_page_token": next_page_token}),
+                ))
+            }
+            (Method::GET, ["v1", "sagas", id]) => {
+                let id = percent_decode(id)?;
+                if watching(&query(&request)?) {
+                    return self.watch(Some(id));
+                }
+                Ok(json(StatusCode::OK, &self.control.sagas.get(&id)?))
+            }
+            (Method::POST, ["v1", "sagas", id, "abort"]) => {
+                let id = percent_decode(id)?;
+                let body: AbortBody = self.optional_body(request).await?;
+                let record = self.control.sagas.abort(&id, &body.reason).await?;
+                Ok(json(StatusCode::OK, &record))
             }
             _ => Err(ApiError::NotFound(format!(
                 "no {} {path}: see the API in docs/control-plane.md",

@@ -20,6 +20,23 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SagaCallLabels {
+    upstream: String,
+    call: &'static str,
+    result: &'static str,
+}
+
+/// Buckets for saga calls, in seconds.
+const CALL_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: &'static str,
 }
@@ -32,6 +49,9 @@ pub struct ControlMetrics {
     replays: Family<ResultLabels, Counter>,
     requests: Family<MethodLabels, Histogram, fn() -> Histogram>,
     flushes: Histogram,
+    sagas: Family<StateLabels, Gauge>,
+    saga_calls: Family<SagaCallLabels, Histogram, fn() -> Histogram>,
+    compensations: Family<ResultLabels, Counter>,
 }
 
 impl std::fmt::Debug for ControlMetrics {
@@ -81,8 +101,36 @@ impl ControlMetrics {
             "Store flushes (one per group of concurrent writes)",
             flushes.clone(),
         );
+        let sagas = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "sagas",
+            "Sagas by state: running, completed, compensating, compensated, failed, aborted",
+            sagas.clone(),
+        );
+        for state in super::saga::SagaState::ALL {
+            let _ = sagas.get_or_create(&StateLabels {
+                state: state.as_str(),
+            });
+        }
+        let saga_calls: Family<SagaCallLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(CALL_BUCKETS));
+        registry.register(
+            "saga_step_duration_seconds",
+            "Saga calls by upstream, call (action or compensation) and result, \
+             from send to answer, retries included",
+            saga_calls.clone(),
+        );
+        let compensations = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "saga_compensations",
+            "Compensations run, by result: ok or failed",
+            compensations.clone(),
+        );
         Self {
             registry,
+            sagas,
+            saga_calls,
+            compensations,
             checkpoints_written,
             dead_letters,
             replays,
@@ -118,6 +166,43 @@ impl ControlMetrics {
     /// Records a store flush's latency.
     pub fn observe_flush(&self, took: Duration) {
         self.flushes.observe(took.as_secs_f64());
+    }
+
+    /// Sets how many sagas are in `state` (at start).
+    pub fn set_sagas(&self, state: &'static str, count: u64) {
+        self.sagas
+            .get_or_create(&StateLabels { state })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// A saga entered `state`.
+    pub fn saga_entered(&self, state: &'static str) {
+        self.sagas.get_or_create(&StateLabels { state }).inc();
+    }
+
+    /// A saga left `state`.
+    pub fn saga_left(&self, state: &'static str) {
+        self.sagas.get_or_create(&StateLabels { state }).dec();
+    }
+
+    /// Records a saga call's latency.
+    pub fn observe_saga_call(&self, upstream: &str, call: &'static str, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "failed" };
+        self.saga_calls
+            .get_or_create(&SagaCallLabels {
+                upstream: upstream.to_owned(),
+                call,
+                result,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a compensation's end.
+    pub fn compensated(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.compensations
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// Renders every metric in the Prometheus text format.

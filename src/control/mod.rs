@@ -9,6 +9,8 @@ pub mod auth;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod saga;
+pub mod saga_proto;
 pub mod saga_spec;
 pub mod service;
 pub mod store;
@@ -53,8 +55,10 @@ pub struct ControlOptions {
     pub max_state_bytes: usize,
     /// How often expired workflows are swept away.
     pub sweep_interval: Duration,
-    /// The upstreams' policies, for replaying dead letters.
+    /// The upstreams' policies, for sagas and dead-letter replays.
     pub policies: Option<crate::config::Config>,
+    /// How many sagas run at once.
+    pub saga_workers: usize,
 }
 
 impl ControlOptions {
@@ -70,6 +74,7 @@ impl ControlOptions {
             max_state_bytes: service::DEFAULT_MAX_STATE_BYTES,
             sweep_interval: Duration::from_secs(10),
             policies: None,
+            saga_workers: saga::DEFAULT_WORKERS,
         }
     }
 }
@@ -109,6 +114,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     store: Arc<dyn Store>,
+    control: Arc<ControlPlane>,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -121,6 +127,8 @@ impl Running {
     /// Stops serving, lets calls in flight finish, flushes the store.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        // Watches never end by themselves; the servers wait for them.
+        self.control.sagas.end_watches();
         while self.tasks.join_next().await.is_some() {}
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.flush()).await;
@@ -149,12 +157,16 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
             })?,
         );
     let metrics = Arc::new(ControlMetrics::new());
-    let replayer = options.policies.as_ref().map(service::Replayer::new);
+    let upstreams = options
+        .policies
+        .as_ref()
+        .map(|config| Arc::new(saga::Upstreams::new(config)));
     let control = Arc::new(ControlPlane::new(
         store.clone(),
         metrics.clone(),
         options.max_state_bytes,
-        replayer,
+        upstreams,
+        options.saga_workers,
     ));
     let grpc_listener = bind("gRPC", options.listen).await?;
     let http_listener = match options.http_listen {
@@ -224,12 +236,23 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
             }
         }
     });
+    // Unfinished sagas go on where they stopped; a call that was in
+    // flight is sent again with the same Idempotency-Key.
+    let resumed = control
+        .sagas
+        .resume()
+        .await
+        .map_err(|source| StartError::Store {
+            dir: options.data_dir.clone(),
+            source,
+        })?;
     let or_off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         grpc = %grpc_addr,
         http = %or_off(http_addr),
         admin = %or_off(admin_addr),
         data_dir = %options.data_dir.display(),
+        resumed_sagas = resumed,
         "control plane ready"
     );
     Ok(Running {
@@ -239,6 +262,7 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         stop,
         tasks,
         store,
+        control,
     })
 }
 

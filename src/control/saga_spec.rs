@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::template::{self, Reference, Template};
@@ -36,7 +36,7 @@ use crate::config::values::HumanDuration;
 const MAX_NAME_BYTES: usize = 256;
 
 /// A saga as written (JSON over the API, YAML for the CLI).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SagaSpec {
     /// Chosen by the client; starting the same id twice is one saga.
@@ -45,13 +45,14 @@ pub struct SagaSpec {
     #[serde(default)]
     pub input: Value,
     /// The whole run's bound; on expiry, the saga compensates.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline: Option<HumanDuration>,
     /// The steps, in order.
     pub steps: Vec<StepSpec>,
 }
 
 /// One step as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
     /// Unique within the saga.
@@ -59,16 +60,18 @@ pub struct StepSpec {
     /// What the step does.
     pub action: CallSpec,
     /// What undoes it, if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub compensation: Option<CallSpec>,
     /// `fail` (default) or `continue`.
     #[serde(default)]
     pub on_failure: OnFailure,
     /// With `continue`: the answer body later steps see when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub default: Option<Value>,
 }
 
 /// What a step's final failure does to the saga.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnFailure {
     /// The saga stops and compensates.
@@ -79,7 +82,7 @@ pub enum OnFailure {
 }
 
 /// A call as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallSpec {
     /// A configured upstream's name.
@@ -87,16 +90,19 @@ pub struct CallSpec {
     /// An HTTP method, or a gRPC method as `/package.Service/Method`.
     pub method: String,
     /// HTTP: the path and query.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// HTTP: headers.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// HTTP: a JSON body.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
     /// gRPC: the request message, base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub message_base64: Option<String>,
     /// gRPC: metadata.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
 }
 

@@ -7,12 +7,13 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Mutex;
 
 use http_body_util::BodyExt;
 
 use super::metrics::ControlMetrics;
+use super::saga::{Sagas, Upstreams};
 use super::store::{GroupCommit, NewCheckpoint, Page, Store, StoreError};
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
 use crate::api::{
@@ -24,9 +25,7 @@ use crate::api::{
     DeadLetter, ListDeadLettersRequest, ListDeadLettersResponse, ReplayDeadLetterResponse,
 };
 use crate::body;
-use crate::config::Config;
 use crate::sidecar::Upstream;
-use crate::telemetry::metrics::Metrics;
 
 /// Default largest checkpoint state.
 pub const DEFAULT_MAX_STATE_BYTES: usize = 4 << 20;
@@ -102,33 +101,12 @@ pub struct ControlPlane {
     commit: GroupCommit,
     metrics: Arc<ControlMetrics>,
     max_state_bytes: usize,
-    replayer: Option<Replayer>,
+    upstreams: Option<Arc<Upstreams>>,
+    /// The saga executor.
+    pub sagas: Arc<Sagas>,
     /// Letters being replayed now: a second replay of one waits its turn
     /// rather than sending it twice.
     replaying: Mutex<HashSet<u64>>,
-}
-
-/// Sends dead letters again, through the upstreams of a policy file.
-pub struct Replayer {
-    upstreams: HashMap<String, Arc<Upstream>>,
-}
-
-impl Replayer {
-    /// Builds every upstream of `config`, with its resilience stack.
-    pub fn new(config: &Config) -> Self {
-        let metrics = Metrics::new();
-        let upstreams = config
-            .upstreams
-            .iter()
-            .map(|u| {
-                (
-                    u.name.to_string(),
-                    Arc::new(Upstream::new(u.clone(), &metrics)),
-                )
-            })
-            .collect();
-        Self { upstreams }
-    }
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -194,7 +172,7 @@ fn page_token(token: &str) -> Result<Option<u64>, ApiError> {
         .ok_or_else(|| ApiError::Invalid(format!("page_token {token:?} is not one this API gave")))
 }
 
-fn page_size(size: u32) -> usize {
+pub(crate) fn page_size(size: u32) -> usize {
     (if size == 0 {
         DEFAULT_PAGE_SIZE
     } else {
@@ -203,24 +181,35 @@ fn page_size(size: u32) -> usize {
 }
 
 impl ControlPlane {
-    /// A control plane over `store`, replaying dead letters with
-    /// `replayer`. Must run inside a tokio runtime (the group commit's
-    /// flusher is a task).
+    /// A control plane over `store`, calling `upstreams` for sagas and
+    /// dead-letter replays, running at most `saga_workers` sagas at once.
+    /// Must run inside a tokio runtime (the group commit's flusher is a
+    /// task).
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<ControlMetrics>,
         max_state_bytes: usize,
-        replayer: Option<Replayer>,
+        upstreams: Option<Arc<Upstreams>>,
+        saga_workers: usize,
     ) -> Self {
         let flushes = metrics.clone();
         let commit = GroupCommit::start(store.clone(), move |d| flushes.observe_flush(d));
         metrics.set_dead_letters(store.letter_count());
+        let sagas = Arc::new(Sagas::new(
+            store.clone(),
+            commit.clone(),
+            metrics.clone(),
+            upstreams.clone(),
+            saga_workers,
+            max_state_bytes,
+        ));
         Self {
             store,
             commit,
             metrics,
             max_state_bytes,
-            replayer,
+            upstreams,
+            sagas,
             replaying: Mutex::default(),
         }
     }
@@ -445,12 +434,12 @@ impl ControlPlane {
         let _timer = self.timer("dead_letters.Replay");
         let id = letter_id(id)?;
         let mut letter = self.store.get_letter(id)?;
-        let Some(replayer) = &self.replayer else {
+        let Some(upstreams) = &self.upstreams else {
             return Err(ApiError::Precondition(
                 "replay needs the upstreams' policies: start the control plane with --config policies.yaml".into(),
             ));
         };
-        let upstream = replayer.upstreams.get(&letter.upstream).ok_or_else(|| {
+        let upstream = upstreams.get(&letter.upstream).ok_or_else(|| {
             ApiError::Precondition(format!(
                 "upstream {:?} is not in the policies file, so the letter cannot be sent",
                 letter.upstream

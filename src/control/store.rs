@@ -12,9 +12,12 @@
 //! | `expiry` | `expires_at_ms(u64 BE) workflow` | empty: the TTL sweep's index |
 //! | `dead_letters` | `id(u64 BE)` | a `DeadLetter` message |
 //! | `dead_letters_by_upstream` | `upstream 0x00 id(u64 BE)` | empty: the per-upstream index |
+//! | `sagas` | `saga id` | the saga's record (JSON: definition and progress) |
+//! | `saga_states` | `state 0x00 saga id` | empty: the by-state index (resume, list) |
 //!
-//! Workflow ids contain no control characters, so `0x00` and `0x01` end
-//! the id unambiguously, and a workflow's versions sort oldest first.
+//! Workflow and saga ids contain no control characters, so `0x00` and
+//! `0x01` end the id unambiguously, and a workflow's versions sort oldest
+//! first. A saga's record and its index entry change in one transaction.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -119,6 +122,23 @@ pub trait Store: Send + Sync + 'static {
     fn letter_ids(&self, upstream: Option<&str>) -> Result<Vec<u64>, StoreError>;
     /// How many letters are stored.
     fn letter_count(&self) -> u64;
+    /// Stores a new saga in `state`; `false` (and nothing written) when
+    /// the id exists.
+    fn create_saga(&self, id: &str, state: &str, record: &[u8]) -> Result<bool, StoreError>;
+    /// Rewrites a saga's record, moving it from state `from` to `to`.
+    fn save_saga(&self, id: &str, from: &str, to: &str, record: &[u8]) -> Result<(), StoreError>;
+    /// A saga's record.
+    fn get_saga(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Records of sagas after id `after`, by id, all or in one state, at
+    /// most `limit`; and the id to continue after, if there are more.
+    fn list_sagas(
+        &self,
+        state: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, Option<String>), StoreError>;
+    /// How many sagas are in each state.
+    fn saga_counts(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// Makes every write so far durable (blocks until it is on disk).
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -131,6 +151,8 @@ pub struct SledStore {
     expiry: sled::Tree,
     letters: sled::Tree,
     letters_by_upstream: sled::Tree,
+    sagas: sled::Tree,
+    saga_states: sled::Tree,
     /// The letter count, kept here: sled's `len` walks the tree.
     letter_count: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -213,6 +235,23 @@ fn upstream_key(upstream: &str, id: u64) -> Vec<u8> {
     key
 }
 
+fn state_key(state: &str, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(state.len() + 1 + id.len());
+    key.extend_from_slice(state.as_bytes());
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => e.into(),
+        sled::transaction::TransactionError::Abort(()) => {
+            StoreError::Storage("a saga transaction aborted".into())
+        }
+    }
+}
+
 fn id_of(key: &[u8]) -> u64 {
     u64::from_be_bytes(
         key[key.len() - 8..]
@@ -251,6 +290,8 @@ impl SledStore {
             checkpoints: db.open_tree("checkpoints")?,
             expiry: db.open_tree("expiry")?,
             letters_by_upstream: db.open_tree("dead_letters_by_upstream")?,
+            sagas: db.open_tree("sagas")?,
+            saga_states: db.open_tree("saga_states")?,
             letters,
             letter_count: Arc::new(std::sync::atomic::AtomicU64::new(count)),
             db,
@@ -586,6 +627,102 @@ impl Store for SledStore {
 
     fn letter_count(&self) -> u64 {
         self.letter_count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn create_saga(&self, id: &str, state: &str, record: &[u8]) -> Result<bool, StoreError> {
+        use sled::Transactional;
+        let index = state_key(state, id);
+        (&self.sagas, &self.saga_states)
+            .transaction(|(sagas, states)| {
+                if sagas.get(id)?.is_some() {
+                    return Ok(false);
+                }
+                sagas.insert(id, record)?;
+                states.insert(index.as_slice(), &[])?;
+                Ok(true)
+            })
+            .map_err(transaction_error)
+    }
+
+    fn save_saga(&self, id: &str, from: &str, to: &str, record: &[u8]) -> Result<(), StoreError> {
+        if from == to {
+            self.sagas.insert(id, record)?;
+            return Ok(());
+        }
+        use sled::Transactional;
+        let (old, new) = (state_key(from, id), state_key(to, id));
+        (&self.sagas, &self.saga_states)
+            .transaction(|(sagas, states)| {
+                sagas.insert(id, record)?;
+                states.remove(old.as_slice())?;
+                states.insert(new.as_slice(), &[])?;
+                Ok(())
+            })
+            .map_err(transaction_error)
+    }
+
+    fn get_saga(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.sagas.get(id)?.map(|v| v.to_vec()))
+    }
+
+    fn list_sagas(
+        &self,
+        state: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, Option<String>), StoreError> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let ids: Box<dyn Iterator<Item = Result<String, StoreError>>> = match state {
+            None => {
+                let start = after.map_or(Unbounded, |a| Excluded(a.as_bytes().to_vec()));
+                Box::new(self.sagas.range((start, Unbounded)).map(|entry| {
+                    let (key, _) = entry?;
+                    Ok(String::from_utf8_lossy(&key).into_owned())
+                }))
+            }
+            Some(state) => {
+                let prefix = state_key(state, "");
+                let start =
+                    after.map_or(Included(prefix.clone()), |a| Excluded(state_key(state, a)));
+                Box::new(
+                    self.saga_states
+                        .range((start, Unbounded))
+                        .take_while(move |entry| {
+                            entry.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix))
+                        })
+                        .map(move |entry| {
+                            let (key, _) = entry?;
+                            Ok(String::from_utf8_lossy(&key[state.len() + 1..]).into_owned())
+                        }),
+                )
+            }
+        };
+        let mut records = Vec::new();
+        let mut last = None;
+        for id in ids {
+            let id = id?;
+            if records.len() == limit {
+                return Ok((records, last));
+            }
+            if let Some(record) = self.sagas.get(id.as_bytes())? {
+                records.push(record.to_vec());
+                last = Some(id);
+            }
+        }
+        Ok((records, None))
+    }
+
+    fn saga_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut counts: Vec<(String, u64)> = Vec::new();
+        for entry in self.saga_states.iter() {
+            let (key, _) = entry?;
+            let state = key.split(|b| *b == 0).next().unwrap_or_default();
+            match counts.last_mut() {
+                Some((s, n)) if s.as_bytes() == state => *n += 1,
+                _ => counts.push((String::from_utf8_lossy(state).into_owned(), 1)),
+            }
+        }
+        Ok(counts)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -74,7 +74,7 @@ pub enum TemplateError {
 }
 
 /// A step's answer, as later steps see it.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Answer {
     /// The HTTP status.
     pub status: u16,

@@ -415,3 +415,92 @@ impl Drop for Logged {
         let _ = self.child.wait();
     }
 }
+
+/// What a participant does with one request it has not seen the key of:
+/// `(method, path, JSON body)` to `(status, JSON answer, hang)`. With
+/// `hang`, the effect is applied and the answer is never sent (a crash
+/// test kills the caller meanwhile).
+pub type Script =
+    Arc<dyn Fn(&Method, &str, &serde_json::Value) -> (u16, serde_json::Value, bool) + Send + Sync>;
+
+/// A saga participant that honours `Idempotency-Key`: a key it answered
+/// with success before gets the same answer again, and nothing is applied
+/// twice. Every effect applied goes to a log shared between participants,
+/// as `"<name> <METHOD> <path> <body>"`.
+pub struct Participant {
+    pub upstream: HttpUpstream,
+    /// Keys seen, with how many times each was applied.
+    pub applied_keys: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Participant {
+    pub async fn start(name: &'static str, log: Arc<Mutex<Vec<String>>>, script: Script) -> Self {
+        type Answers = std::collections::HashMap<String, (u16, serde_json::Value)>;
+        let answers: Arc<Mutex<Answers>> = Arc::default();
+        let applied_keys: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+        let keys = applied_keys.clone();
+        let upstream = HttpUpstream::start(move |request: Request<Incoming>| {
+            let (log, script, answers, keys) =
+                (log.clone(), script.clone(), answers.clone(), keys.clone());
+            async move {
+                let method = request.method().clone();
+                let path = request.uri().path().to_owned();
+                let key = request
+                    .headers()
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let bytes = request.into_body().collect().await.unwrap().to_bytes();
+                let body: serde_json::Value =
+                    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                let stored = key
+                    .as_ref()
+                    .and_then(|k| answers.lock().unwrap().get(k).cloned());
+                let (status, value) = match stored {
+                    Some(stored) => stored,
+                    None => {
+                        let (status, value, hang) = script(&method, &path, &body);
+                        if (200..300).contains(&status) {
+                            log.lock()
+                                .unwrap()
+                                .push(format!("{name} {method} {path} {body}"));
+                            if let Some(key) = &key {
+                                *keys.lock().unwrap().entry(key.clone()).or_default() += 1;
+                                answers
+                                    .lock()
+                                    .unwrap()
+                                    .insert(key.clone(), (status, value.clone()));
+                            }
+                        }
+                        if hang {
+                            std::future::pending::<()>().await;
+                        }
+                        (status, value)
+                    }
+                };
+                let mut response = Response::new(body::full(serde_json::to_vec(&value).unwrap()));
+                *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                response
+            }
+        })
+        .await;
+        Self {
+            upstream,
+            applied_keys,
+        }
+    }
+
+    /// How many times each key was applied: 1 everywhere, or a step ran twice.
+    pub fn applied_twice(&self) -> Vec<String> {
+        self.applied_keys
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}

@@ -1,6 +1,9 @@
 //! Operator commands that talk to the control plane over gRPC:
-//! `breakwater checkpoint ...` and `breakwater dlq ...`. Readable output
-//! by default, JSON with `--json`.
+//! `breakwater checkpoint ...`, `breakwater dlq ...` and
+//! `breakwater saga ...` ([`saga`]). Readable output by default, JSON with
+//! `--json`.
+
+pub mod saga;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
