@@ -17,6 +17,13 @@
 //! workflows) as fast as acknowledgements come back; reports throughput
 //! and latency percentiles.
 //!
+//! `loadgen sagas` starts `--count` sagas of `--steps` HTTP steps (each
+//! with a compensation) against an upstream of the control plane's policy
+//! file, from `--concurrency` clients, then polls the control plane's
+//! `/metrics` until every one has completed; reports sagas per second from
+//! the first start to the last completion. `--no-wait` only starts them;
+//! `--wait-only` only waits (after a restart).
+//!
 //! Output: one JSON object on stdout.
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -84,6 +91,39 @@ enum Command {
     },
     /// Put checkpoints into a control plane.
     Checkpoints(CheckpointArgs),
+    /// Run sagas on a control plane.
+    Sagas(SagaArgs),
+}
+
+#[derive(clap::Args)]
+struct SagaArgs {
+    /// The control plane's gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    target: String,
+    /// The control plane's admin address (for /metrics).
+    #[arg(long)]
+    admin: SocketAddr,
+    /// The upstream (in the control plane's policy file) steps call.
+    #[arg(long, default_value = "fast")]
+    upstream: String,
+    /// Sagas to run.
+    #[arg(long, default_value_t = 10_000)]
+    count: u64,
+    /// Steps per saga.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Clients starting sagas, each with one start in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Saga ids are `<prefix>-<n>`.
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+    /// Start them and leave.
+    #[arg(long)]
+    no_wait: bool,
+    /// Only wait until `--count` sagas have completed.
+    #[arg(long)]
+    wait_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -173,7 +213,126 @@ fn main() {
             let report = runtime.block_on(checkpoints(&args));
             println!("{}", report.json(args.duration));
         }
+        Command::Sagas(args) => println!("{}", runtime.block_on(sagas(&args))),
     }
+}
+
+// ------------------------------------------------------------------ sagas
+
+/// The number of completed sagas, from the control plane's metrics.
+async fn completed(admin: SocketAddr) -> u64 {
+    let stream = TcpStream::connect(admin)
+        .await
+        .expect("the admin port answers");
+    let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .uri("/metrics")
+        .header("host", "admin")
+        .body(body::empty())
+        .unwrap();
+    let text = send
+        .send_request(request)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.to_bytes()).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("breakwater_sagas{state=\"completed\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn sagas(args: &SagaArgs) -> String {
+    use breakwater::api::StartSagaRequest;
+    use breakwater::api::sagas_client::SagasClient;
+    let steps: Vec<serde_json::Value> = (0..args.steps)
+        .map(|i| {
+            let path = format!("/sagas/{{{{saga.id}}}}/step-{i}");
+            serde_json::json!({
+                "name": format!("step-{i}"),
+                "action": {"upstream": args.upstream, "method": "POST", "path": path, "body": {"n": i}},
+                "compensation": {"upstream": args.upstream, "method": "DELETE", "path": path},
+            })
+        })
+        .collect();
+    let template: breakwater::control::saga_spec::SagaSpec =
+        serde_json::from_value(serde_json::json!({"id": "x", "steps": steps})).unwrap();
+    let mut definition = breakwater::control::saga_proto::spec_to_proto(&template);
+    let before = if args.wait_only {
+        0
+    } else {
+        completed(args.admin).await
+    };
+    let started = Instant::now();
+    let mut report = Report::default();
+    if !args.wait_only {
+        let channel = tonic::transport::Endpoint::from_shared(args.target.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("the control plane is reachable");
+        let client = SagasClient::new(channel);
+        let next = Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..args.concurrency)
+            .map(|_| {
+                let (mut client, next) = (client.clone(), next.clone());
+                let (count, prefix) = (args.count, args.prefix.clone());
+                definition.id.clear();
+                let definition = definition.clone();
+                tokio::spawn(async move {
+                    let mut report = Report::default();
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= count {
+                            return report;
+                        }
+                        let mut definition = definition.clone();
+                        definition.id = format!("{prefix}-{n}");
+                        let sent = Instant::now();
+                        match client
+                            .start(StartSagaRequest {
+                                definition: Some(definition),
+                            })
+                            .await
+                        {
+                            Ok(_) => {
+                                report.ok += 1;
+                                report.latencies_us.push(sent.elapsed().as_micros() as u32);
+                            }
+                            Err(_) => report.errors += 1,
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            report.merge(worker.await.unwrap());
+        }
+    }
+    let all_started = started.elapsed();
+    if args.no_wait {
+        return report.json(all_started);
+    }
+    let target = before + args.count;
+    let mut done = completed(args.admin).await;
+    while done < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        done = completed(args.admin).await;
+    }
+    let elapsed = started.elapsed();
+    let starts = report.json(all_started);
+    format!(
+        "{{\"sagas\":{},\"seconds\":{:.3},\"sagas_per_s\":{:.0},\"starts\":{starts}}}",
+        args.count,
+        elapsed.as_secs_f64(),
+        args.count as f64 / elapsed.as_secs_f64()
+    )
 }
 
 // ------------------------------------------------------------ checkpoints
