@@ -226,9 +226,39 @@ fn percent_encode(message: &str) -> String {
     out
 }
 
+/// Decodes `%XX` escapes (a path segment, a `grpc-message`); `None` for a
+/// broken escape or a result that is not UTF-8.
+pub fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_escapes_round_trip() {
+        let message = "not 100% done: ümlaut";
+        assert_eq!(
+            percent_decode(&percent_encode(message)).as_deref(),
+            Some(message)
+        );
+        assert_eq!(percent_decode("bad%zz"), None);
+        assert_eq!(percent_decode("cut%4"), None);
+    }
 
     #[test]
     fn grpc_answers_are_trailers_only_with_status_and_reason() {

@@ -741,3 +741,121 @@ steps:
     );
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn grpc_steps_pass_metadata_on_and_a_grpc_error_fails_the_step() {
+    use prost::Message as _;
+    let log: Log = Arc::default();
+    let (users, subs, email) = signup_participants(&log).await;
+    let echo = support::GrpcUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!(
+        "{}  echo: {{address: '{}', protocol: grpc}}\n",
+        signup_policies(&users, &subs, &email),
+        echo.addr
+    );
+    let running = control_plane(dir.path(), &policies).await;
+    let mut client = client(&running).await;
+    let message = breakwater::echo::EchoRequest {
+        payload: bytes::Bytes::from_static(b"hello"),
+        ..Default::default()
+    };
+    let message = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        message.encode_to_vec(),
+    );
+    let spec = json!({
+        "id": "grpc",
+        "input": {"user": "ann"},
+        "steps": [
+            {"name": "echo",
+             "action": {"upstream": "echo", "method": "/breakwater.echo.v1.Echo/Unary",
+                        "message_base64": message, "metadata": {"x-echo-user": "{{input.user}}"}},
+             "compensation": {"upstream": "echo", "method": "/breakwater.echo.v1.Echo/Unary",
+                              "metadata": {"x-echo-undo": "{{steps.echo.headers.x-echo-user}}"}}},
+            {"name": "create-user",
+             "action": {"upstream": "users", "method": "POST", "path": "/users",
+                        "body": {"name": "{{steps.echo.headers.x-echo-user}}",
+                                 "echo_status": "{{steps.echo.status}}"}}},
+            {"name": "refused",
+             "action": {"upstream": "echo", "method": "/breakwater.echo.v1.Echo/Unary",
+                        "metadata": {"x-echo-status": "9", "x-echo-message": "not today"}}}
+        ]
+    });
+    start(&mut client, spec).await;
+    let saga = finished(&mut client, "grpc").await;
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:?}");
+    let echoed = saga.steps[0].action.as_ref().unwrap();
+    assert_eq!((echoed.status, echoed.grpc_status), (200, 0));
+    let refused = saga.steps[2].action.as_ref().unwrap();
+    assert_eq!(refused.grpc_status, 9);
+    assert!(refused.error.contains("gRPC status 9"), "{}", refused.error);
+    assert_eq!(refused.answer_summary, "not today");
+    assert_eq!(saga.steps[0].state(), StepState::Compensated);
+    assert_eq!(
+        *log.lock().unwrap(),
+        [r#"users POST /users {"echo_status":0,"name":"ann"}"#]
+    );
+    // The action, the refused call, and the compensation.
+    assert_eq!(echo.calls(), 3);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_json_api_watches_and_aborts() {
+    let log: Log = Arc::default();
+    let (users, subs, email) = signup_participants(&log).await;
+    let (gate, arrived, release) = support::gated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!(
+        "{}  gate: {{address: '{}'}}\n",
+        signup_policies(&users, &subs, &email),
+        gate.addr
+    );
+    let running = control_plane(dir.path(), &policies).await;
+    let http = running.http_addr.unwrap();
+    let spec = json!({
+        "id": "held",
+        "steps": [
+            create_user_step(),
+            {"name": "slow", "action": {"upstream": "gate", "method": "POST", "path": "/slow"}}
+        ]
+    });
+    let (status, _) = http_call(http, Method::POST, "/v1/sagas", &spec.to_string()).await;
+    assert_eq!(status, 201);
+    arrived.notified().await;
+    let request = http::Request::builder()
+        .uri(format!("http://{http}/v1/sagas/held?watch=true"))
+        .body(breakwater::body::empty())
+        .unwrap();
+    let watch = support::http1_client().request(request).await.unwrap();
+    assert_eq!(watch.headers()["content-type"], "application/x-ndjson");
+    let (status, aborted) = http_call(
+        http,
+        Method::POST,
+        "/v1/sagas/held/abort",
+        r#"{"reason": "test"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{aborted}");
+    assert_eq!(aborted["abort_requested"], true);
+    release.notify_one();
+    // The stream ends with the saga.
+    let (_, body) = support::read_body(watch).await;
+    let events: Vec<Value> = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(events[0]["state"], "running");
+    assert_eq!(events.last().unwrap()["state"], "aborted");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["step"] == "slow" && e["step_state"] == "succeeded")
+    );
+    let (status, again) = http_call(http, Method::POST, "/v1/sagas/held/abort", "").await;
+    assert_eq!(status, 400, "{again}");
+    assert_eq!(again["error"]["code"], "FAILED_PRECONDITION");
+    running.shutdown().await;
+}

@@ -295,23 +295,8 @@ struct AbortBody {
 
 /// Decodes `%XX` escapes in a path segment.
 fn percent_decode(segment: &str) -> Result<String, ApiError> {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = segment
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| invalid(format!("bad percent-escape in {segment:?}")))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| invalid(format!("{segment:?} is not UTF-8")))
+    crate::edge::percent_decode(segment)
+        .ok_or_else(|| invalid(format!("bad percent-escape, or not UTF-8, in {segment:?}")))
 }
 
 /// The query's `key=value` pairs.

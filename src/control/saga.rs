@@ -566,7 +566,10 @@ async fn exchange(
     };
     outcome.summary = match &bytes {
         Some(bytes) if !prepared.grpc => summary(bytes),
-        Some(_) => headers.get("grpc-message").cloned().unwrap_or_default(),
+        Some(_) => headers
+            .get("grpc-message")
+            .map(|m| crate::edge::percent_decode(m).unwrap_or_else(|| m.clone()))
+            .unwrap_or_default(),
         None => format!("(an answer over {} KiB, not kept)", MAX_ANSWER_BYTES >> 10),
     };
     outcome.grpc_status = prepared.grpc.then(|| grpc_status.unwrap_or(-1));
