@@ -94,6 +94,21 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Body::of(Kind::Full((!bytes.is_empty()).then_some(bytes)))
 }
 
+/// A whole answer: a status, a content type and a body.
+pub fn typed(
+    status: http::StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> http::Response<Body> {
+    let mut response = http::Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
 /// Boxes any body whose error converts into [`BoxError`].
 pub fn boxed<B>(body: B) -> Body
 where

@@ -19,6 +19,7 @@ pub mod control;
 pub mod demo;
 pub mod edge;
 pub mod example;
+pub mod inject;
 pub mod resilience;
 pub mod sidecar;
 pub mod telemetry;

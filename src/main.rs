@@ -102,6 +102,51 @@ enum Command {
         #[command(subcommand)]
         command: SagaCommand,
     },
+    /// The Kubernetes sidecar injector: a mutating admission webhook
+    /// (HTTPS) that adds the sidecar to pods annotated
+    /// `breakwater.io/inject: "true"`.
+    Injector {
+        /// The HTTPS address.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: SocketAddr,
+        /// The TLS certificate chain (PEM); read again when it changes.
+        #[arg(long, env = "BREAKWATER_TLS_CERT")]
+        tls_cert: PathBuf,
+        /// The TLS private key (PEM).
+        #[arg(long, env = "BREAKWATER_TLS_KEY")]
+        tls_key: PathBuf,
+        /// The sidecar image.
+        #[arg(long, env = "BREAKWATER_SIDECAR_IMAGE")]
+        image: String,
+        /// The sidecar's image pull policy.
+        #[arg(long, default_value = "IfNotPresent")]
+        pull_policy: String,
+        /// The policies ConfigMap (in the pod's namespace), unless the pod
+        /// names its own with `breakwater.io/config`.
+        #[arg(long, default_value = "breakwater-policies")]
+        config_map: String,
+        /// The sidecar's default CPU request (empty: none).
+        #[arg(long, default_value = "50m")]
+        cpu_request: String,
+        /// The sidecar's default memory request (empty: none).
+        #[arg(long, default_value = "32Mi")]
+        memory_request: String,
+        /// The sidecar's default CPU limit (empty: none).
+        #[arg(long, default_value = "")]
+        cpu_limit: String,
+        /// The sidecar's default memory limit (empty: none).
+        #[arg(long, default_value = "128Mi")]
+        memory_limit: String,
+    },
+    /// Print a pod manifest (JSON or YAML file, `-` for stdin) as the
+    /// injector would change it, as JSON.
+    InjectPreview {
+        /// The pod manifest.
+        file: PathBuf,
+        /// The sidecar image.
+        #[arg(long, default_value = concat!("breakwater:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+    },
     /// Check a policy file.
     Config {
         #[command(subcommand)]
@@ -455,6 +500,76 @@ fn main() -> ExitCode {
                 }
             });
             finish(result)
+        }
+        Command::Injector {
+            listen,
+            tls_cert,
+            tls_key,
+            image,
+            pull_policy,
+            config_map,
+            cpu_request,
+            memory_request,
+            cpu_limit,
+            memory_limit,
+        } => {
+            let settings = std::sync::Arc::new(breakwater::inject::Settings {
+                image,
+                pull_policy,
+                config_map,
+                resources: [cpu_request, memory_request, cpu_limit, memory_limit],
+                ..Default::default()
+            });
+            let files = breakwater::inject::server::TlsFiles {
+                cert: tls_cert,
+                key: tls_key,
+            };
+            let result = runtime(1).block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    let _ = stop.send(true);
+                });
+                tracing::info!(%listen, image = %settings.image, "injector ready");
+                breakwater::inject::server::serve(listener, files, settings, stopped)
+                    .await
+                    .map_err(|e| e.to_string())
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("injector: {error}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Command::InjectPreview { file, image } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())
+            } else {
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))
+            };
+            let pod = text.and_then(|t| {
+                serde_saphyr::from_str::<serde_json::Value>(&t)
+                    .map_err(|e| format!("{}: {e}", file.display()))
+            });
+            let settings = breakwater::inject::Settings {
+                image,
+                ..Default::default()
+            };
+            match pod.and_then(|p| breakwater::inject::preview(&p, &settings).map_err(|e| e.0)) {
+                Ok(pod) => {
+                    println!("{}", serde_json::to_string_pretty(&pod).expect("JSON"));
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Demo {
             requests,

@@ -22,7 +22,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::http::header::{CONTENT_TYPE, HeaderValue};
 use ::http::{Response, StatusCode};
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
@@ -281,12 +280,7 @@ fn admin(metrics: &ControlMetrics, path: &str) -> Response<Body> {
             "text/plain",
         ),
     };
-    let mut response = Response::new(body::full(text));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
+    body::typed(status, content_type, text)
 }
 
 /// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop`, then

@@ -1,0 +1,109 @@
+{{/* The release's base name, at most 40 characters so suffixes fit. */}}
+{{- define "breakwater.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "breakwater.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "x"). */}}
+{{- define "breakwater.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "breakwater.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "breakwater.tokenSecret" -}}
+{{- default "breakwater-token" .Values.controlPlane.auth.existingSecret -}}
+{{- end -}}
+
+{{/* The policy file: the user's, with the sidecar's ports set. */}}
+{{- define "breakwater.policies" -}}
+{{- $file := deepCopy .Values.policies.file -}}
+{{- $_ := set $file "admin" (dict "listen" (printf "0.0.0.0:%d" (int .Values.sidecar.adminPort))) -}}
+{{- $_ := set $file "proxy" (dict "listen" (printf "127.0.0.1:%d" (int .Values.sidecar.proxyPort))) -}}
+{{- toYaml $file -}}
+{{- end -}}
+
+{{/*
+The sidecar container, for pod specs in clusters without the webhook: put it
+under `initContainers:` (it is a native sidecar, `restartPolicy: Always`),
+and add the volumes from "breakwater.sidecarVolumes" to the pod. Takes the
+chart's root context (include it from a chart that has this one as a
+dependency):
+
+  initContainers:
+    {{- include "breakwater.sidecar" . | nindent 4 }}
+  volumes:
+    {{- include "breakwater.sidecarVolumes" . | nindent 4 }}
+*/}}
+{{- define "breakwater.sidecar" -}}
+- name: breakwater
+  image: {{ include "breakwater.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  restartPolicy: Always
+  args: [sidecar, --config, /etc/breakwater/policies.yaml, --log-format, json]
+  env:
+    - name: TMPDIR
+      value: /tmp
+  ports:
+    - {name: bw-proxy, containerPort: {{ .Values.sidecar.proxyPort }}, protocol: TCP}
+    - {name: bw-admin, containerPort: {{ .Values.sidecar.adminPort }}, protocol: TCP}
+  startupProbe:
+    httpGet: {path: /readyz, port: bw-admin}
+    periodSeconds: 1
+    failureThreshold: 30
+  readinessProbe:
+    httpGet: {path: /readyz, port: bw-admin}
+    periodSeconds: 5
+    failureThreshold: 3
+  livenessProbe:
+    httpGet: {path: /healthz, port: bw-admin}
+    periodSeconds: 5
+    failureThreshold: 3
+  resources:
+    {{- toYaml .Values.sidecar.resources | nindent 4 }}
+  securityContext:
+    {{- include "breakwater.securityContext" . | nindent 4 }}
+  volumeMounts:
+    - {name: breakwater-policies, mountPath: /etc/breakwater, readOnly: true}
+    - {name: breakwater-tmp, mountPath: /tmp}
+{{- end -}}
+
+{{- define "breakwater.sidecarVolumes" -}}
+- name: breakwater-policies
+  configMap: {name: {{ .Values.policies.configMapName }}}
+- name: breakwater-tmp
+  emptyDir: {sizeLimit: 256Mi}
+{{- end -}}
+
+{{- define "breakwater.securityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+capabilities: {drop: [ALL]}
+seccompProfile: {type: RuntimeDefault}
+{{- end -}}
+
+{{/* Whether a Prometheus Operator kind is to be rendered: (list $ value kind). */}}
+{{- define "breakwater.monitoringEnabled" -}}
+{{- $root := index . 0 -}}{{- $value := index . 1 -}}{{- $kind := index . 2 -}}
+{{- if eq (toString $value) "<nil>" -}}
+{{- if $root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" $kind) -}}true{{- end -}}
+{{- else if $value -}}true{{- end -}}
+{{- end -}}
