@@ -5,7 +5,10 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let example = ["proto/breakwater/echo/v1/echo.proto"];
+    let example = [
+        "proto/breakwater/echo/v1/echo.proto",
+        "proto/breakwater/demo/v1/ocr.proto",
+    ];
     let api = [
         "proto/breakwater/v1/checkpoints.proto",
         "proto/breakwater/v1/dead_letters.proto",

@@ -34,6 +34,12 @@ pub mod api {
         include_bytes!(concat!(env!("OUT_DIR"), "/breakwater_descriptor.bin"));
 }
 
+/// Generated code for the demo's OCR agent.
+pub mod ocr {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("breakwater.demo.v1");
+}
+
 /// Generated code for the built-in example gRPC service.
 pub mod echo {
     #![allow(missing_docs, clippy::all)]

@@ -152,14 +152,28 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Run the built-in demo: example upstreams behind a sidecar.
+    /// Run the demo: an invoice pipeline of four agents with seeded
+    /// faults, directly and through Breakwater, side by side.
     Demo {
-        /// Requests per path and protocol.
+        /// Invoices per run.
         #[arg(long, default_value_t = 500)]
-        requests: usize,
+        invoices: u64,
+        /// The fault model's seed: the same seed, the same faults.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Invoices arriving per second.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        rate: u64,
+        /// Keep the control plane's data here (a rerun resumes from the
+        /// checkpoints); a temporary directory otherwise.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         /// Leave everything running after the report, until Ctrl-C.
         #[arg(long)]
         keep_running: bool,
+        /// No progress bar.
+        #[arg(long)]
+        no_progress: bool,
     },
 }
 
@@ -340,7 +354,11 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    if matches!(cli.command, Command::Demo { .. }) {
+        logging::init_with_default(cli.log_format, "error");
+    } else {
+        logging::init(cli.log_format);
+    }
     match cli.command {
         Command::Config {
             command: ConfigCommand::Check { file },
@@ -572,15 +590,23 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo {
-            requests,
+            invoices,
+            seed,
+            rate,
+            data_dir,
             keep_running,
+            no_progress,
         } => {
             let options = demo::DemoOptions {
-                requests,
+                invoices,
+                seed,
+                rate,
+                data_dir,
                 keep_running,
+                progress: !no_progress,
             };
             match runtime(2).block_on(demo::run(options)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("demo failed: {error}");
                     ExitCode::FAILURE

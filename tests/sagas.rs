@@ -194,14 +194,7 @@ async fn a_failed_step_compensates_the_earlier_ones_in_reverse_with_ids_from_ans
     );
     assert!(welcome.answer_summary.contains("mail relay down"));
     assert_eq!(email.upstream.requests(), 3);
-    let keys: Vec<String> = email
-        .upstream
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_owned())
-        .collect();
+    let keys = email.upstream.keys_seen();
     assert_eq!(keys, ["signup-ann/welcome/action"; 3]);
     assert_eq!(
         users.upstream.last_seen().headers["idempotency-key"],
@@ -857,5 +850,118 @@ async fn the_json_api_watches_and_aborts() {
     let (status, again) = http_call(http, Method::POST, "/v1/sagas/held/abort", "").await;
     assert_eq!(status, 400, "{again}");
     assert_eq!(again["error"]["code"], "FAILED_PRECONDITION");
+    running.shutdown().await;
+}
+
+/// A participant that answers 503 to its first `outage` calls.
+async fn recovering(
+    name: &'static str,
+    log: &Log,
+    outage: usize,
+    after: (u16, Value),
+) -> Participant {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let script: Script = Arc::new(move |_, _, _| {
+        if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < outage {
+            (503, json!({"error": "down"}), false)
+        } else {
+            (after.0, after.1.clone(), false)
+        }
+    });
+    Participant::start(name, log.clone(), script).await
+}
+
+#[tokio::test]
+async fn a_step_with_retry_waits_out_an_outage_and_a_refusal_is_not_resent() {
+    let log: Log = Arc::default();
+    let (users, _, _) = signup_participants(&log).await;
+    let ledger = recovering("ledger", &log, 3, (201, json!({"id": "E-1"}))).await;
+    let closed = recovering("closed", &log, 0, (409, json!({"error": "period closed"}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!(
+        "upstreams:\n  users: {{address: '{}'}}\n  ledger: {{address: '{}', retry: {{max_attempts: 1}}}}\n  closed: {{address: '{}'}}\n",
+        users.upstream.addr, ledger.upstream.addr, closed.upstream.addr
+    );
+    let running = control_plane(dir.path(), &policies).await;
+    let mut client = client(&running).await;
+    let retry = json!({"max_sends": 5, "interval": "10ms", "backoff": 1.5});
+    start(
+        &mut client,
+        json!({"id": "waits", "steps": [
+            {"name": "entry", "retry": retry,
+             "action": {"upstream": "ledger", "method": "POST", "path": "/entries"}}
+        ]}),
+    )
+    .await;
+    let saga = finished(&mut client, "waits").await;
+    assert_eq!(saga.state(), SagaState::Completed, "{saga:?}");
+    let entry = saga.steps[0].action.as_ref().unwrap();
+    assert_eq!((entry.sends, entry.attempts, entry.status), (4, 4, 201));
+    assert!(entry.next_send_at.is_none());
+    assert_eq!(ledger.upstream.requests(), 4);
+    let keys = ledger.upstream.keys_seen();
+    assert_eq!(keys, ["waits/entry/action"; 4]);
+
+    start(
+        &mut client,
+        json!({"id": "refused", "steps": [
+            create_user_step(),
+            {"name": "post", "retry": retry,
+             "action": {"upstream": "closed", "method": "POST", "path": "/post"}}
+        ]}),
+    )
+    .await;
+    let saga = finished(&mut client, "refused").await;
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:?}");
+    assert_eq!(
+        saga.steps[1].action.as_ref().unwrap().sends,
+        1,
+        "a 409 is an answer"
+    );
+    assert_eq!(closed.upstream.requests(), 1);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_compensation_with_retry_waits_out_an_outage() {
+    let log: Log = Arc::default();
+    let (_, _, email) = signup_participants(&log).await;
+    let users = recovering("users", &log, 0, (201, json!({"id": "u-1"}))).await;
+    // Deletions fail twice, then work.
+    let deletions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let script: Script = Arc::new(move |method, _, _| {
+        if *method == Method::DELETE
+            && deletions.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2
+        {
+            (503, json!({"error": "down"}), false)
+        } else if *method == Method::DELETE {
+            (204, Value::Null, false)
+        } else {
+            (201, json!({"id": "u-1"}), false)
+        }
+    });
+    let flaky = Participant::start("flaky", log.clone(), script).await;
+    drop(users);
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!(
+        "upstreams:\n  users: {{address: '{}', retry: {{max_attempts: 1}}}}\n  email: {{address: '{}', retry: {{max_attempts: 1}}}}\n",
+        flaky.upstream.addr, email.upstream.addr
+    );
+    let running = control_plane(dir.path(), &policies).await;
+    let mut client = client(&running).await;
+    let mut step = create_user_step();
+    step["retry"] = json!({"max_sends": 3, "interval": "10ms"});
+    start(
+        &mut client,
+        json!({"id": "undo-waits", "steps": [
+            step,
+            {"name": "welcome", "action": {"upstream": "email", "method": "POST", "path": "/emails"}}
+        ]}),
+    )
+    .await;
+    let saga = finished(&mut client, "undo-waits").await;
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:?}");
+    let undo = saga.steps[0].compensation.as_ref().unwrap();
+    assert_eq!((undo.sends, undo.status), (3, 204));
     running.shutdown().await;
 }

@@ -213,10 +213,10 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         }));
     }
     if let Some(listener) = admin_listener {
-        let metrics = metrics.clone();
+        let (metrics, admin_control) = (metrics.clone(), control.clone());
         tasks.spawn(serve_http(listener, stop_rx.clone(), move |request| {
-            let metrics = metrics.clone();
-            async move { Ok::<_, Infallible>(admin(&metrics, request.uri().path())) }
+            let (metrics, control) = (metrics.clone(), admin_control.clone());
+            async move { Ok::<_, Infallible>(admin(&metrics, &control, request.uri().path())) }
         }));
     }
     let sweeper = control.clone();
@@ -266,7 +266,7 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
 }
 
 /// The control plane's admin answers.
-fn admin(metrics: &ControlMetrics, path: &str) -> Response<Body> {
+fn admin(metrics: &ControlMetrics, control: &ControlPlane, path: &str) -> Response<Body> {
     let (status, text, content_type) = match path {
         "/healthz" | "/readyz" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
         "/metrics" => (
@@ -274,9 +274,18 @@ fn admin(metrics: &ControlMetrics, path: &str) -> Response<Body> {
             metrics.encode(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
+        // The calls of sagas and replays, by upstream: the sidecar's
+        // metrics, on a path of their own (their names are the sidecar's).
+        "/metrics/upstreams" => (
+            StatusCode::OK,
+            control
+                .upstream_metrics()
+                .unwrap_or_else(|| "# EOF\n".to_owned()),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
         _ => (
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n".to_owned(),
+            "not found: try /healthz, /readyz, /metrics or /metrics/upstreams\n".to_owned(),
             "text/plain",
         ),
     };

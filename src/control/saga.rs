@@ -185,6 +185,10 @@ pub struct CallRecord {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When it is sent again (the step's `retry`), after a failure for
+    /// want of the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_send_at: Option<Time>,
 }
 
 /// One step's progress.
@@ -318,6 +322,7 @@ impl SagaEvent {
 #[derive(Debug)]
 pub struct Upstreams {
     map: HashMap<String, Arc<Upstream>>,
+    metrics: Metrics,
 }
 
 impl Upstreams {
@@ -334,7 +339,13 @@ impl Upstreams {
                 )
             })
             .collect();
-        Self { map }
+        Self { map, metrics }
+    }
+
+    /// Their metrics (requests, retries, circuits...), as the sidecar's
+    /// `/metrics` shows them.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
     }
 
     /// The upstream called `name`.
@@ -465,6 +476,19 @@ struct Outcome {
     error: Option<String>,
     attempts: u32,
     took: Duration,
+}
+
+impl Outcome {
+    /// Whether it failed for want of the upstream (no answer, an open
+    /// circuit, 5xx, 429, gRPC `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
+    /// `RESOURCE_EXHAUSTED`), rather than because of the request.
+    fn upstream_wanting(&self) -> bool {
+        !self.ok
+            && (self.status == 0
+                || self.status >= 500
+                || self.status == 429
+                || matches!(self.grpc_status, Some(4 | 8 | 14)))
+    }
 }
 
 fn summary(body: &[u8]) -> String {
@@ -600,6 +624,23 @@ async fn exchange(
     }
 }
 
+/// When a failed call is sent again under its step's `retry`: only for a
+/// failure for want of the upstream, while sends remain, and before the
+/// deadline.
+fn resend_at(
+    retry: Option<super::saga_spec::StepRetry>,
+    outcome: &Outcome,
+    sends: u32,
+    deadline: Option<Time>,
+) -> Option<Time> {
+    let retry = retry?;
+    if !outcome.upstream_wanting() || sends >= retry.max_sends {
+        return None;
+    }
+    let at = Time::from(SystemTime::now() + retry.wait_after(sends));
+    deadline.is_none_or(|d| at < d).then_some(at)
+}
+
 /// What the executor does next for one saga.
 enum Move {
     /// Send a call for step `step` (its compensation when `undo`).
@@ -610,6 +651,8 @@ enum Move {
     },
     /// A transition was made; decide again.
     Again,
+    /// A step waits to be sent again: decide again at this time.
+    Wait(Time),
     /// The saga has ended (or is not this executor's to run).
     Done,
 }
@@ -994,6 +1037,13 @@ impl Sagas {
             match next {
                 Move::Done => return Ok(()),
                 Move::Again => {}
+                Move::Wait(until) => {
+                    let left = until
+                        .system()
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    tokio::time::sleep(left).await;
+                }
                 Move::Send {
                     step,
                     undo,
@@ -1032,6 +1082,14 @@ impl Sagas {
         saga: &Saga,
     ) -> Result<Move, StoreError> {
         let from = record.state;
+        if record.abort_requested || record.deadline_at.is_some_and(|at| at <= Time::now()) {
+            // A step waiting to be sent again is given up.
+            for step in &mut record.steps {
+                if step.state == StepState::Running && step.action.next_send_at.take().is_some() {
+                    step.state = StepState::Failed;
+                }
+            }
+        }
         if record.abort_requested {
             record.state = SagaState::Compensating;
             let message = "aborted: compensating".to_owned();
@@ -1054,6 +1112,13 @@ impl Sagas {
             self.save(record, from, None, "completed".into()).await?;
             return Ok(Move::Done);
         };
+        if let Some(at) = record.steps[i]
+            .action
+            .next_send_at
+            .filter(|at| *at > Time::now())
+        {
+            return Ok(Move::Wait(at));
+        }
         let step = &saga.steps[i];
         let answers = record.answers();
         let scope = Scope {
@@ -1072,6 +1137,7 @@ impl Sagas {
                 let entry = &mut record.steps[i];
                 entry.state = StepState::Running;
                 entry.action.sends += 1;
+                entry.action.next_send_at = None;
                 entry.action.started_at = Some(Time::now());
                 let message = format!("step {} sent (send {})", step.name, entry.action.sends);
                 self.save(record, from, Some(i), message).await?;
@@ -1127,8 +1193,25 @@ impl Sagas {
         entry.action.attempts += outcome.attempts;
         entry.action.status = outcome.status;
         entry.action.grpc_status = outcome.grpc_status;
-        entry.action.summary = outcome.summary;
+        entry.action.summary = outcome.summary.clone();
         entry.action.error = outcome.error.clone();
+        if let Some(at) = resend_at(
+            saga.steps[i].retry,
+            &outcome,
+            entry.action.sends,
+            record.deadline_at,
+        ) {
+            let error = outcome.error.clone().unwrap_or_default();
+            entry.action.next_send_at = Some(at);
+            let message = format!(
+                "step {} failed (send {}): {error}; sent again at {}",
+                saga.steps[i].name,
+                entry.action.sends,
+                humantime::format_rfc3339_millis(at.system())
+            );
+            let from = record.state;
+            return self.save(record, from, Some(i), message).await;
+        }
         match outcome.error {
             None => {
                 entry.state = StepState::Succeeded;
@@ -1169,6 +1252,14 @@ impl Sagas {
             self.save(record, from, None, message).await?;
             return Ok(Move::Done);
         };
+        let waiting = record.steps[i]
+            .compensation
+            .as_ref()
+            .and_then(|c| c.next_send_at)
+            .filter(|at| *at > Time::now());
+        if let Some(at) = waiting {
+            return Ok(Move::Wait(at));
+        }
         let step = &saga.steps[i];
         let compensation = step.compensation.as_ref().expect("filtered above");
         let answers = record.answers();
@@ -1198,6 +1289,7 @@ impl Sagas {
             Ok(prepared) => {
                 entry.state = StepState::Compensating;
                 call.sends += 1;
+                call.next_send_at = None;
                 call.started_at = Some(Time::now());
                 let message = format!("compensation of {} sent (send {})", step.name, call.sends);
                 self.save(record, from, Some(i), message).await?;
@@ -1226,15 +1318,25 @@ impl Sagas {
             outcome.ok,
             outcome.took,
         );
-        self.metrics.compensated(outcome.ok);
         let entry = &mut record.steps[i];
         let call = entry.compensation.get_or_insert_with(CallRecord::default);
         call.attempts += outcome.attempts;
         call.status = outcome.status;
         call.grpc_status = outcome.grpc_status;
-        call.summary = outcome.summary;
+        call.summary = outcome.summary.clone();
         call.error = outcome.error.clone();
         call.finished_at = Some(Time::now());
+        if let Some(at) = resend_at(saga.steps[i].retry, &outcome, call.sends, None) {
+            call.next_send_at = Some(at);
+            let message = format!(
+                "compensation of {name} failed (send {}): {}; sent again at {}",
+                call.sends,
+                outcome.error.unwrap_or_default(),
+                humantime::format_rfc3339_millis(at.system())
+            );
+            return self.save(record, from, Some(i), message).await;
+        }
+        self.metrics.compensated(outcome.ok);
         let attempts = call.attempts;
         let message = match outcome.error {
             None => {

@@ -7,7 +7,7 @@ use prost_types::value::Kind;
 use serde_json::Value;
 
 use super::saga::{CallRecord, SagaEvent, SagaRecord, SagaState, StepRecord, StepState, Time};
-use super::saga_spec::{CallSpec, OnFailure, SagaSpec, StepSpec};
+use super::saga_spec::{CallSpec, OnFailure, SagaSpec, StepRetrySpec, StepSpec};
 use crate::api;
 use crate::config::values::HumanDuration;
 
@@ -106,9 +106,22 @@ pub fn spec_to_proto(spec: &SagaSpec) -> api::SagaDefinition {
                 compensation: s.compensation.as_ref().map(call_to_proto),
                 continue_on_failure: s.on_failure == OnFailure::Continue,
                 default: s.default.as_ref().map(to_value),
+                retry: s.retry.map(|r| api::StepRetry {
+                    max_sends: r.max_sends,
+                    interval: prost_types::Duration::try_from(r.interval.0).ok(),
+                    backoff: r.backoff.unwrap_or_default(),
+                    max_interval: r
+                        .max_interval
+                        .and_then(|m| prost_types::Duration::try_from(m.0).ok()),
+                }),
             })
             .collect(),
     }
+}
+
+fn duration(d: Option<prost_types::Duration>, what: &str) -> Result<std::time::Duration, String> {
+    d.and_then(|d| std::time::Duration::try_from(d).ok())
+        .ok_or_else(|| format!("{what} is missing or negative"))
 }
 
 /// A protobuf definition as a spec, ready for its checks.
@@ -134,6 +147,24 @@ pub fn spec_from_proto(definition: api::SagaDefinition) -> Result<SagaSpec, Stri
                 OnFailure::Fail
             },
             default: step.default.map(from_value),
+            retry: match step.retry {
+                None => None,
+                Some(r) => Some(StepRetrySpec {
+                    max_sends: r.max_sends,
+                    interval: HumanDuration(duration(
+                        r.interval,
+                        &format!("steps[{i}].retry.interval"),
+                    )?),
+                    backoff: (r.backoff != 0.0).then_some(r.backoff),
+                    max_interval: match r.max_interval {
+                        None => None,
+                        Some(m) => Some(HumanDuration(duration(
+                            Some(m),
+                            &format!("steps[{i}].retry.max_interval"),
+                        )?)),
+                    },
+                }),
+            },
         });
     }
     Ok(SagaSpec {
@@ -215,6 +246,7 @@ fn call_status(call: &CallRecord) -> api::CallStatus {
         grpc_status: call.grpc_status.unwrap_or(-1),
         answer_summary: call.summary.clone(),
         error: call.error.clone().unwrap_or_default(),
+        next_send_at: timestamp(call.next_send_at),
     }
 }
 
@@ -228,6 +260,7 @@ fn call_record(call: api::CallStatus) -> CallRecord {
         grpc_status: (call.grpc_status >= 0).then_some(call.grpc_status),
         summary: call.answer_summary,
         error: (!call.error.is_empty()).then_some(call.error),
+        next_send_at: time(call.next_send_at),
     }
 }
 
@@ -338,7 +371,8 @@ mod tests {
                  "compensation": {"upstream": "users", "method": "DELETE", "path": "/users/{{steps.user.body.id}}"}},
                 {"name": "mail", "action": {"upstream": "mail", "method": "/mail.v1.Mailer/Send",
                   "message_base64": "CgNhbm4=", "metadata": {"x-b": "c"}},
-                 "on_failure": "continue", "default": {"sent": false}}
+                 "on_failure": "continue", "default": {"sent": false},
+                 "retry": {"max_sends": 5, "interval": "100ms", "max_interval": "2s"}}
             ]
         }))
         .unwrap();

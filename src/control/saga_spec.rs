@@ -68,6 +68,56 @@ pub struct StepSpec {
     /// With `continue`: the answer body later steps see when it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default: Option<Value>,
+    /// Sends again, durably and after a wait, when the call failed for
+    /// want of the upstream (no answer, an open circuit, 5xx, 429): the
+    /// saga waits out an outage instead of compensating. Applies to the
+    /// compensation too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<StepRetrySpec>,
+}
+
+/// A step's own retries, on top of its upstream's policy.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepRetrySpec {
+    /// Sends in all, the first included.
+    pub max_sends: u32,
+    /// The wait before the second send...
+    pub interval: HumanDuration,
+    /// ...multiplied by this for each later one (default 2)...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<f64>,
+    /// ...up to this (default 1m).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_interval: Option<HumanDuration>,
+}
+
+/// A step's checked retries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRetry {
+    /// Sends in all.
+    pub max_sends: u32,
+    /// The first wait.
+    pub interval: Duration,
+    /// Its growth.
+    pub backoff: f64,
+    /// The longest wait.
+    pub max_interval: Duration,
+}
+
+impl StepRetry {
+    /// The wait after send number `sends` (1 for the first).
+    pub fn wait_after(&self, sends: u32) -> Duration {
+        let factor = self
+            .backoff
+            .powi(i32::try_from(sends.saturating_sub(1)).unwrap_or(i32::MAX));
+        let wait = self.interval.as_secs_f64() * factor;
+        if wait.is_finite() {
+            Duration::from_secs_f64(wait.min(self.max_interval.as_secs_f64()))
+        } else {
+            self.max_interval
+        }
+    }
 }
 
 /// What a step's final failure does to the saga.
@@ -130,6 +180,8 @@ pub struct Step {
     pub compensation: Option<Call>,
     /// `Some(default)` when its failure degrades instead of failing.
     pub degrade_to: Option<Value>,
+    /// Its own retries (1 send when `None`).
+    pub retry: Option<StepRetry>,
 }
 
 /// A checked call.
@@ -217,6 +269,17 @@ impl SagaSpec {
                     "on_failure: continue needs a default",
                 );
             }
+            if let Some(retry) = &step.retry {
+                if !(1..=1000).contains(&retry.max_sends) {
+                    problems.add(&format!("{at}.retry.max_sends"), "must be 1 to 1000");
+                }
+                if retry.backoff.is_some_and(|b| !(1.0..=10.0).contains(&b)) {
+                    problems.add(&format!("{at}.retry.backoff"), "must be 1 to 10");
+                }
+                if retry.interval.0.is_zero() {
+                    problems.add(&format!("{at}.retry.interval"), "must be positive");
+                }
+            }
             if step.on_failure == OnFailure::Fail && step.default.is_some() {
                 problems.add(
                     &format!("{at}.default"),
@@ -247,6 +310,12 @@ impl SagaSpec {
                     &mut problems,
                 )
             });
+            let retry = step.retry.map(|r| StepRetry {
+                max_sends: r.max_sends,
+                interval: r.interval.0,
+                backoff: r.backoff.unwrap_or(2.0),
+                max_interval: r.max_interval.map_or(Duration::from_secs(60), |m| m.0),
+            });
             let degrade_to = match step.on_failure {
                 OnFailure::Continue => step.default,
                 OnFailure::Fail => None,
@@ -262,6 +331,7 @@ impl SagaSpec {
                     action,
                     compensation,
                     degrade_to,
+                    retry,
                 });
             }
         }

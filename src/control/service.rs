@@ -214,6 +214,12 @@ impl ControlPlane {
         }
     }
 
+    /// The metrics of the calls sagas and replays make, if there are
+    /// upstreams.
+    pub fn upstream_metrics(&self) -> Option<String> {
+        self.upstreams.as_ref().map(|u| u.metrics_text())
+    }
+
     /// The largest state accepted.
     pub fn max_state_bytes(&self) -> usize {
         self.max_state_bytes

@@ -16,7 +16,13 @@ pub enum LogFormat {
 /// Installs the global subscriber. Calling it twice is harmless (the second
 /// call does nothing), so tests and the demo can share it.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// As [`init`], logging `default` when `RUST_LOG` is not set (the demo
+/// keeps its report readable with `error`).
+pub fn init_with_default(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -120,6 +120,16 @@ impl HttpUpstream {
         self.requests.load(Ordering::SeqCst)
     }
 
+    /// The `Idempotency-Key` of every request, in arrival order.
+    pub fn keys_seen(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_owned())
+            .collect()
+    }
+
     pub fn last_seen(&self) -> Seen {
         self.seen
             .lock()
