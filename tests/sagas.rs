@@ -965,3 +965,53 @@ async fn a_compensation_with_retry_waits_out_an_outage() {
     assert_eq!((undo.sends, undo.status), (3, 204));
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_abort_ends_a_steps_wait_to_be_sent_again() {
+    let log: Log = Arc::default();
+    let (users, _, _) = signup_participants(&log).await;
+    let down = recovering("down", &log, usize::MAX, (200, Value::Null)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!(
+        "upstreams:\n  users: {{address: '{}'}}\n  down: {{address: '{}', retry: {{max_attempts: 1}}}}\n",
+        users.upstream.addr, down.upstream.addr
+    );
+    let running = control_plane(dir.path(), &policies).await;
+    let mut client = client(&running).await;
+    let mut events = client
+        .watch(WatchSagasRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    start(
+        &mut client,
+        json!({"id": "patient", "steps": [
+            create_user_step(),
+            {"name": "wait", "retry": {"max_sends": 10, "interval": "1h"},
+             "action": {"upstream": "down", "method": "POST", "path": "/x"}}
+        ]}),
+    )
+    .await;
+    // The step failed once and waits an hour to be sent again.
+    while !events
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .message
+        .contains("sent again at")
+    {}
+    client
+        .abort(AbortSagaRequest {
+            id: "patient".into(),
+            reason: "no more waiting".into(),
+        })
+        .await
+        .unwrap();
+    let saga = finished(&mut client, "patient").await;
+    assert_eq!(saga.state(), SagaState::Aborted, "{saga:?}");
+    assert_eq!(saga.steps[1].state(), StepState::Failed);
+    assert_eq!(saga.steps[0].state(), StepState::Compensated);
+    assert_eq!(down.upstream.requests(), 1);
+    running.shutdown().await;
+}

@@ -657,7 +657,14 @@ enum Move {
     Done,
 }
 
-type Cell = Arc<tokio::sync::Mutex<SagaRecord>>;
+/// A running saga: its record behind the lock its transitions take, and a
+/// bell that ends a wait early (an abort).
+struct Live {
+    record: tokio::sync::Mutex<SagaRecord>,
+    wake: tokio::sync::Notify,
+}
+
+type Cell = Arc<Live>;
 
 /// Starts, runs, resumes, aborts and shows sagas.
 pub struct Sagas {
@@ -785,7 +792,10 @@ impl Sagas {
     }
 
     fn spawn(self: &Arc<Self>, record: SagaRecord, saga: Saga) {
-        let cell = Arc::new(tokio::sync::Mutex::new(record));
+        let cell = Arc::new(Live {
+            record: tokio::sync::Mutex::new(record),
+            wake: tokio::sync::Notify::new(),
+        });
         self.live().insert(saga.id.clone(), cell.clone());
         tokio::spawn(self.clone().drive(cell, saga));
     }
@@ -941,7 +951,8 @@ impl Sagas {
 
     /// Asks a running saga to stop: once the step in flight (if any) has
     /// its answer, what was done is compensated and the saga ends
-    /// `aborted`. Durable when it answers.
+    /// `aborted`; a step waiting to be sent again stops waiting. Durable
+    /// when it answers.
     pub async fn abort(&self, id: &str, reason: &str) -> Result<SagaRecord, ApiError> {
         let cell = self.live().get(id).cloned();
         let Some(cell) = cell else {
@@ -951,7 +962,7 @@ impl Sagas {
                 record.state.as_str()
             )));
         };
-        let mut record = cell.lock().await;
+        let mut record = cell.record.lock().await;
         match record.state {
             SagaState::Running if !record.abort_requested => {
                 record.abort_requested = true;
@@ -963,6 +974,7 @@ impl Sagas {
                 record.error = Some(reason.clone());
                 self.save(&mut record, SagaState::Running, None, reason)
                     .await?;
+                cell.wake.notify_one();
             }
             SagaState::Running | SagaState::Compensating => {}
             other => {
@@ -1031,7 +1043,7 @@ impl Sagas {
             .expect("sagas only start with upstreams");
         loop {
             let next = {
-                let mut record = cell.lock().await;
+                let mut record = cell.record.lock().await;
                 self.decide(&mut record, saga).await?
             };
             match next {
@@ -1042,7 +1054,12 @@ impl Sagas {
                         .system()
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
-                    tokio::time::sleep(left).await;
+                    // An abort rings the bell: it need not wait out a step's
+                    // retry interval.
+                    tokio::select! {
+                        () = tokio::time::sleep(left) => {}
+                        () = cell.wake.notified() => {}
+                    }
                 }
                 Move::Send {
                     step,
@@ -1052,10 +1069,10 @@ impl Sagas {
                     let deadline = if undo {
                         None
                     } else {
-                        cell.lock().await.deadline_at
+                        cell.record.lock().await.deadline_at
                     };
                     let outcome = send(&upstreams, &prepared, deadline).await;
-                    let mut record = cell.lock().await;
+                    let mut record = cell.record.lock().await;
                     if undo {
                         self.undone(&mut record, saga, step, outcome, &prepared)
                             .await?;
