@@ -432,19 +432,23 @@ async fn corrupted_input_gets_clean_errors_while_other_traffic_goes_on() {
     running.shutdown().await;
 }
 
-/// One closed-loop load: `clients` connections, each sending `requests`
-/// requests; every answer's status, shed mark and latency.
+/// One load: `clients` connections, each sending `requests` requests, at
+/// most one per `pace`; every answer's status, shed mark and latency.
 async fn load(
     proxy: SocketAddr,
     clients: usize,
     requests: usize,
+    pace: Duration,
 ) -> Vec<(StatusCode, bool, Duration)> {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
         tasks.spawn(async move {
             let mut conn = h1_connect(proxy).await;
             let mut seen = Vec::with_capacity(requests);
+            let mut next = Instant::now();
             for _ in 0..requests {
+                tokio::time::sleep_until(next).await;
+                next += pace;
                 let request = Request::get("/")
                     .header("host", "busy")
                     .body(breakwater::body::empty())
@@ -483,10 +487,11 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// Saturation: ten times the load the upstream's limit admits. The sidecar
-/// (a separate process) sheds what it cannot serve with 503 `overloaded`,
-/// serves the rest, keeps its memory bounded and stays up. `strict` also
-/// holds the admitted calls' p99 within twice the normal p99.
+/// Saturation: ten times the normal request rate (ten times the clients,
+/// each at the pace of a normal one). The sidecar (a separate process)
+/// sheds what it cannot serve with 503 `overloaded`, serves the rest,
+/// keeps its memory bounded and stays up. `strict` also holds the admitted
+/// calls' p99 within twice the normal p99.
 async fn saturation(requests: usize, strict: bool) {
     const LIMIT: usize = 16;
     let busy = HttpUpstream::start(|_req| async {
@@ -512,10 +517,13 @@ async fn saturation(requests: usize, strict: bool) {
     let proxy: SocketAddr = ready["proxy"].as_str().unwrap().parse().unwrap();
     let pid = process.child.id();
 
-    let normal = load(proxy, LIMIT / 2, requests).await;
+    // Normal: half the limit's clients, back to back.
+    let started = Instant::now();
+    let normal = load(proxy, LIMIT / 2, requests, Duration::ZERO).await;
+    let pace = started.elapsed() / u32::try_from(requests).unwrap();
     assert!(normal.iter().all(|(s, _, _)| *s == StatusCode::OK));
     let rss_before = rss_kib(pid);
-    let overload = load(proxy, LIMIT * 10, requests).await;
+    let overload = load(proxy, LIMIT * 5, requests, pace).await;
     let shed = overload.iter().filter(|(_, shed, _)| *shed).count();
     let admitted: Vec<Duration> = overload
         .iter()

@@ -10,7 +10,7 @@
 //! | OCR extraction | gRPC | 10% of invoices are poor scans: each attempt on one stalls (3 s) with probability 1/2. 5% of attempts answer `UNAVAILABLE`. |
 //! | amount validation | HTTP | 1% of invoices have an invalid amount: 422, a business answer, not a fault. |
 //! | purchase-order matching | HTTP | 8% of invoices have a reference that matches no order exactly: 500. |
-//! | accounting entries | HTTP | Down (503) for 300 ms, 40% into the run: an outage that ends. 2% of invoices fall in a closed period: posting the entry answers 409. |
+//! | accounting entries | HTTP | Down (503) for 6% of the run (300 ms with the defaults), 40% into it: an outage that ends. 2% of invoices fall in a closed period: posting the entry answers 409. |
 //!
 //! Invoices arrive at a fixed rate in both runs, so that the outage, which
 //! is a span of time, meets as many invoices in each.
@@ -43,8 +43,8 @@ pub struct Model {
     pub rate: u64,
 }
 
-/// How long accounting is down.
-pub const OUTAGE: Duration = Duration::from_millis(300);
+/// The share of the run accounting is down for.
+pub const OUTAGE_SHARE: f64 = 0.06;
 
 /// One invoice, as the model draws it.
 #[derive(Debug, Clone, Copy)]
@@ -83,11 +83,12 @@ impl Model {
     }
 
     /// Whether accounting is down `elapsed` into the run: for
-    /// [`OUTAGE`], 40% into the time the invoices take to arrive.
+    /// [`OUTAGE_SHARE`] of the time the invoices take to arrive (300 ms
+    /// with the defaults), starting 40% into it.
     pub fn accounting_down(&self, elapsed: Duration) -> bool {
         let arrivals = Duration::from_secs_f64(self.invoices as f64 / self.rate.max(1) as f64);
         let from = arrivals.mul_f64(0.4);
-        elapsed >= from && elapsed < from + OUTAGE
+        elapsed >= from && elapsed < from + arrivals.mul_f64(OUTAGE_SHARE)
     }
 }
 
@@ -301,9 +302,10 @@ mod tests {
         for i in 0..100 {
             assert_eq!(model.invoice(i).amount_cents, again.invoice(i).amount_cents);
         }
-        // 100 s of arrivals: down from 40 s to 40.3 s.
+        // 100 s of arrivals: down from 40 s to 46 s.
         assert!(model.accounting_down(Duration::from_millis(40_100)));
+        assert!(model.accounting_down(Duration::from_millis(45_900)));
         assert!(!model.accounting_down(Duration::from_millis(39_900)));
-        assert!(!model.accounting_down(Duration::from_millis(40_300)));
+        assert!(!model.accounting_down(Duration::from_millis(46_000)));
     }
 }

@@ -271,7 +271,11 @@ fn print_report(report: &DemoReport) {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("{:<28} {:>12} {:>20}", "  stopped at", stops(d), stops(b));
+    println!(
+        "\nwhere invoices stopped, direct:              {}",
+        stops(d)
+    );
+    println!("where invoices stopped, through Breakwater:  {}", stops(b));
     if b.resumed > 0 {
         println!(
             "({} invoices were done in an earlier run and skipped)",
