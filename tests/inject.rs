@@ -8,7 +8,7 @@ mod support;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use breakwater::inject::{self, BadReview, Settings};
+use breakwater::inject::{self, Settings};
 use serde_json::{Value, json};
 
 fn document(name: &str) -> Vec<u8> {
@@ -189,7 +189,7 @@ fn pods_without_the_annotation_injected_ones_and_other_objects_are_left_alone() 
 }
 
 #[test]
-fn malformed_reviews_get_a_clean_error() {
+fn malformed_reviews_get_a_clean_error_and_bad_annotations_refuse_the_pod() {
     let s = settings();
     let error = |body: &[u8]| inject::review(body, &s).unwrap_err().0;
     assert!(error(b"{not json").starts_with("the body is not JSON"));
@@ -204,22 +204,23 @@ fn malformed_reviews_get_a_clean_error() {
     let mut review: Value = serde_json::from_slice(&document("annotated-pod.json")).unwrap();
     review["request"]["object"]["metadata"]["annotations"]["breakwater.io/cpu-limit"] =
         json!("lots");
-    let answer = inject::review(&serde_json::to_vec(&review).unwrap(), &s);
+    // A pod asking for the sidecar with an invalid annotation is refused,
+    // with the reason, rather than admitted without its sidecar.
+    let answer = inject::review(&serde_json::to_vec(&review).unwrap(), &s).unwrap();
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 400);
     assert_eq!(
-        answer.unwrap_err(),
-        BadReview(
-            "annotation breakwater.io/cpu-limit: \"lots\" is not a quantity such as 100m or 64Mi"
-                .into()
-        )
+        answer["response"]["status"]["message"],
+        "breakwater: annotation breakwater.io/cpu-limit: \"lots\" is not a quantity such as 100m or 64Mi"
     );
+    assert!(answer["response"].get("patch").is_none());
     review["request"]["object"]["spec"] = json!({});
     review["request"]["object"]["metadata"]["annotations"] =
         json!({"breakwater.io/inject": "true"});
+    let answer = inject::review(&serde_json::to_vec(&review).unwrap(), &s).unwrap();
     assert_eq!(
-        inject::review(&serde_json::to_vec(&review).unwrap(), &s)
-            .unwrap_err()
-            .0,
-        "the pod has no spec.containers"
+        answer["response"]["status"]["message"],
+        "breakwater: the pod has no spec.containers"
     );
 }
 

@@ -75,9 +75,11 @@ impl Default for Settings {
 #[error("{0}")]
 pub struct BadReview(pub String);
 
-/// Answers an `AdmissionReview`: allowed always (the webhook never blocks
-/// a pod), with the patch that adds the sidecar when the pod asks for it
-/// and does not have it yet.
+/// Answers an `AdmissionReview`: allowed, with the patch that adds the
+/// sidecar when the pod asks for it and does not have it yet; refused
+/// (with the reason) only when it asks in a way that cannot be honoured,
+/// such as an invalid resource annotation. `Err` for a review that is not
+/// one (answered HTTP 400).
 pub fn review(body: &[u8], settings: &Settings) -> Result<Value, BadReview> {
     let review: Value = serde_json::from_slice(body)
         .map_err(|e| BadReview(format!("the body is not JSON: {e}")))?;
@@ -94,10 +96,26 @@ pub fn review(body: &[u8], settings: &Settings) -> Result<Value, BadReview> {
         .unwrap_or("admission.k8s.io/v1");
     let mut response = json!({"uid": uid, "allowed": true});
     let is_pod = request["kind"]["kind"] == "Pod" || request["object"]["kind"] == "Pod";
-    if is_pod && let Some(patch) = patch(&request["object"], settings)? {
-        let bytes = serde_json::to_vec(&patch).expect("patches serialize");
-        response["patchType"] = json!("JSONPatch");
-        response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+    if is_pod {
+        match patch(&request["object"], settings) {
+            Ok(None) => {}
+            Ok(Some(patch)) => {
+                let bytes = serde_json::to_vec(&patch).expect("patches serialize");
+                response["patchType"] = json!("JSONPatch");
+                response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+            }
+            // A pod that asks for the sidecar in a way that cannot be
+            // honoured is refused, with the reason: admitting it without
+            // its sidecar would hide the mistake.
+            Err(BadReview(message)) => {
+                response["allowed"] = json!(false);
+                response["status"] = json!({
+                    "code": 400,
+                    "reason": "BadRequest",
+                    "message": format!("breakwater: {message}"),
+                });
+            }
+        }
     }
     Ok(json!({
         "apiVersion": api_version,
