@@ -815,7 +815,15 @@ impl Sagas {
                     self.store
                         .list_sagas(Some(state.as_str()), after.as_deref(), 1000)?;
                 for bytes in records {
-                    let record = SagaRecord::decode(&bytes)?;
+                    // One unreadable record must not keep the others (and
+                    // the control plane) from starting.
+                    let record = match SagaRecord::decode(&bytes) {
+                        Ok(record) => record,
+                        Err(error) => {
+                            tracing::error!(%error, "a stored saga is unreadable; it is left as it is");
+                            continue;
+                        }
+                    };
                     if record.state.finished() || self.live().contains_key(&record.id) {
                         continue;
                     }
@@ -1389,6 +1397,37 @@ impl Sagas {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::store::SledStore;
+
+    #[tokio::test]
+    async fn an_unreadable_record_does_not_keep_the_others_from_resuming() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        store
+            .create_saga("broken", "running", b"{not json")
+            .unwrap();
+        let spec: SagaSpec = serde_json::from_value(serde_json::json!({
+            "id": "fine",
+            "steps": [{"name": "a", "action": {"upstream": "u", "method": "GET", "path": "/"}}]
+        }))
+        .unwrap();
+        let saga = spec.clone().check().unwrap();
+        let record = SagaRecord::new(spec, &saga, Time::now());
+        let bytes = serde_json::to_vec(&record).unwrap();
+        store.create_saga("fine", "running", &bytes).unwrap();
+        let config =
+            crate::config::parse("t.yaml", "upstreams:\n  u: {address: '127.0.0.1:9'}\n").unwrap();
+        let commit = GroupCommit::start(store.clone(), |_| {});
+        let sagas = Arc::new(Sagas::new(
+            store,
+            commit,
+            Arc::new(ControlMetrics::new()),
+            Some(Arc::new(Upstreams::new(&config))),
+            4,
+            1 << 20,
+        ));
+        assert_eq!(sagas.resume().await.unwrap(), 1);
+    }
 
     #[test]
     fn states_round_trip_and_times_read_as_rfc3339() {
