@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use breakwater::api::checkpoints_client::CheckpointsClient;
@@ -16,24 +15,11 @@ use breakwater::api::{
 use bytes::Bytes;
 use support::Logged;
 
-const BIN: &str = env!("CARGO_BIN_EXE_breakwater");
 const WRITERS: usize = 16;
 const LETTER_WRITERS: usize = 4;
 
 fn control_plane(dir: &std::path::Path) -> (Logged, String) {
-    let mut command = Command::new(BIN);
-    command
-        .args([
-            "--log-format",
-            "json",
-            "control-plane",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir);
-    let (process, ready) = Logged::start(command, "control plane ready");
-    let url = format!("http://{}", ready["grpc"].as_str().unwrap());
+    let (process, url, _) = support::control_plane_process(dir, &[]);
     (process, url)
 }
 

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -20,28 +19,13 @@ use support::{Logged, Participant, Script};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_breakwater");
-
 type Log = Arc<Mutex<Vec<String>>>;
 
 /// Starts the control plane; answers it, its URL and how many unfinished
 /// sagas it resumed.
 fn control_plane(dir: &std::path::Path, policies: &std::path::Path) -> (Logged, String, u64) {
-    let mut command = Command::new(BIN);
-    command
-        .args([
-            "--log-format",
-            "json",
-            "control-plane",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .arg("--config")
-        .arg(policies);
-    let (process, ready) = Logged::start(command, "control plane ready");
-    let url = format!("http://{}", ready["grpc"].as_str().unwrap());
+    let (process, url, ready) =
+        support::control_plane_process(dir, &["--config".as_ref(), policies.as_os_str()]);
     (process, url, ready["resumed_sagas"].as_u64().unwrap())
 }
 

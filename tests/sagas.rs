@@ -204,6 +204,22 @@ async fn a_failed_step_compensates_the_earlier_ones_in_reverse_with_ids_from_ans
     assert!(create.started_at.is_some() && create.finished_at.is_some());
     assert_eq!(create.status, 201);
     assert!(saga.steps[0].compensation.is_some());
+    // The saga's calls, with the sidecar's metric names: two retries of
+    // the email.
+    let (_, body) = support::admin(
+        running.admin_addr.unwrap(),
+        Method::GET,
+        "/metrics/upstreams",
+        "",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&body);
+    let retries: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("breakwater_retries_total{upstream=\"email\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(retries, 2.0, "{text}");
     running.shutdown().await;
 }
 

@@ -342,7 +342,7 @@ impl Upstreams {
         Self { map, metrics }
     }
 
-    /// Their metrics (requests, retries, circuits...), as the sidecar's
+    /// Their metrics (retries, timeouts, circuits), as the sidecar's
     /// `/metrics` shows them.
     pub fn metrics_text(&self) -> String {
         self.metrics.encode()
@@ -354,9 +354,10 @@ impl Upstreams {
     }
 }
 
-/// A call ready to send: templates filled in, the key set.
+/// A call ready to send: templates filled in, the key set (or a dead
+/// letter, as it is replayed).
 #[derive(Debug, Clone)]
-struct Prepared {
+pub(super) struct Prepared {
     upstream: String,
     method: Method,
     uri: String,
@@ -366,6 +367,32 @@ struct Prepared {
 }
 
 impl Prepared {
+    /// A dead letter as it is sent again, marked with `header: <id>`.
+    pub(super) fn from_letter(letter: &DeadLetter, header: &'static str) -> Result<Self, String> {
+        let method = Method::from_bytes(letter.method.as_bytes())
+            .map_err(|_| "the letter's method is invalid".to_owned())?;
+        let mut headers = HeaderMap::new();
+        for header in &letter.headers {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(header.name.as_bytes()),
+                HeaderValue::from_bytes(&header.value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        if let Ok(value) = HeaderValue::from_str(&letter.id) {
+            headers.insert(header, value);
+        }
+        Ok(Self {
+            upstream: letter.upstream.clone(),
+            method,
+            uri: letter.uri.clone(),
+            headers,
+            body: letter.body.clone(),
+            grpc: letter.grpc,
+        })
+    }
+
     fn request(&self) -> Result<Request<body::Body>, String> {
         let mut request = Request::new(body::full(self.body.clone()));
         *request.method_mut() = self.method.clone();
@@ -467,13 +494,13 @@ fn prepare(call: &Call, scope: &Scope<'_>, key: &str) -> Result<Prepared, String
 
 /// How a send ended.
 #[derive(Debug, Default)]
-struct Outcome {
-    ok: bool,
-    status: u16,
-    grpc_status: Option<i32>,
+pub(super) struct Outcome {
+    pub(super) ok: bool,
+    pub(super) status: u16,
+    pub(super) grpc_status: Option<i32>,
     answer: Option<Answer>,
     summary: String,
-    error: Option<String>,
+    pub(super) error: Option<String>,
     attempts: u32,
     took: Duration,
 }
@@ -496,8 +523,13 @@ fn summary(body: &[u8]) -> String {
     String::from_utf8_lossy(cut).into_owned()
 }
 
-/// Sends a prepared call through its upstream, within `deadline`.
-async fn send(upstreams: &Upstreams, prepared: &Prepared, deadline: Option<Time>) -> Outcome {
+/// Sends a prepared call through its upstream, within `deadline`: the one
+/// way sagas and dead-letter replays call upstreams and judge the answer.
+pub(super) async fn send(
+    upstreams: &Upstreams,
+    prepared: &Prepared,
+    deadline: Option<Time>,
+) -> Outcome {
     let started = Instant::now();
     let attempts = AtomicU32::new(0);
     let mut outcome = Outcome::default();

@@ -10,10 +10,8 @@ use tokio::time::Instant;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use http_body_util::BodyExt;
-
 use super::metrics::ControlMetrics;
-use super::saga::{Sagas, Upstreams};
+use super::saga::{Prepared, Sagas, Upstreams, send};
 use super::store::{GroupCommit, NewCheckpoint, Page, Store, StoreError};
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
 use crate::api::{
@@ -24,8 +22,6 @@ use crate::api::{
 use crate::api::{
     DeadLetter, ListDeadLettersRequest, ListDeadLettersResponse, ReplayDeadLetterResponse,
 };
-use crate::body;
-use crate::sidecar::Upstream;
 
 /// Default largest checkpoint state.
 pub const DEFAULT_MAX_STATE_BYTES: usize = 4 << 20;
@@ -445,12 +441,12 @@ impl ControlPlane {
                 "replay needs the upstreams' policies: start the control plane with --config policies.yaml".into(),
             ));
         };
-        let upstream = upstreams.get(&letter.upstream).ok_or_else(|| {
-            ApiError::Precondition(format!(
+        if upstreams.get(&letter.upstream).is_none() {
+            return Err(ApiError::Precondition(format!(
                 "upstream {:?} is not in the policies file, so the letter cannot be sent",
                 letter.upstream
-            ))
-        })?;
+            )));
+        }
         if !self
             .replaying
             .lock()
@@ -461,7 +457,7 @@ impl ControlPlane {
                 "dead letter {id} is being replayed already"
             )));
         }
-        let outcome = replay(upstream, &letter).await;
+        let outcome = replay(upstreams, &letter).await;
         self.replaying
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -531,77 +527,31 @@ fn letter_id(id: &str) -> Result<u64, ApiError> {
         .map_err(|_| ApiError::Invalid(format!("{id:?} is not a dead letter id")))
 }
 
-/// Largest answer read back from a replay.
-const MAX_REPLAY_ANSWER: usize = 1 << 20;
-
-/// Sends a letter through `upstream`; `Ok` when the upstream took it (a
+/// Sends a letter through its upstream; `Ok` when the upstream took it (a
 /// 2xx answer, and gRPC status 0 for gRPC calls).
 async fn replay(
-    upstream: &Upstream,
+    upstreams: &Upstreams,
     letter: &DeadLetter,
 ) -> Result<ReplayDeadLetterResponse, ReplayDeadLetterResponse> {
-    let failed = |status: u32, grpc_status: i32, error: String| ReplayDeadLetterResponse {
+    let failed = |error: String| ReplayDeadLetterResponse {
         delivered: false,
-        status,
-        grpc_status,
+        status: 0,
+        grpc_status: -1,
         error,
     };
-    let mut request = http::Request::new(body::full(letter.body.clone()));
-    *request.method_mut() = http::Method::from_bytes(letter.method.as_bytes())
-        .map_err(|_| failed(0, -1, "the letter's method is invalid".into()))?;
-    *request.uri_mut() = letter
-        .uri
-        .parse()
-        .map_err(|_| failed(0, -1, "the letter's uri is invalid".into()))?;
-    for header in &letter.headers {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(header.name.as_bytes()),
-            http::HeaderValue::from_bytes(&header.value),
-        ) {
-            request.headers_mut().append(name, value);
-        }
-    }
-    if let Ok(value) = http::HeaderValue::from_str(&letter.id) {
-        request.headers_mut().insert(REPLAY_HEADER, value);
-    }
-    let response = upstream
-        .call(request, letter.grpc, Default::default())
-        .await
-        .map_err(|e| failed(0, -1, e.to_string()))?;
-    let status = u32::from(response.status().as_u16());
-    let header_grpc = grpc_status(response.headers());
-    let (_, body) = response.into_parts();
-    let collected = http_body_util::Limited::new(body, MAX_REPLAY_ANSWER)
-        .collect()
-        .await
-        .map_err(|e| failed(status, -1, format!("the answer failed: {e}")))?;
-    let grpc = header_grpc.or_else(|| collected.trailers().and_then(grpc_status));
-    let grpc_code = grpc.unwrap_or(if letter.grpc { -1 } else { 0 });
-    let ok = (200..300).contains(&status) && (!letter.grpc || grpc == Some(0));
-    if ok {
-        Ok(ReplayDeadLetterResponse {
-            delivered: true,
-            status,
-            grpc_status: grpc_code,
-            error: String::new(),
-        })
-    } else if letter.grpc && (200..300).contains(&status) {
-        Err(failed(
-            status,
-            grpc_code,
-            format!("the upstream answered gRPC status {grpc_code}"),
-        ))
+    let prepared = Prepared::from_letter(letter, REPLAY_HEADER).map_err(failed)?;
+    let outcome = send(upstreams, &prepared, None).await;
+    let response = ReplayDeadLetterResponse {
+        delivered: outcome.ok,
+        status: u32::from(outcome.status),
+        grpc_status: outcome.grpc_status.unwrap_or(0),
+        error: outcome.error.unwrap_or_default(),
+    };
+    if response.delivered {
+        Ok(response)
     } else {
-        Err(failed(
-            status,
-            grpc_code,
-            format!("the upstream answered HTTP {status}"),
-        ))
+        Err(response)
     }
-}
-
-fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
-    crate::resilience::classify::grpc_status(headers).map(i32::from)
 }
 
 /// Marks a request sent by a replay, with the letter's id.

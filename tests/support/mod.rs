@@ -514,3 +514,26 @@ impl Participant {
             .collect()
     }
 }
+
+/// Starts `breakwater control-plane` as a separate process on `dir`, with
+/// `extra` arguments; answers it, its gRPC URL and its ready log event.
+pub fn control_plane_process(
+    dir: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+) -> (Logged, String, serde_json::Value) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"));
+    command
+        .args([
+            "--log-format",
+            "json",
+            "control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .args(extra);
+    let (process, ready) = Logged::start(command, "control plane ready");
+    let url = format!("http://{}", ready["grpc"].as_str().unwrap());
+    (process, url, ready)
+}
