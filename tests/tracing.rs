@@ -225,6 +225,12 @@ async fn a_request_without_a_trace_starts_one_and_records_degradation_and_faults
         attribute(attempt, "breakwater.fault"),
         Some(Value::StringValue("abort".into()))
     );
+    let status = attempt.status.as_ref().expect("the attempt span's status");
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (2, "http-503"),
+        "an error status, named by the classified failure"
+    );
 }
 
 #[tokio::test]

@@ -115,7 +115,7 @@ impl Remote {
             .map_err(|e| connect_error(e.to_string()))?
             .connect()
             .await
-            .map_err(|e| connect_error(crate::edge::error_text(&e)))?;
+            .map_err(|e| connect_error(crate::error::error_text(&e)))?;
         Ok((channel, token))
     }
 

@@ -295,7 +295,7 @@ struct AbortBody {
 
 /// Decodes `%XX` escapes in a path segment.
 fn percent_decode(segment: &str) -> Result<String, ApiError> {
-    crate::edge::percent_decode(segment)
+    crate::grpc::percent_decode(segment)
         .ok_or_else(|| invalid(format!("bad percent-escape, or not UTF-8, in {segment:?}")))
 }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request};
 use http_body_util::{BodyExt, Limited};
@@ -33,6 +33,8 @@ use super::template::{self, Answer, Scope};
 use crate::api::{DeadLetter, Header};
 use crate::body;
 use crate::config::Config;
+use crate::grpc;
+use crate::resilience::classify::{Failure, classify_status};
 use crate::resilience::stack::Observe;
 use crate::sidecar::Upstream;
 use crate::telemetry::metrics::Metrics;
@@ -471,13 +473,9 @@ fn prepare(call: &Call, scope: &Scope<'_>, key: &str) -> Result<Prepared, String
             metadata,
         } => {
             render_headers(&mut headers, metadata)?;
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert(CONTENT_TYPE, grpc::CONTENT_TYPE_GRPC);
             headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-            let mut frame = BytesMut::with_capacity(5 + message.len());
-            frame.put_u8(0);
-            frame.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
-            frame.extend_from_slice(message);
-            (Method::POST, method.clone(), frame.freeze(), true)
+            (Method::POST, method.clone(), grpc::frame(message), true)
         }
     };
     let key = HeaderValue::from_str(key).map_err(|_| format!("{key:?} is not a valid key"))?;
@@ -498,6 +496,10 @@ pub(super) struct Outcome {
     pub(super) ok: bool,
     pub(super) status: u16,
     pub(super) grpc_status: Option<i32>,
+    /// The answer's failure, as classified (`None` for a success, for an
+    /// answer about the request such as a 404, and when there was no
+    /// answer).
+    failure: Option<Failure>,
     answer: Option<Answer>,
     summary: String,
     pub(super) error: Option<String>,
@@ -506,15 +508,12 @@ pub(super) struct Outcome {
 }
 
 impl Outcome {
-    /// Whether it failed for want of the upstream (no answer, an open
-    /// circuit, 5xx, 429, gRPC `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
-    /// `RESOURCE_EXHAUSTED`), rather than because of the request.
+    /// Whether it failed for want of the upstream: no answer (unreachable,
+    /// an open circuit, shed, timed out), or a transient failure as
+    /// classified ([`Failure::is_transient`]), rather than because of the
+    /// request.
     fn upstream_wanting(&self) -> bool {
-        !self.ok
-            && (self.status == 0
-                || self.status >= 500
-                || self.status == 429
-                || matches!(self.grpc_status, Some(4 | 8 | 14)))
+        !self.ok && (self.status == 0 || self.failure.is_some_and(Failure::is_transient))
     }
 }
 
@@ -597,13 +596,9 @@ async fn exchange(
         Err(e) if e.is::<http_body_util::LengthLimitError>() => (None, None),
         Err(e) => return Err(format!("the answer failed: {e}")),
     };
-    let grpc_status = crate::resilience::classify::grpc_status(&parts.headers)
-        .or_else(|| {
-            trailers
-                .as_ref()
-                .and_then(crate::resilience::classify::grpc_status)
-        })
-        .map(i32::from);
+    let grpc_status = grpc::answer_status(&parts.headers, trailers.as_ref());
+    outcome.failure = classify_status(parts.status, grpc_status.filter(|_| prepared.grpc));
+    let grpc_status = grpc_status.map(i32::from);
     if let Some(trailers) = &trailers {
         for (name, value) in trailers {
             headers.insert(
@@ -624,7 +619,7 @@ async fn exchange(
         Some(bytes) if !prepared.grpc => summary(bytes),
         Some(_) => headers
             .get("grpc-message")
-            .map(|m| crate::edge::percent_decode(m).unwrap_or_else(|| m.clone()))
+            .map(|m| grpc::percent_decode(m).unwrap_or_else(|| m.clone()))
             .unwrap_or_default(),
         None => format!("(an answer over {} KiB, not kept)", MAX_ANSWER_BYTES >> 10),
     };
@@ -644,7 +639,7 @@ async fn exchange(
             Some(0) if success => Ok(()),
             Some(code) if success => Err(format!(
                 "the upstream answered gRPC status {code} ({})",
-                crate::resilience::classify::grpc_name(u8::try_from(code).unwrap_or(2))
+                grpc::name(u8::try_from(code).unwrap_or(grpc::UNKNOWN))
             )),
             _ if success && bytes.is_none() => Err("the answer is too large".to_owned()),
             _ => Err(format!("the upstream answered HTTP {}", outcome.status)),

@@ -1,9 +1,11 @@
 //! Classification: the one place that decides whether an attempt failed,
 //! and how.
 //!
-//! Retry, the circuit breaker, metrics and (later) dead letters consume a
-//! [`Failure`]; none of them looks at status codes or transport errors on
-//! its own. A response is a failure when its HTTP status is 5xx or 429, or
+//! Retry, the circuit breaker, metrics, fallbacks, traces, saga steps and
+//! dead-letter replays consume a [`Failure`] and ask it what it means
+//! ([`Failure::is_server_side`], [`Failure::is_transient`],
+//! [`Failure::is_rate_limit`]); none of them looks at status codes or
+//! transport errors on its own. A response is a failure when its HTTP status is 5xx or 429, or
 //! when its `grpc-status` (in the headers of a trailers-only answer, or in
 //! trailers that arrived before any message, see [`GrpcTrailerStatus`]) is
 //! not OK. Other 4xx answers are the caller's problem, not the upstream's:
@@ -21,59 +23,8 @@ use http::Response;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::edge::{GrpcCode, ProxyError};
-
-/// gRPC status codes by number, as named in policy files.
-const GRPC_CODES: [&str; 17] = [
-    "ok",
-    "cancelled",
-    "unknown",
-    "invalid-argument",
-    "deadline-exceeded",
-    "not-found",
-    "already-exists",
-    "permission-denied",
-    "resource-exhausted",
-    "failed-precondition",
-    "aborted",
-    "out-of-range",
-    "unimplemented",
-    "internal",
-    "unavailable",
-    "data-loss",
-    "unauthenticated",
-];
-
-/// A gRPC code by its lower-case, dashed name (`unavailable`), or its
-/// number as text (`14`).
-pub fn grpc_code(text: &str) -> Option<u8> {
-    let text = text.trim().to_ascii_lowercase().replace('_', "-");
-    match text.parse::<u8>() {
-        Ok(code) => (usize::from(code) < GRPC_CODES.len()).then_some(code),
-        Err(_) => GRPC_CODES.iter().position(|c| *c == text).map(|c| c as u8),
-    }
-}
-
-/// A gRPC code's lower-case, dashed name.
-pub fn grpc_name(code: u8) -> &'static str {
-    GRPC_CODES.get(usize::from(code)).unwrap_or(&"unknown")
-}
-
-/// The gRPC status header (or trailer).
-pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-
-/// The `grpc-status` in a header (or trailer) map, if there is a valid one.
-pub fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
-    std::str::from_utf8(headers.get(GRPC_STATUS)?.as_bytes())
-        .ok()?
-        .parse()
-        .ok()
-}
-
-/// gRPC `DEADLINE_EXCEEDED`.
-pub const GRPC_DEADLINE_EXCEEDED: u8 = GrpcCode::DeadlineExceeded as u8;
-/// gRPC `RESOURCE_EXHAUSTED`.
-pub const GRPC_RESOURCE_EXHAUSTED: u8 = GrpcCode::ResourceExhausted as u8;
+use crate::error::ProxyError;
+use crate::grpc::{self, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED};
 
 /// Why an attempt did not succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,17 +53,56 @@ impl Failure {
             Failure::RefusedStream => "refused-stream".into(),
             Failure::PerTryTimeout => "per-try-timeout".into(),
             Failure::Http(code) => format!("http-{code}"),
-            Failure::Grpc(code) => format!("grpc-{}", grpc_name(code)),
+            Failure::Grpc(code) => format!("grpc-{}", grpc::name(code)),
         }
     }
 
     /// Rate limiting (429, `RESOURCE_EXHAUSTED`): the upstream is alive and
     /// asking for less load, which is not an outage.
     pub fn is_rate_limit(self) -> bool {
-        matches!(
-            self,
-            Failure::Http(429) | Failure::Grpc(GRPC_RESOURCE_EXHAUSTED)
-        )
+        matches!(self, Failure::Http(429) | Failure::Grpc(RESOURCE_EXHAUSTED))
+    }
+
+    /// The upstream could not serve, rather than the request being wrong:
+    /// every transport failure, HTTP 5xx and 429, and the gRPC codes that
+    /// gRPC's own status mapping attributes to the server (`UNKNOWN`,
+    /// `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `INTERNAL`,
+    /// `UNAVAILABLE`, `DATA_LOSS`). An optional upstream degrades to its
+    /// fallback only on these.
+    pub fn is_server_side(self) -> bool {
+        match self {
+            Failure::Http(status) => status >= 500 || status == 429,
+            Failure::Grpc(code) => matches!(
+                code,
+                grpc::UNKNOWN
+                    | DEADLINE_EXCEEDED
+                    | RESOURCE_EXHAUSTED
+                    | grpc::INTERNAL
+                    | grpc::UNAVAILABLE
+                    | grpc::DATA_LOSS
+            ),
+            Failure::ConnectFailure
+            | Failure::Reset
+            | Failure::RefusedStream
+            | Failure::PerTryTimeout => true,
+        }
+    }
+
+    /// The same call may well succeed later, once the upstream is back or
+    /// less loaded: every transport failure, HTTP 5xx and 429, and gRPC
+    /// `UNAVAILABLE`, `DEADLINE_EXCEEDED` and `RESOURCE_EXHAUSTED` (not
+    /// `INTERNAL` or `UNKNOWN`, which say the upstream met the request and
+    /// broke on it). A saga step's own `retry` waits out only these.
+    pub fn is_transient(self) -> bool {
+        match self {
+            Failure::Grpc(code) => {
+                matches!(
+                    code,
+                    DEADLINE_EXCEEDED | RESOURCE_EXHAUSTED | grpc::UNAVAILABLE
+                )
+            }
+            _ => self.is_server_side(),
+        }
     }
 
     /// The request certainly did not reach the upstream's application, so
@@ -140,21 +130,27 @@ pub fn classify<B>(result: &Result<Response<B>, ProxyError>, grpc: bool) -> Opti
 /// Classifies an answer from the upstream (`grpc`: the call is gRPC, so
 /// its `grpc-status` counts). `None` means success.
 pub fn classify_response<B>(response: &Response<B>, grpc: bool) -> Option<Failure> {
-    let status = response.status().as_u16();
+    let grpc_status = grpc.then(|| {
+        grpc::status(response.headers()).or_else(|| {
+            response
+                .extensions()
+                .get::<GrpcTrailerStatus>()
+                .map(|s| s.0)
+        })
+    });
+    classify_status(response.status(), grpc_status.flatten())
+}
+
+/// Classifies an answer by its HTTP status and, for a gRPC call, its
+/// `grpc-status` wherever it was read (headers, trailers). `None` means
+/// success.
+pub fn classify_status(status: http::StatusCode, grpc_status: Option<u8>) -> Option<Failure> {
+    let status = status.as_u16();
     if status >= 500 || status == 429 {
         return Some(Failure::Http(status));
     }
-    if !grpc {
-        return None;
-    }
-    let grpc = grpc_status(response.headers()).or_else(|| {
-        response
-            .extensions()
-            .get::<GrpcTrailerStatus>()
-            .map(|s| s.0)
-    });
-    match grpc {
-        Some(0) | None => None,
+    match grpc_status {
+        Some(grpc::OK) | None => None,
         Some(code) => Some(Failure::Grpc(code)),
     }
 }
@@ -202,7 +198,7 @@ impl Condition {
             "per-try-timeout" => Condition::PerTryTimeout,
             "deadline-exceeded" => Condition::DeadlineExceeded,
             _ => {
-                if let Some(code) = GRPC_CODES.iter().position(|c| *c == text) {
+                if let Some(code) = grpc::NAMES.iter().position(|c| *c == text) {
                     return (code != 0).then_some(Condition::Grpc(code as u8));
                 }
                 let bytes = text.as_bytes();
@@ -225,7 +221,7 @@ impl Condition {
             | (Condition::RefusedStream, Failure::RefusedStream)
             | (Condition::PerTryTimeout, Failure::PerTryTimeout)
             | (Condition::DeadlineExceeded, Failure::PerTryTimeout) => true,
-            (Condition::DeadlineExceeded, Failure::Grpc(code)) => code == GRPC_DEADLINE_EXCEEDED,
+            (Condition::DeadlineExceeded, Failure::Grpc(code)) => code == DEADLINE_EXCEEDED,
             (Condition::Status(want), Failure::Http(code)) => want == code,
             (Condition::Class(class), Failure::Http(code)) => code / 100 == class,
             (Condition::Grpc(want), Failure::Grpc(code)) => want == code,
@@ -244,7 +240,7 @@ impl fmt::Display for Condition {
             Condition::DeadlineExceeded => f.write_str("deadline-exceeded"),
             Condition::Status(code) => write!(f, "{code}"),
             Condition::Class(class) => write!(f, "{class}xx"),
-            Condition::Grpc(code) => f.write_str(GRPC_CODES[usize::from(*code)]),
+            Condition::Grpc(code) => f.write_str(grpc::name(*code)),
         }
     }
 }
@@ -355,7 +351,7 @@ mod tests {
         assert!(c.matches(Failure::Grpc(14)));
         assert!(!c.matches(Failure::Grpc(13)));
         assert!(c.matches(Failure::PerTryTimeout));
-        assert!(c.matches(Failure::Grpc(GRPC_DEADLINE_EXCEEDED)));
+        assert!(c.matches(Failure::Grpc(DEADLINE_EXCEEDED)));
         assert!(!c.matches(Failure::Reset));
         let err = Conditions::parse(["unavailabel"]).unwrap_err();
         assert!(
@@ -374,5 +370,27 @@ mod tests {
         assert!(Failure::Grpc(8).is_rate_limit());
         assert!(Failure::RefusedStream.never_processed());
         assert!(!Failure::Reset.never_processed());
+    }
+
+    #[test]
+    fn server_side_and_transient_failures() {
+        for code in [2, 4, 8, 13, 14, 15] {
+            assert!(Failure::Grpc(code).is_server_side(), "grpc {code}");
+        }
+        for code in [1, 3, 5, 6, 7, 9, 10, 11, 12, 16] {
+            assert!(!Failure::Grpc(code).is_server_side(), "grpc {code}");
+            assert!(!Failure::Grpc(code).is_transient(), "grpc {code}");
+        }
+        let transient: Vec<u8> = (0..17)
+            .filter(|c| Failure::Grpc(*c).is_transient())
+            .collect();
+        assert_eq!(transient, [4, 8, 14]);
+        assert!(Failure::Http(429).is_transient() && Failure::Http(503).is_server_side());
+        assert!(Failure::ConnectFailure.is_transient() && Failure::PerTryTimeout.is_server_side());
+        assert_eq!(classify_status(http::StatusCode::OK, Some(0)), None);
+        assert_eq!(
+            classify_status(http::StatusCode::BAD_GATEWAY, Some(0)),
+            Some(Failure::Http(502))
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::edge::ProxyError;
+use crate::error::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
 
 /// One upstream's slots and queue.

@@ -13,7 +13,7 @@
 
 use std::borrow::Cow;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
@@ -21,9 +21,10 @@ use http_body::Frame;
 use http_body_util::StreamBody;
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::classify::{self, Failure, GRPC_STATUS};
+use super::classify;
 use crate::body::{self, Body, BoxError};
-use crate::edge::ProxyError;
+use crate::error::ProxyError;
+use crate::grpc;
 
 /// The header (or gRPC metadata) that marks a degraded answer.
 pub const DEGRADED_HEADER: &str = "x-breakwater-degraded";
@@ -70,16 +71,12 @@ impl Fallback {
     /// A fallback answering `status`, `headers` and `body` to HTTP
     /// callers and `message` to gRPC callers.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes, message: Bytes) -> Self {
-        let mut frame = BytesMut::with_capacity(5 + message.len());
-        frame.put_u8(0);
-        frame.put_u32(u32::try_from(message.len()).expect("fallback message under 4 GiB"));
-        frame.put_slice(&message);
         Self {
             status,
             headers,
             body,
+            frame: grpc::frame(&message),
             message,
-            frame: frame.freeze(),
         }
     }
 
@@ -95,7 +92,7 @@ impl Fallback {
             return response;
         }
         let mut trailers = HeaderMap::with_capacity(1);
-        trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+        trailers.insert(grpc::STATUS, HeaderValue::from_static("0"));
         let frames: [Result<Frame<Bytes>, BoxError>; 2] = [
             Ok(Frame::data(self.frame.clone())),
             Ok(Frame::trailers(trailers)),
@@ -103,11 +100,8 @@ impl Fallback {
         let mut response = Response::new(body::boxed(StreamBody::new(stream::iter(frames))));
         let headers = response.headers_mut();
         *headers = self.headers.clone();
-        let grpc_type = headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        if !grpc_type {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        if !grpc::is_grpc(headers) {
+            headers.insert(CONTENT_TYPE, grpc::CONTENT_TYPE_GRPC);
         }
         headers.insert(DEGRADED_HEADER, marker);
         response
@@ -148,23 +142,8 @@ pub fn reason(
     match result {
         Err(error) => Some(Cow::Borrowed(error.reason())),
         Ok(response) => classify::classify_response(response, grpc)
-            .filter(|f| server_side(*f))
+            .filter(|f| f.is_server_side())
             .map(|f| Cow::Owned(f.label())),
-    }
-}
-
-/// A failure answer that says the upstream could not serve, rather than
-/// that the request was wrong: HTTP 5xx and 429, and the gRPC codes
-/// `UNKNOWN`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `INTERNAL`,
-/// `UNAVAILABLE` and `DATA_LOSS`.
-fn server_side(failure: Failure) -> bool {
-    match failure {
-        Failure::Http(status) => status >= 500 || status == 429,
-        Failure::Grpc(code) => matches!(code, 2 | 4 | 8 | 13 | 14 | 15),
-        Failure::ConnectFailure
-        | Failure::Reset
-        | Failure::RefusedStream
-        | Failure::PerTryTimeout => true,
     }
 }
 
@@ -179,7 +158,7 @@ mod tests {
         if let Some(code) = grpc_status {
             response
                 .headers_mut()
-                .insert(GRPC_STATUS, code.parse().unwrap());
+                .insert(grpc::STATUS, code.parse().unwrap());
         }
         Ok(response)
     }
@@ -218,7 +197,7 @@ mod tests {
         assert_eq!(response.headers()[DEGRADED_HEADER], "circuit-open");
         assert_eq!(response.headers()[CONTENT_TYPE], "application/grpc");
         let collected = response.into_body().collect().await.unwrap();
-        assert_eq!(collected.trailers().unwrap()[GRPC_STATUS], "0");
+        assert_eq!(collected.trailers().unwrap()[grpc::STATUS], "0");
         assert_eq!(collected.to_bytes(), &b"\0\0\0\0\x04\x0a\x02hi"[..]);
     }
 

@@ -27,9 +27,9 @@ use http_body::{Frame, SizeHint};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::classify::{self, GRPC_STATUS};
 use crate::body::{self, Body, BoxError};
 use crate::config::values::{ByteSize, HumanDuration, Percent};
+use crate::grpc;
 use crate::telemetry::metrics::UpstreamMetrics;
 
 /// Marks an answer the sidecar made up as an injected fault.
@@ -116,7 +116,7 @@ impl<'de> Deserialize<'de> for GrpcStatus {
             Written::Number(n) => n.to_string(),
             Written::Name(name) => name,
         };
-        match classify::grpc_code(&text) {
+        match grpc::code(&text) {
             Some(code) if code != 0 => Ok(GrpcStatus(code)),
             _ => Err(de::Error::custom(format!(
                 "{text:?} is not a gRPC error code: expected a name such as unavailable or a number from 1 to 16"
@@ -127,7 +127,7 @@ impl<'de> Deserialize<'de> for GrpcStatus {
 
 impl Serialize for GrpcStatus {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(classify::grpc_name(self.0))
+        s.serialize_str(grpc::name(self.0))
     }
 }
 
@@ -252,44 +252,13 @@ fn resolve_abort(spec: &AbortSpec, errors: &mut Vec<(String, String)>) -> Option
             (_, Err(_)) => errors.push((field, "not a valid header value".into())),
         }
     }
-    let status = status.or_else(|| grpc.map(http_status_for))?;
+    let status = status.or_else(|| grpc.map(grpc::http_for_code))?;
     Some(Abort {
         fraction: spec.percent.fraction(),
-        grpc: grpc.unwrap_or_else(|| grpc_code_for(status)),
+        grpc: grpc.unwrap_or_else(|| grpc::code_for_http(status)),
         status,
         headers,
     })
-}
-
-/// gRPC's mapping of an HTTP status to a code, for an abort written with
-/// `status` only.
-fn grpc_code_for(status: StatusCode) -> u8 {
-    match status.as_u16() {
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502..=504 => 14,
-        _ => 2,
-    }
-}
-
-/// The HTTP status matching a gRPC code, for an abort written with
-/// `grpc_status` only.
-fn http_status_for(code: u8) -> StatusCode {
-    StatusCode::from_u16(match code {
-        3 | 9 | 11 => 400,
-        16 => 401,
-        7 => 403,
-        5 => 404,
-        6 | 10 => 409,
-        8 => 429,
-        12 => 501,
-        14 => 503,
-        4 => 504,
-        _ => 500,
-    })
-    .expect("listed statuses are valid")
 }
 
 /// Faults a caller asked for in request headers: they apply to every
@@ -311,8 +280,8 @@ pub fn overrides(headers: &mut HeaderMap, grpc: bool) -> Overrides {
     let abort = headers.remove(ABORT_HEADER).and_then(|v| {
         let text = v.to_str().ok()?;
         if grpc {
-            let code = classify::grpc_code(text).filter(|c| *c != 0)?;
-            Some((http_status_for(code), code))
+            let code = grpc::code(text).filter(|c| *c != 0)?;
+            Some((grpc::http_for_code(code), code))
         } else {
             let status = text
                 .trim()
@@ -320,7 +289,7 @@ pub fn overrides(headers: &mut HeaderMap, grpc: bool) -> Overrides {
                 .ok()
                 .filter(|s| (200..600).contains(s))?;
             let status = StatusCode::from_u16(status).ok()?;
-            Some((status, grpc_code_for(status)))
+            Some((status, grpc::code_for_http(status)))
         }
     });
     Overrides { delay, abort }
@@ -399,12 +368,7 @@ impl Faults {
 /// trailers-only answer with the code; `x-breakwater-fault: abort` on both.
 fn abort_answer(status: StatusCode, code: u8, headers: &HeaderMap, grpc: bool) -> Response<Body> {
     let mut response = if grpc {
-        let mut response = Response::new(body::empty());
-        let h = response.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        h.insert(GRPC_STATUS, HeaderValue::from(u16::from(code)));
-        h.insert("grpc-message", HeaderValue::from_static("injected fault"));
-        response
+        grpc::trailers_only(code, "injected fault")
     } else {
         let mut response = Response::new(body::full("injected fault\n"));
         *response.status_mut() = status;
@@ -559,7 +523,7 @@ mod tests {
             .resolve()
             .unwrap();
         let answer = faults.draw(Overrides::default(), true).abort.unwrap();
-        assert_eq!(answer.headers()[GRPC_STATUS], "14");
+        assert_eq!(answer.headers()[grpc::STATUS], "14");
         let faults = spec(r#"{"abort": {"percent": 100, "grpc_status": "resource-exhausted"}}"#)
             .resolve()
             .unwrap();
@@ -586,7 +550,7 @@ mod tests {
         let faults = FaultSpec::default().resolve().unwrap();
         let injection = faults.draw(o, true);
         assert_eq!(injection.delay, Some(Duration::from_millis(250)));
-        assert_eq!(injection.abort.unwrap().headers()[GRPC_STATUS], "14");
+        assert_eq!(injection.abort.unwrap().headers()[grpc::STATUS], "14");
         let mut headers = HeaderMap::new();
         headers.insert(ABORT_HEADER, HeaderValue::from_static("teapot"));
         assert!(

@@ -40,7 +40,7 @@ use super::policy::Policy;
 use super::retry::replay::Completion;
 use super::retry::{Attempt, Cause, Retry};
 use crate::body::Body;
-use crate::edge::ProxyError;
+use crate::error::ProxyError;
 use crate::sidecar::UpstreamClient;
 use crate::telemetry::metrics::UpstreamMetrics;
 use crate::telemetry::traces::{AttemptStart, RequestSpan};
@@ -175,7 +175,8 @@ impl Stack {
                 });
                 if let Some(span) = span {
                     let start = self.span_start(number, cause, Some("open"), None);
-                    span.attempt(start, request.headers_mut()).finish(&refused);
+                    span.attempt(start, request.headers_mut())
+                        .finish(&refused, None);
                 }
                 return refused;
             }
@@ -214,15 +215,15 @@ impl Stack {
                 }
             },
         };
+        if admission.is_none() && span.is_none() {
+            return result;
+        }
+        let failure = classify::classify(&result, grpc);
         if let (Some(breaker), Some(admission)) = (&self.breaker, admission) {
-            breaker.record(
-                admission,
-                classify::classify(&result, grpc),
-                started.elapsed(),
-            );
+            breaker.record(admission, failure, started.elapsed());
         }
         if let Some(span) = span {
-            span.finish(&result);
+            span.finish(&result, failure);
         }
         result
     }

@@ -16,9 +16,10 @@ use super::dead_letter::{Capture, DeadLetters, Failed};
 use super::live::LiveCell;
 use super::upstream::Upstream;
 use crate::body::Body;
-use crate::edge::{self, ProxyError};
-use crate::resilience::fallback;
+use crate::edge;
+use crate::error::ProxyError;
 use crate::resilience::stack::Observe;
+use crate::resilience::{classify, fallback};
 use crate::telemetry::metrics::{Metrics, Outcome};
 use crate::telemetry::traces::Tracing;
 
@@ -97,7 +98,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let grpc = edge::is_grpc(request.headers());
+        let grpc = crate::grpc::is_grpc(request.headers());
         if request.method() == Method::CONNECT {
             let error = ProxyError::UnsupportedMethod {
                 method: Method::CONNECT,
@@ -172,6 +173,7 @@ async fn forward(
         };
         sink.submit(&upstream.config.name, head, capture, failed);
     }
+    let mut answered = None;
     let (outcome, response, error, degraded) = match (&upstream.config.fallback, failure, result) {
         (Some(fallback), Some(reason), result) => {
             if let Err(error) = &result {
@@ -181,7 +183,14 @@ async fn forward(
             let response = fallback.answer(&reason, grpc);
             (Outcome::Degraded, response, None, Some(reason))
         }
-        (_, _, Ok(response)) => (outcome_of(&response, grpc), response, None, None),
+        (_, _, Ok(response)) => {
+            answered = classify::classify_response(&response, grpc);
+            let outcome = match answered {
+                None => Outcome::Success,
+                Some(_) => Outcome::Error,
+            };
+            (outcome, response, None, None)
+        }
         (_, _, Err(error)) => {
             tracing::debug!(upstream = %upstream.config.name, %error, "upstream call failed");
             let response = edge::error_response(&error, grpc);
@@ -194,16 +203,8 @@ async fn forward(
     Ok(match span {
         None => response,
         Some(span) => {
-            span.answered(&response, error, degraded.as_deref());
+            span.answered(&response, error, degraded.as_deref(), answered);
             span.end_with(response)
         }
     })
-}
-
-/// The outcome of an answered request, as classified.
-fn outcome_of(response: &Response<Body>, grpc: bool) -> Outcome {
-    match crate::resilience::classify::classify_response(response, grpc) {
-        None => Outcome::Success,
-        Some(_) => Outcome::Error,
-    }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{CONTENT_TYPE, HOST, HeaderValue};
+use http::header::{HOST, HeaderValue};
 use http::uri::{self, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
@@ -19,9 +19,10 @@ use super::h2::{H2Client, H2Error};
 use super::headers::strip_hop_by_hop;
 use crate::body::{self, Body, BoxError};
 use crate::config::UpstreamConfig;
-use crate::edge::ProxyError;
+use crate::error::ProxyError;
+use crate::grpc;
 use crate::resilience::breaker::Breaker;
-use crate::resilience::classify::{self, GRPC_STATUS, GrpcTrailerStatus};
+use crate::resilience::classify::GrpcTrailerStatus;
 use crate::resilience::faults::{FaultCell, Faults};
 use crate::resilience::retry::replay::Completion;
 use crate::resilience::stack::{Observe, Stack};
@@ -243,7 +244,7 @@ impl UpstreamClient {
                 source: error_chain(&e),
             }),
             Some(Ok(frame)) => {
-                let status = frame.trailers_ref().and_then(classify::grpc_status);
+                let status = frame.trailers_ref().and_then(grpc::status);
                 if let Some(status) = status {
                     parts.extensions.insert(GrpcTrailerStatus(status));
                 }
@@ -277,11 +278,7 @@ impl UpstreamClient {
 
 /// A gRPC answer whose status is not in its headers.
 fn needs_peek(parts: &http::response::Parts) -> bool {
-    parts
-        .headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-        && !parts.headers.contains_key(GRPC_STATUS)
+    grpc::is_grpc(&parts.headers) && !parts.headers.contains_key(grpc::STATUS)
 }
 
 /// Whether the HTTP/2 peer refused the stream (`REFUSED_STREAM`): it did
@@ -299,5 +296,5 @@ fn refused_stream(error: &hyper::Error) -> bool {
 
 /// An error and its causes in one line, as a body error.
 fn error_chain(error: &dyn std::error::Error) -> BoxError {
-    crate::edge::error_text(error).into()
+    crate::error::error_text(error).into()
 }

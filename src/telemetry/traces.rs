@@ -31,7 +31,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 use crate::body::{self, Body, BoxError};
-use crate::resilience::classify;
+use crate::resilience::classify::Failure;
 
 /// A tracer exporting to an OTLP collector.
 #[derive(Debug, Clone)]
@@ -205,12 +205,14 @@ impl RequestSpan {
     }
 
     /// Records how the request ended: the answer's status, and the
-    /// sidecar's reason when it answered itself or degraded.
+    /// sidecar's reason when it answered itself or degraded, or the
+    /// upstream's failure as classified.
     pub fn answered(
         &self,
         response: &Response<Body>,
         error: Option<&'static str>,
         degraded: Option<&str>,
+        failure: Option<Failure>,
     ) {
         let span = self.cx.span();
         span.set_attribute(KeyValue::new(
@@ -226,8 +228,8 @@ impl RequestSpan {
         if let Some(reason) = error {
             span.set_attribute(KeyValue::new("breakwater.error", reason));
             span.set_status(Status::error(reason));
-        } else if response.status().is_server_error() {
-            span.set_status(Status::error(Cow::Owned(response.status().to_string())));
+        } else if let Some(failure) = failure {
+            span.set_status(Status::error(Cow::Owned(failure.label())));
         }
     }
 
@@ -251,8 +253,13 @@ pub struct AttemptSpan {
 }
 
 impl AttemptSpan {
-    /// Records the attempt's result: the answer's status, or the error.
-    pub fn finish<B>(self, result: &Result<Response<B>, crate::edge::ProxyError>) {
+    /// Records the attempt's result: the answer's status (an error status
+    /// when classified as a `failure`), or the error.
+    pub fn finish<B>(
+        self,
+        result: &Result<Response<B>, crate::error::ProxyError>,
+        failure: Option<Failure>,
+    ) {
         let span = self.cx.span();
         match result {
             Ok(response) => {
@@ -263,8 +270,8 @@ impl AttemptSpan {
                 if let Some(code) = grpc_status(response.headers()) {
                     span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
                 }
-                if response.status().is_server_error() {
-                    span.set_status(Status::error(response.status().to_string()));
+                if let Some(failure) = failure {
+                    span.set_status(Status::error(failure.label()));
                 }
             }
             Err(error) => {
@@ -282,7 +289,7 @@ impl Drop for AttemptSpan {
 }
 
 fn grpc_status(headers: &HeaderMap) -> Option<i64> {
-    classify::grpc_status(headers).map(i64::from)
+    crate::grpc::status(headers).map(i64::from)
 }
 
 /// An answer's body that ends its request's span when it ends.

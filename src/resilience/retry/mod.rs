@@ -49,7 +49,7 @@ use super::classify::{self, Failure};
 use super::deadline::Deadline;
 use super::policy::{HedgeParams, RetryParams};
 use crate::body::{self, Body};
-use crate::edge::ProxyError;
+use crate::error::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
 use pushback::Pushback;
 use replay::{Completion, ReplayBody};

@@ -1,0 +1,157 @@
+//! The sidecar's own failures, typed where they happen.
+//!
+//! Layers return a [`ProxyError`]; nothing below the edge formats an
+//! answer. What a failure *means* for retries, breakers and fallbacks is
+//! decided by [`crate::resilience::classify`]; how it is *answered* by
+//! [`crate::edge`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::body::BoxError;
+use crate::grpc;
+
+/// An error and its causes in one line (`client error (Connect): tcp
+/// connect error: Connection refused`), for logs and answers.
+pub fn error_text(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Why the sidecar answered instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No configured upstream claims the request's host: the sidecar is
+    /// not an open proxy.
+    #[error("no upstream is configured for host {host:?}")]
+    UnknownHost {
+        /// The host the caller asked for.
+        host: String,
+    },
+    /// The request names no host at all.
+    #[error("the request has no Host header or authority to route by")]
+    NoHost,
+    /// A method the sidecar does not proxy, such as `CONNECT`.
+    #[error("method {method} is not supported by the sidecar")]
+    UnsupportedMethod {
+        /// The request's method.
+        method: http::Method,
+    },
+    /// No connection to the upstream could be made.
+    #[error("cannot connect to upstream {upstream}: {source}")]
+    Connect {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The transport error.
+        source: BoxError,
+    },
+    /// The connection failed after the request was sent.
+    #[error("upstream {upstream} failed: {source}")]
+    Upstream {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The transport error.
+        source: BoxError,
+    },
+    /// The HTTP/2 upstream refused the stream before processing it.
+    #[error("upstream {upstream} refused the stream")]
+    RefusedStream {
+        /// The upstream's name.
+        upstream: Arc<str>,
+    },
+    /// One attempt outlived the per-try timeout.
+    #[error("upstream {upstream} did not answer within the per-try timeout of {after:?}")]
+    PerTryTimeout {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The per-try timeout.
+        after: Duration,
+    },
+    /// The call's deadline passed before an answer started.
+    #[error("upstream {upstream} did not answer before the deadline ({after:?}, set by {by})")]
+    DeadlineExceeded {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The time the call had.
+        after: Duration,
+        /// Whose deadline it was: `policy` or `caller`.
+        by: &'static str,
+    },
+    /// The upstream's circuit is open: it was not contacted.
+    #[error("the circuit to upstream {upstream} is open")]
+    CircuitOpen {
+        /// The upstream's name.
+        upstream: Arc<str>,
+    },
+    /// The upstream's concurrency limit and queue are full: shed.
+    #[error("upstream {upstream} is at its concurrency limit; request shed")]
+    Overloaded {
+        /// The upstream's name.
+        upstream: Arc<str>,
+    },
+}
+
+impl ProxyError {
+    /// The machine-readable reason sent in `x-breakwater-error`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownHost { .. } => "unknown-host",
+            ProxyError::NoHost => "no-host",
+            ProxyError::UnsupportedMethod { .. } => "unsupported-method",
+            ProxyError::Connect { .. } => "connect-failure",
+            ProxyError::Upstream { .. } => "upstream-reset",
+            ProxyError::RefusedStream { .. } => "refused-stream",
+            ProxyError::PerTryTimeout { .. } => "per-try-timeout",
+            ProxyError::DeadlineExceeded { .. } => "deadline-exceeded",
+            ProxyError::CircuitOpen { .. } => "circuit-open",
+            ProxyError::Overloaded { .. } => "overloaded",
+        }
+    }
+
+    /// The HTTP status an HTTP caller gets.
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            ProxyError::UnknownHost { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoHost => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::RefusedStream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::PerTryTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The gRPC status a gRPC caller gets.
+    pub fn grpc_code(&self) -> u8 {
+        match self {
+            ProxyError::UnknownHost { .. } | ProxyError::UnsupportedMethod { .. } => {
+                grpc::UNIMPLEMENTED
+            }
+            ProxyError::NoHost => grpc::INVALID_ARGUMENT,
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::RefusedStream { .. }
+            | ProxyError::CircuitOpen { .. } => grpc::UNAVAILABLE,
+            ProxyError::PerTryTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
+                grpc::DEADLINE_EXCEEDED
+            }
+            ProxyError::Overloaded { .. } => grpc::RESOURCE_EXHAUSTED,
+        }
+    }
+}
