@@ -12,16 +12,17 @@
 //! share of the sidecar's allocations.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http::HeaderMap;
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::resilience::retry::replay::ReplayBody;
 
 /// The error type carried by bodies and services.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -166,11 +167,213 @@ impl http_body::Body for Body {
     }
 }
 
+// A request body that can be sent again.
+//
+// Why not collect the body before the first attempt? Because the sidecar
+// must not wait for a body it could be streaming: a client-streaming gRPC
+// call may keep its request open until it sees answers. Instead the first
+// attempt streams the body through and a copy of each frame is kept, up to
+// `buffer_limit` bytes. A later attempt replays the copy and then goes on
+// reading the original where the last attempt left it. Once the body has
+// outgrown the limit, the copy is dropped and the request can no longer
+// be retried ([`ReplayBody::can_replay`]).
+//
+// Attempts read one after another (a retry starts after the previous
+// attempt ended). Hedged attempts run at the same time, so hedging waits
+// until the whole body is in the copy ([`ReplayBody::is_complete`]).
+
+#[derive(Debug)]
+struct Shared {
+    /// The original body, until it ends.
+    source: Option<Body>,
+    /// Every data frame read so far, while under the limit.
+    chunks: Vec<Bytes>,
+    buffered: u64,
+    limit: u64,
+    /// The body outgrew the limit (or failed): no replay possible.
+    overflowed: bool,
+    /// The source ended (trailers, if any, are kept).
+    done: bool,
+    trailers: Option<HeaderMap>,
+    /// The original length, when the caller declared it.
+    exact: Option<u64>,
+}
+
+/// One attempt's view of a replayable body.
+#[derive(Debug)]
+pub struct ReplayBody {
+    shared: Arc<Mutex<Shared>>,
+    /// Next chunk of the copy this reader will yield.
+    position: usize,
+    trailers_sent: bool,
+}
+
+impl ReplayBody {
+    /// Wraps `body`, keeping a copy of at most `limit` bytes.
+    pub fn new(body: Body, limit: u64) -> Self {
+        let done = body.is_end_stream();
+        let exact = body.size_hint().exact();
+        Self {
+            shared: Arc::new(Mutex::new(Shared {
+                source: (!done).then_some(body),
+                chunks: Vec::new(),
+                buffered: 0,
+                limit,
+                overflowed: exact.is_some_and(|n| n > limit),
+                done,
+                trailers: None,
+                exact,
+            })),
+            position: 0,
+            trailers_sent: false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh reader for another attempt, starting from the beginning.
+    pub fn replay(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            position: 0,
+            trailers_sent: false,
+        }
+    }
+
+    /// Whether another attempt can be sent the whole body.
+    pub fn can_replay(&self) -> bool {
+        !self.lock().overflowed
+    }
+
+    /// Whether the whole body is in the copy.
+    pub fn is_complete(&self) -> bool {
+        self.completion().is_complete()
+    }
+
+    /// A handle that tells, later, whether the body has been read whole.
+    pub fn completion(&self) -> Completion {
+        Completion(Some(self.shared.clone()))
+    }
+}
+
+/// Tells whether a request body has been read to its end (and kept):
+/// given to each attempt so the client can tell a unary-like call,
+/// whose request is complete when its answer starts, from a streaming one.
+#[derive(Debug, Clone)]
+pub struct Completion(Option<Arc<Mutex<Shared>>>);
+
+impl Completion {
+    /// A request without a body: complete from the start.
+    pub fn complete() -> Self {
+        Self(None)
+    }
+
+    /// Whether the whole body has been read and kept.
+    pub fn is_complete(&self) -> bool {
+        let Some(shared) = &self.0 else {
+            return true;
+        };
+        let shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.done && !shared.overflowed
+    }
+}
+
+impl http_body::Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let mut shared = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(chunk) = shared.chunks.get(this.position) {
+            this.position += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+        }
+        if shared.done {
+            if this.trailers_sent {
+                return Poll::Ready(None);
+            }
+            this.trailers_sent = true;
+            return Poll::Ready(shared.trailers.clone().map(|t| Ok(Frame::trailers(t))));
+        }
+        let Some(source) = shared.source.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(source).poll_frame(cx);
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                shared.done = true;
+                shared.source = None;
+                this.trailers_sent = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => {
+                shared.overflowed = true;
+                shared.chunks.clear();
+                Poll::Ready(Some(Err(error)))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    record(&mut shared, data);
+                    this.position = shared.chunks.len();
+                    // Peers stop polling a body that says it has ended, so
+                    // the end is noticed here, not only on `None`.
+                    if shared.source.as_ref().is_some_and(|s| s.is_end_stream()) {
+                        shared.done = true;
+                        shared.source = None;
+                        this.trailers_sent = true;
+                    }
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    shared.trailers = Some(trailers.clone());
+                    shared.done = true;
+                    shared.source = None;
+                    this.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let shared = self.lock();
+        shared.done
+            && self.position >= shared.chunks.len()
+            && (self.trailers_sent || shared.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.lock().exact {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// Keeps a copy of `data` unless the body has outgrown the limit.
+fn record(shared: &mut Shared, data: &Bytes) {
+    if shared.overflowed {
+        return;
+    }
+    shared.buffered += data.len() as u64;
+    if shared.buffered > shared.limit {
+        shared.overflowed = true;
+        shared.chunks = Vec::new();
+    } else {
+        shared.chunks.push(data.clone());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body::Body as _;
-    use std::sync::Arc;
+    use http_body_util::StreamBody;
+    use super::Body;
 
     #[tokio::test]
     async fn a_permit_is_released_when_the_body_ends() {
@@ -191,5 +394,78 @@ mod tests {
         assert!(empty().is_end_stream());
         assert!(full("").is_end_stream());
         assert_eq!(full("four").size_hint().exact(), Some(4));
+    }
+
+
+    fn streamed(chunks: &[&'static [u8]], trailers: bool) -> Body {
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        if trailers {
+            let mut t = HeaderMap::new();
+            t.insert("x-sum", "9".parse().unwrap());
+            frames.push(Ok(Frame::trailers(t)));
+        }
+        boxed(StreamBody::new(tokio_stream::iter(frames)))
+    }
+
+    #[tokio::test]
+    async fn a_second_reader_replays_everything_the_first_read() {
+        let first = ReplayBody::new(streamed(&[b"abc", b"def"], true), 1024);
+        let second = first.replay();
+        let got = first.collect().await.unwrap();
+        assert_eq!(got.trailers().unwrap()["x-sum"], "9");
+        assert_eq!(got.to_bytes(), "abcdef");
+        assert!(second.is_complete());
+        let again = second.collect().await.unwrap();
+        assert_eq!(again.trailers().unwrap()["x-sum"], "9");
+        assert_eq!(again.to_bytes(), "abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_a_partial_read_continues_from_the_source() {
+        let mut first = ReplayBody::new(streamed(&[b"ab", b"cd", b"ef"], false), 1024);
+        let second = first.replay();
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        drop(first);
+        assert!(!second.is_complete());
+        assert!(second.can_replay());
+        assert_eq!(second.collect().await.unwrap().to_bytes(), "abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_streams_but_cannot_be_replayed() {
+        let first = ReplayBody::new(streamed(&[b"0123", b"4567", b"89"], false), 6);
+        let handle = first.replay();
+        assert_eq!(first.collect().await.unwrap().to_bytes(), "0123456789");
+        assert!(!handle.can_replay());
+        let declared = ReplayBody::new(full(vec![0u8; 100]), 10);
+        assert!(
+            !declared.can_replay(),
+            "a declared length over the limit is known at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_end_is_noticed_with_the_last_frame() {
+        let mut reader = ReplayBody::new(full("all of it"), 64);
+        let frame = reader.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "all of it");
+        assert!(
+            reader.is_complete(),
+            "complete without polling past the end"
+        );
+        assert!(reader.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn empty_bodies_are_complete_at_once_and_keep_their_length() {
+        let empty = ReplayBody::new(empty(), 10);
+        assert!(empty.is_complete());
+        assert!(empty.is_end_stream());
+        let full = ReplayBody::new(full("12345"), 10);
+        assert_eq!(full.size_hint().exact(), Some(5));
     }
 }

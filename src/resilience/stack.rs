@@ -37,7 +37,7 @@ use super::concurrency::Limiter;
 use super::deadline::{self, Deadline};
 use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
 use super::policy::Policy;
-use super::retry::replay::Completion;
+use crate::body::Completion;
 use super::retry::{Attempt, Cause, Retry};
 use crate::body::Body;
 use crate::error::ProxyError;

@@ -24,7 +24,7 @@ use crate::grpc;
 use crate::resilience::breaker::Breaker;
 use crate::resilience::classify::GrpcTrailerStatus;
 use crate::resilience::faults::{FaultCell, Faults};
-use crate::resilience::retry::replay::Completion;
+use crate::body::Completion;
 use crate::resilience::stack::{Observe, Stack};
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
 

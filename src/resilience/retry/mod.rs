@@ -33,7 +33,6 @@
 
 pub mod backoff;
 pub mod pushback;
-pub mod replay;
 
 use std::future::Future;
 use std::time::{Duration, SystemTime};
@@ -52,7 +51,7 @@ use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
 use pushback::Pushback;
-use replay::{Completion, ReplayBody};
+use crate::body::{Completion, ReplayBody};
 
 /// The header numbering attempts after the first.
 pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-breakwater-attempt");
