@@ -23,7 +23,6 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
-
 /// The error type carried by bodies and services.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -371,9 +370,9 @@ fn record(shared: &mut Shared, data: &Bytes) {
 
 #[cfg(test)]
 mod tests {
+    use super::Body;
     use super::*;
     use http_body_util::StreamBody;
-    use super::Body;
 
     #[tokio::test]
     async fn a_permit_is_released_when_the_body_ends() {
@@ -395,7 +394,6 @@ mod tests {
         assert!(full("").is_end_stream());
         assert_eq!(full("four").size_hint().exact(), Some(4));
     }
-
 
     fn streamed(chunks: &[&'static [u8]], trailers: bool) -> Body {
         let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks

@@ -91,6 +91,12 @@ pub fn answer_status(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Optio
     status(headers).or_else(|| trailers.and_then(status))
 }
 
+/// The `grpc-status` of a gRPC answer whose first body frame was its
+/// trailers (no message sent), recorded in the response's extensions by
+/// the transport client so that classification needs no body access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrailerStatus(pub u8);
+
 /// Whether a message is a gRPC call or answer, judged by its content type.
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers

@@ -10,7 +10,7 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub mod api;
 pub mod body;
 pub mod cli;
 pub mod codec;
@@ -25,16 +25,8 @@ pub mod inject;
 pub mod resilience;
 pub mod sidecar;
 pub mod telemetry;
-
-/// Generated code for the control plane's API (`proto/breakwater/v1`).
-pub mod api {
-    #![allow(missing_docs, clippy::all)]
-    tonic::include_proto!("breakwater.v1");
-
-    /// Every message and service, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/breakwater_descriptor.bin"));
-}
+pub mod transport;
+pub mod upstream;
 
 /// Generated code for the demo's OCR agent.
 pub mod ocr {

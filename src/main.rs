@@ -423,13 +423,12 @@ fn main() -> ExitCode {
             };
             let auth = match token_file {
                 None => Auth::open(),
-                Some(path) => match std::fs::read_to_string(&path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| Auth::with_token(&t))
-                {
+                Some(path) => match breakwater::api::token::read(&path).and_then(|t| {
+                    Auth::with_token(&t).map_err(|e| format!("token file {}: {e}", path.display()))
+                }) {
                     Ok(auth) => auth,
                     Err(error) => {
-                        eprintln!("token file {}: {error}", path.display());
+                        eprintln!("{error}");
                         return ExitCode::from(EXIT_CONFIG);
                     }
                 },

@@ -9,13 +9,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::api::checkpoints_client::CheckpointsClient;
 use crate::api::dead_letters_client::DeadLettersClient;
+use crate::api::json::{CheckpointJson, LetterJson};
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
+use crate::api::token::Authorization;
 use crate::api::{
     Checkpoint, DeleteCheckpointsRequest, GetCheckpointRequest, ListCheckpointsRequest,
     PruneCheckpointsRequest, PutCheckpointRequest,
@@ -24,7 +25,6 @@ use crate::api::{
     DeadLetter, GetDeadLetterRequest, ListDeadLettersRequest, PurgeDeadLettersRequest,
     ReplayDeadLetterRequest,
 };
-use crate::control::http::{CheckpointJson, LetterJson};
 
 /// Where the control plane is, and how to talk to it.
 #[derive(Debug, Clone)]
@@ -69,39 +69,6 @@ fn code_name(code: tonic::Code) -> String {
 }
 
 type Authorized = InterceptedService<Channel, Authorization>;
-
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Debug, Clone)]
-pub struct Authorization(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl Authorization {
-    /// Sends the token in `path` (trimmed), or nothing without a file.
-    pub fn from_token_file(path: Option<&std::path::Path>) -> Result<Self, String> {
-        let Some(path) = path else {
-            return Ok(Self(None));
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
-        let value = format!("Bearer {}", text.trim())
-            .parse()
-            .map_err(|_| "the token is not valid header text".to_owned())?;
-        Ok(Self(Some(value)))
-    }
-}
-
-impl tonic::service::Interceptor for Authorization {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
 
 impl Remote {
     async fn channel(&self) -> Result<(Channel, Authorization), CliError> {

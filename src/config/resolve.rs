@@ -393,7 +393,7 @@ fn resolve_fallback(
             check.error(value, field, format!("{name:?} is not a valid header name"));
             continue;
         };
-        if header == CONTENT_LENGTH || crate::sidecar::is_hop_by_hop(&header) {
+        if header == CONTENT_LENGTH || crate::transport::headers::is_hop_by_hop(&header) {
             check.error(
                 value,
                 field,

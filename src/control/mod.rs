@@ -302,7 +302,7 @@ where
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let service = hyper::service::service_fn(handle);
-    crate::sidecar::server::serve(listener, service, builder, graceful.clone(), stop).await;
+    crate::transport::server::serve(listener, service, builder, graceful.clone(), stop).await;
     if let Ok(graceful) = Arc::try_unwrap(graceful) {
         let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
     }

@@ -36,8 +36,8 @@ use crate::config::Config;
 use crate::grpc;
 use crate::resilience::classify::{Failure, classify_status};
 use crate::resilience::stack::Observe;
-use crate::sidecar::Upstream;
 use crate::telemetry::metrics::Metrics;
+use crate::upstream::Upstream;
 
 /// How many sagas run at once by default; the rest wait their turn.
 pub const DEFAULT_WORKERS: usize = 256;

@@ -7,7 +7,7 @@
 //! [`Failure::is_rate_limit`]); none of them looks at status codes or
 //! transport errors on its own. A response is a failure when its HTTP status is 5xx or 429, or
 //! when its `grpc-status` (in the headers of a trailers-only answer, or in
-//! trailers that arrived before any message, see [`GrpcTrailerStatus`]) is
+//! trailers that arrived before any message, see [`grpc::TrailerStatus`]) is
 //! not OK. Other 4xx answers are the caller's problem, not the upstream's:
 //! they are successes here.
 //!
@@ -112,12 +112,6 @@ impl Failure {
     }
 }
 
-/// The `grpc-status` of a gRPC answer whose first body frame was its
-/// trailers (no message sent), recorded in the response's extensions by
-/// the client so that classification needs no body access.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GrpcTrailerStatus(pub u8);
-
 /// Classifies an attempt's result (`grpc`: the call is gRPC). `None`
 /// means success.
 pub fn classify<B>(result: &Result<Response<B>, ProxyError>, grpc: bool) -> Option<Failure> {
@@ -134,7 +128,7 @@ pub fn classify_response<B>(response: &Response<B>, grpc: bool) -> Option<Failur
         grpc::status(response.headers()).or_else(|| {
             response
                 .extensions()
-                .get::<GrpcTrailerStatus>()
+                .get::<grpc::TrailerStatus>()
                 .map(|s| s.0)
         })
     });
@@ -322,7 +316,9 @@ mod tests {
             Some(Failure::Grpc(14))
         );
         let mut trailers_only = response(200, None);
-        trailers_only.extensions_mut().insert(GrpcTrailerStatus(13));
+        trailers_only
+            .extensions_mut()
+            .insert(grpc::TrailerStatus(13));
         assert_eq!(
             classify_response(&response(200, Some("14")), false),
             None,

@@ -37,13 +37,13 @@ use super::concurrency::Limiter;
 use super::deadline::{self, Deadline};
 use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
 use super::policy::Policy;
-use crate::body::Completion;
 use super::retry::{Attempt, Cause, Retry};
 use crate::body::Body;
+use crate::body::Completion;
 use crate::error::ProxyError;
-use crate::sidecar::UpstreamClient;
 use crate::telemetry::metrics::UpstreamMetrics;
 use crate::telemetry::traces::{AttemptStart, RequestSpan};
+use crate::transport::client::UpstreamClient;
 
 /// What a caller of [`Stack::call`] watches of the call.
 #[derive(Debug, Clone, Copy, Default)]

@@ -135,7 +135,7 @@ impl DeadLetters {
     pub fn head(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Head {
         let mut kept = Vec::with_capacity(headers.len());
         for (name, value) in headers {
-            if self.redact.contains(name) || crate::sidecar::is_hop_by_hop(name) {
+            if self.redact.contains(name) || crate::transport::headers::is_hop_by_hop(name) {
                 continue;
             }
             kept.push(Header {
@@ -384,12 +384,12 @@ impl Drop for CaptureBody {
 type Client = DeadLettersClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        crate::cli::Authorization,
+        crate::api::token::Authorization,
     >,
 >;
 
 fn client(config: &ControlPlaneConfig) -> Result<Client, SpoolError> {
-    let token = crate::cli::Authorization::from_token_file(config.token_file.as_deref())
+    let token = crate::api::token::Authorization::from_token_file(config.token_file.as_deref())
         .map_err(SpoolError::ControlPlane)?;
     let channel = tonic::transport::Endpoint::from_shared(config.url.clone())
         .map_err(|e| SpoolError::ControlPlane(e.to_string()))?

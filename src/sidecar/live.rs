@@ -15,9 +15,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use super::route::Routes;
-use super::upstream::Upstream;
 use crate::config::Config;
 use crate::telemetry::metrics::Metrics;
+use crate::upstream::Upstream;
 
 /// The cell every listener and the admin endpoint read the live
 /// configuration from.

@@ -11,14 +11,11 @@
 //! swap and removed ones drained after it, and listeners that did not
 //! change keep their connections.
 
+pub mod admin;
 pub mod dead_letter;
-mod h2;
-mod headers;
 mod live;
 mod proxy;
 mod route;
-pub(crate) mod server;
-mod upstream;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -35,15 +32,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch as signal};
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::traces::Tracing;
+use crate::transport::server;
+use admin::AdminState;
 use dead_letter::DeadLetters;
-pub(crate) use headers::is_hop_by_hop;
 pub use live::{Live, LiveCell};
 pub use proxy::{ProxyService, Target};
-pub use upstream::{Upstream, UpstreamClient};
 
 /// How the sidecar process behaves, beyond the policy file.
 #[derive(Debug, Clone)]

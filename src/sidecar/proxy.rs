@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::dead_letter::{Capture, DeadLetters, Failed};
 use super::live::LiveCell;
-use super::upstream::Upstream;
 use crate::body::Body;
 use crate::edge;
 use crate::error::ProxyError;
@@ -22,6 +21,7 @@ use crate::resilience::stack::Observe;
 use crate::resilience::{classify, fallback};
 use crate::telemetry::metrics::{Metrics, Outcome};
 use crate::telemetry::traces::Tracing;
+use crate::upstream::Upstream;
 
 /// Where a listener sends its requests.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

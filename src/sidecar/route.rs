@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::Request;
 use http::header::HOST;
 
-use super::upstream::Upstream;
+use crate::upstream::Upstream;
 
 /// The host table of the shared port.
 #[derive(Debug, Default)]

@@ -48,10 +48,10 @@ use super::classify::{self, Failure};
 use super::deadline::Deadline;
 use super::policy::{HedgeParams, RetryParams};
 use crate::body::{self, Body};
+use crate::body::{Completion, ReplayBody};
 use crate::error::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
 use pushback::Pushback;
-use crate::body::{Completion, ReplayBody};
 
 /// The header numbering attempts after the first.
 pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-breakwater-attempt");

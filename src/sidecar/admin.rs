@@ -28,11 +28,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::LiveCell;
 use crate::body::{self, Body};
 use crate::resilience::breaker::Breaker;
 use crate::resilience::faults::FaultSpec;
-use crate::sidecar::{LiveCell, Upstream};
 use crate::telemetry::metrics::Metrics;
+use crate::upstream::Upstream;
 
 /// The largest request body the admin endpoint reads.
 const MAX_ADMIN_BODY: usize = 64 << 10;

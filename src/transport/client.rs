@@ -1,7 +1,8 @@
-//! One upstream as the request path sees it, built once when the config
-//! loads: its config, metric handles, resilience stack and breaker
-//! ([`Upstream`]), and the client that puts one attempt on the wire
-//! ([`UpstreamClient`]).
+//! The client that puts one attempt on the wire: the request made
+//! absolute for the upstream (authority, `Host`, HTTP version, hop-by-hop
+//! headers removed), sent on a pooled HTTP/1.1 connection or the
+//! upstream's one HTTP/2 connection, and a gRPC answer's first frame read
+//! when its status may be in it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,16 +18,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::h2::{H2Client, H2Error};
 use super::headers::strip_hop_by_hop;
-use crate::body::{self, Body, BoxError};
+use crate::body::{self, Body, BoxError, Completion};
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
-use crate::grpc;
-use crate::resilience::breaker::Breaker;
-use crate::resilience::classify::GrpcTrailerStatus;
-use crate::resilience::faults::{FaultCell, Faults};
-use crate::body::Completion;
-use crate::resilience::stack::{Observe, Stack};
-use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
+use crate::grpc::{self, TrailerStatus};
 
 /// How long to wait for a TCP connection to an upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,92 +31,6 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// not throttled by round trips, small enough to bound buffering per stream.
 const H2_STREAM_WINDOW: u32 = 2 << 20;
 const H2_CONNECTION_WINDOW: u32 = 8 << 20;
-
-/// An upstream, ready to take requests.
-#[derive(Debug)]
-pub struct Upstream {
-    /// The resolved config it was built from.
-    pub config: Arc<UpstreamConfig>,
-    /// Its metric handles.
-    pub metrics: UpstreamMetrics,
-    client: Arc<UpstreamClient>,
-    stack: Arc<Stack>,
-}
-
-impl Upstream {
-    /// Builds the upstream's client, stack and metrics.
-    pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
-        let metrics = metrics.upstream(&config.name);
-        let client = Arc::new(UpstreamClient::new(&config));
-        let stack = Stack::new(
-            config.name.clone(),
-            &config.policy,
-            resolve_faults(&config),
-            client.clone(),
-            &metrics,
-        );
-        Self {
-            config,
-            metrics,
-            client,
-            stack: Arc::new(stack),
-        }
-    }
-
-    /// The same upstream under a reloaded `config`, keeping its client and
-    /// stack (breaker state, retry budget, slots, runtime faults), if its
-    /// address, protocol and policy did not change. Routing, criticality
-    /// and fallback come from the new config; faults too, when the new
-    /// config changed them.
-    pub fn reuse(&self, config: &Arc<UpstreamConfig>) -> Option<Self> {
-        let old = &self.config;
-        if old.address != config.address
-            || old.protocol != config.protocol
-            || old.policy != config.policy
-        {
-            return None;
-        }
-        if old.faults != config.faults {
-            self.stack.faults().set(resolve_faults(config));
-        }
-        Some(Self {
-            config: config.clone(),
-            metrics: self.metrics.clone(),
-            client: self.client.clone(),
-            stack: self.stack.clone(),
-        })
-    }
-
-    /// Its circuit breaker, unless disabled.
-    pub fn breaker(&self) -> Option<&Arc<Breaker>> {
-        self.stack.breaker()
-    }
-
-    /// The faults in force, which the admin API may replace.
-    pub fn faults(&self) -> &FaultCell {
-        self.stack.faults()
-    }
-
-    /// Sends a caller's request through the upstream's policy (`grpc`:
-    /// the request is a gRPC call).
-    /// `observe`: the trace span and attempt counter, if wanted.
-    pub async fn call(
-        &self,
-        request: Request<Body>,
-        grpc: bool,
-        observe: Observe<'_>,
-    ) -> Result<Response<Body>, ProxyError> {
-        let request = self.client.prepare(request);
-        self.stack.call(request, grpc, observe).await
-    }
-}
-
-fn resolve_faults(config: &UpstreamConfig) -> Option<Faults> {
-    config.faults.as_ref().map(|spec| {
-        spec.resolve()
-            .expect("fault specs are checked when the config loads")
-    })
-}
 
 /// The connection handling for the upstream's protocol.
 #[derive(Debug)]
@@ -143,7 +52,8 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    fn new(config: &UpstreamConfig) -> Self {
+    /// A client for the upstream `config` describes.
+    pub fn new(config: &UpstreamConfig) -> Self {
         let connections = if config.protocol.is_http2() {
             Connections::Http2(H2Client::new(
                 config.address.clone(),
@@ -246,7 +156,7 @@ impl UpstreamClient {
             Some(Ok(frame)) => {
                 let status = frame.trailers_ref().and_then(grpc::status);
                 if let Some(status) = status {
-                    parts.extensions.insert(GrpcTrailerStatus(status));
+                    parts.extensions.insert(TrailerStatus(status));
                 }
                 Ok(Body::prefixed(frame, incoming))
             }

@@ -1,0 +1,104 @@
+//! One upstream, as every caller of it sees it: the sidecar's request
+//! path, the saga executor and dead-letter replays. Built once when the
+//! config loads: its config, metric handles, resilience stack (with its
+//! breaker and faults) and the transport client that puts each attempt on
+//! the wire.
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+
+use crate::body::Body;
+use crate::config::UpstreamConfig;
+use crate::error::ProxyError;
+use crate::resilience::breaker::Breaker;
+use crate::resilience::faults::{FaultCell, Faults};
+use crate::resilience::stack::{Observe, Stack};
+use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
+use crate::transport::client::UpstreamClient;
+
+/// An upstream, ready to take requests.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The resolved config it was built from.
+    pub config: Arc<UpstreamConfig>,
+    /// Its metric handles.
+    pub metrics: UpstreamMetrics,
+    client: Arc<UpstreamClient>,
+    stack: Arc<Stack>,
+}
+
+impl Upstream {
+    /// Builds the upstream's client, stack and metrics.
+    pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
+        let metrics = metrics.upstream(&config.name);
+        let client = Arc::new(UpstreamClient::new(&config));
+        let stack = Stack::new(
+            config.name.clone(),
+            &config.policy,
+            resolve_faults(&config),
+            client.clone(),
+            &metrics,
+        );
+        Self {
+            config,
+            metrics,
+            client,
+            stack: Arc::new(stack),
+        }
+    }
+
+    /// The same upstream under a reloaded `config`, keeping its client and
+    /// stack (breaker state, retry budget, slots, runtime faults), if its
+    /// address, protocol and policy did not change. Routing, criticality
+    /// and fallback come from the new config; faults too, when the new
+    /// config changed them.
+    pub fn reuse(&self, config: &Arc<UpstreamConfig>) -> Option<Self> {
+        let old = &self.config;
+        if old.address != config.address
+            || old.protocol != config.protocol
+            || old.policy != config.policy
+        {
+            return None;
+        }
+        if old.faults != config.faults {
+            self.stack.faults().set(resolve_faults(config));
+        }
+        Some(Self {
+            config: config.clone(),
+            metrics: self.metrics.clone(),
+            client: self.client.clone(),
+            stack: self.stack.clone(),
+        })
+    }
+
+    /// Its circuit breaker, unless disabled.
+    pub fn breaker(&self) -> Option<&Arc<Breaker>> {
+        self.stack.breaker()
+    }
+
+    /// The faults in force, which the admin API may replace.
+    pub fn faults(&self) -> &FaultCell {
+        self.stack.faults()
+    }
+
+    /// Sends a caller's request through the upstream's policy (`grpc`:
+    /// the request is a gRPC call).
+    /// `observe`: the trace span and attempt counter, if wanted.
+    pub async fn call(
+        &self,
+        request: Request<Body>,
+        grpc: bool,
+        observe: Observe<'_>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let request = self.client.prepare(request);
+        self.stack.call(request, grpc, observe).await
+    }
+}
+
+fn resolve_faults(config: &UpstreamConfig) -> Option<Faults> {
+    config.faults.as_ref().map(|spec| {
+        spec.resolve()
+            .expect("fault specs are checked when the config loads")
+    })
+}
