@@ -2,7 +2,7 @@
 //!
 //! Layers return a [`ProxyError`]; nothing below the edge formats an
 //! answer. What a failure *means* for retries, breakers and fallbacks is
-//! decided by [`crate::resilience::classify`]; how it is *answered* by
+//! decided by [`crate::classify`]; how it is *answered* by
 //! [`crate::edge`].
 
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //!
 //! Deciding what a status *means* for a call (a failure? the upstream's
 //! fault? worth waiting for?) is not here: that is
-//! [`crate::resilience::classify`].
+//! [`crate::classify`].
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};

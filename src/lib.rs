@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod body;
+pub mod classify;
 pub mod cli;
 pub mod codec;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod sidecar;
 pub mod telemetry;
 pub mod transport;
 pub mod upstream;
+pub mod values;
 
 /// Generated code for the demo's OCR agent.
 pub mod ocr {

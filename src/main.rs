@@ -348,7 +348,7 @@ fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
-    breakwater::config::values::parse_size(text)
+    breakwater::values::parse_size(text)
         .ok_or_else(|| format!("{text:?} is not a size such as 4MiB"))
 }
 

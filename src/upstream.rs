@@ -15,7 +15,7 @@ use crate::resilience::breaker::Breaker;
 use crate::resilience::faults::{FaultCell, Faults};
 use crate::resilience::stack::{Observe, Stack};
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
-use crate::transport::client::UpstreamClient;
+use crate::transport::client::{Endpoint, UpstreamClient};
 
 /// An upstream, ready to take requests.
 #[derive(Debug)]
@@ -32,7 +32,11 @@ impl Upstream {
     /// Builds the upstream's client, stack and metrics.
     pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
         let metrics = metrics.upstream(&config.name);
-        let client = Arc::new(UpstreamClient::new(&config));
+        let client = Arc::new(UpstreamClient::new(Endpoint {
+            name: config.name.clone(),
+            address: config.address.clone(),
+            http2: config.protocol.is_http2(),
+        }));
         let stack = Stack::new(
             config.name.clone(),
             &config.policy,

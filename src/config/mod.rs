@@ -10,7 +10,6 @@
 mod error;
 mod raw;
 mod resolve;
-pub mod values;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -13,10 +13,10 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
 use super::Protocol;
-use super::values::{ByteSize, HumanDuration};
 use crate::resilience::fallback::Criticality;
 use crate::resilience::faults::FaultSpec;
 use crate::resilience::policy::{RawBreaker, RawHedge, RawPolicy, RawRetry};
+use crate::values::{ByteSize, HumanDuration};
 use std::num::NonZeroU32;
 
 /// The whole policy file.

@@ -14,13 +14,13 @@ use serde_saphyr::Spanned;
 use std::path::Path;
 
 use super::raw::{RawConfig, RawFallback, RawKeyPositions, RawListen};
-use super::values::Merge;
 use super::{
     Config, ConfigError, ControlPlaneConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN,
     DeadLetterPolicy, DeadLettersConfig, Diagnostic, ListenConfig, UpstreamConfig,
 };
 use crate::resilience::fallback::{Criticality, Fallback};
 use crate::resilience::faults::FaultSpec;
+use crate::values::Merge;
 
 /// Deserializes the raw model, turning serde's error into a diagnostic with
 /// the field path.

@@ -46,7 +46,7 @@ use crate::api::{
     PutCheckpointRequest,
 };
 use crate::body::{self, Body};
-use crate::config::values::HumanDuration;
+use crate::values::HumanDuration;
 
 /// The HTTP API's handler.
 #[derive(Debug, Clone)]

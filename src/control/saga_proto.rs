@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::saga::{CallRecord, SagaEvent, SagaRecord, SagaState, StepRecord, StepState, Time};
 use super::saga_spec::{CallSpec, OnFailure, SagaSpec, StepRetrySpec, StepSpec};
 use crate::api;
-use crate::config::values::HumanDuration;
+use crate::values::HumanDuration;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::template::{self, Reference, Template};
-use crate::config::values::HumanDuration;
+use crate::values::HumanDuration;
 
 /// Longest saga id and step name.
 const MAX_NAME_BYTES: usize = 256;

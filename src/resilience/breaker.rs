@@ -33,8 +33,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::classify::Failure;
 use super::policy::BreakerParams;
+use crate::classify::Failure;
 use crate::telemetry::metrics::UpstreamMetrics;
 
 /// The state of a circuit.

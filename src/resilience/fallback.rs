@@ -21,8 +21,8 @@ use http_body::Frame;
 use http_body_util::StreamBody;
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::classify;
 use crate::body::{self, Body, BoxError};
+use crate::classify;
 use crate::error::ProxyError;
 use crate::grpc;
 

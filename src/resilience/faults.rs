@@ -28,9 +28,9 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::body::{self, Body, BoxError};
-use crate::config::values::{ByteSize, HumanDuration, Percent};
 use crate::grpc;
 use crate::telemetry::metrics::UpstreamMetrics;
+use crate::values::{ByteSize, HumanDuration, Percent};
 
 /// Marks an answer the sidecar made up as an injected fault.
 pub const FAULT_HEADER: &str = "x-breakwater-fault";

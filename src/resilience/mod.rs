@@ -4,7 +4,6 @@
 //! in the order written down there.
 
 pub mod breaker;
-pub mod classify;
 pub mod concurrency;
 pub mod deadline;
 pub mod fallback;

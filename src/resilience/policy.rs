@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::classify::Conditions;
-use crate::config::values::{
+use crate::classify::Conditions;
+use crate::values::{
     ByteSize, HumanDuration, Ratio, merge_fields, serialize_duration, serialize_opt_duration,
 };
 

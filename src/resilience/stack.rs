@@ -32,7 +32,6 @@ use http::{Request, Response};
 use tokio::time::Instant;
 
 use super::breaker::{Admission, Breaker};
-use super::classify;
 use super::concurrency::Limiter;
 use super::deadline::{self, Deadline};
 use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
@@ -40,6 +39,7 @@ use super::policy::Policy;
 use super::retry::{Attempt, Cause, Retry};
 use crate::body::Body;
 use crate::body::Completion;
+use crate::classify;
 use crate::error::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
 use crate::telemetry::traces::{AttemptStart, RequestSpan};

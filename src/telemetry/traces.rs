@@ -31,7 +31,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 use crate::body::{self, Body, BoxError};
-use crate::resilience::classify::Failure;
+use crate::classify::Failure;
 
 /// A tracer exporting to an OTLP collector.
 #[derive(Debug, Clone)]

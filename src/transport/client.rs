@@ -19,7 +19,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::h2::{H2Client, H2Error};
 use super::headers::strip_hop_by_hop;
 use crate::body::{self, Body, BoxError, Completion};
-use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::grpc::{self, TrailerStatus};
 
@@ -41,6 +40,18 @@ enum Connections {
     Http2(H2Client),
 }
 
+/// Where an upstream is and how to speak to it: all the transport needs
+/// to know of its config.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The upstream's name, for errors.
+    pub name: Arc<str>,
+    /// Its address (`host:port`).
+    pub address: http::uri::Authority,
+    /// HTTP/2 (and gRPC) rather than HTTP/1.1.
+    pub http2: bool,
+}
+
 /// Puts attempts on the wire.
 #[derive(Debug)]
 pub struct UpstreamClient {
@@ -52,11 +63,11 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    /// A client for the upstream `config` describes.
-    pub fn new(config: &UpstreamConfig) -> Self {
-        let connections = if config.protocol.is_http2() {
+    /// A client for the upstream at `endpoint`.
+    pub fn new(endpoint: Endpoint) -> Self {
+        let connections = if endpoint.http2 {
             Connections::Http2(H2Client::new(
-                config.address.clone(),
+                endpoint.address.clone(),
                 CONNECT_TIMEOUT,
                 H2_STREAM_WINDOW,
                 H2_CONNECTION_WINDOW,
@@ -73,11 +84,11 @@ impl UpstreamClient {
             Connections::Http1(client)
         };
         Self {
-            name: config.name.clone(),
-            address: config.address.clone(),
-            http2: config.protocol.is_http2(),
-            host: HeaderValue::from_str(config.address.as_str())
+            host: HeaderValue::from_str(endpoint.address.as_str())
                 .expect("a validated authority is a valid header value"),
+            name: endpoint.name,
+            address: endpoint.address,
+            http2: endpoint.http2,
             connections,
         }
     }

@@ -44,11 +44,11 @@ use http::{HeaderValue, Method, Request, Response};
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use super::classify::{self, Failure};
 use super::deadline::Deadline;
 use super::policy::{HedgeParams, RetryParams};
 use crate::body::{self, Body};
 use crate::body::{Completion, ReplayBody};
+use crate::classify::{self, Failure};
 use crate::error::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
 use pushback::Pushback;

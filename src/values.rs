@@ -162,11 +162,11 @@ impl<T: Merge + Clone> Merge for Option<T> {
 /// plain values (`or`) or of nested mergeable blocks (`merge`).
 macro_rules! merge_fields {
     ($ty:ty { $($plain:ident),* $(,)? } nested { $($nested:ident),* $(,)? }) => {
-        impl $crate::config::values::Merge for $ty {
+        impl $crate::values::Merge for $ty {
             fn merge(self, fallback: &Self) -> Self {
                 Self {
                     $($plain: self.$plain.or_else(|| fallback.$plain.clone()),)*
-                    $($nested: $crate::config::values::Merge::merge(self.$nested, &fallback.$nested),)*
+                    $($nested: $crate::values::Merge::merge(self.$nested, &fallback.$nested),)*
                 }
             }
         }
