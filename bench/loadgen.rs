@@ -261,9 +261,9 @@ async fn sagas(args: &SagaArgs) -> String {
             })
         })
         .collect();
-    let template: breakwater::control::saga_spec::SagaSpec =
+    let template: breakwater::control::saga::spec::SagaSpec =
         serde_json::from_value(serde_json::json!({"id": "x", "steps": steps})).unwrap();
-    let mut definition = breakwater::control::saga_proto::spec_to_proto(&template);
+    let mut definition = breakwater::control::saga::proto::spec_to_proto(&template);
     let before = if args.wait_only {
         0
     } else {

@@ -206,7 +206,7 @@ async fn a_stopped_upstream_loses_nothing_and_everything_is_delivered_once_it_is
     let mut sagas = SagasClient::connect(format!("http://{}", running.grpc_addr))
         .await
         .unwrap();
-    let spec: breakwater::control::saga_spec::SagaSpec = serde_json::from_value(serde_json::json!({
+    let spec: breakwater::control::saga::spec::SagaSpec = serde_json::from_value(serde_json::json!({
         "id": "patient",
         "steps": [{"name": "order", "retry": {"max_sends": 100, "interval": "20ms", "max_interval": "100ms"},
                    "action": {"upstream": "orders", "method": "POST", "path": "/orders", "body": "saga-order"}}]
@@ -214,7 +214,7 @@ async fn a_stopped_upstream_loses_nothing_and_everything_is_delivered_once_it_is
     .unwrap();
     sagas
         .start(StartSagaRequest {
-            definition: Some(breakwater::control::saga_proto::spec_to_proto(&spec)),
+            definition: Some(breakwater::control::saga::proto::spec_to_proto(&spec)),
         })
         .await
         .unwrap();

@@ -12,7 +12,7 @@ use breakwater::api::sagas_client::SagasClient;
 use breakwater::api::{
     GetSagaRequest, Saga, SagaState, StartSagaRequest, StepState, WatchSagasRequest,
 };
-use breakwater::control::saga_proto;
+use breakwater::control::saga::proto as saga_proto;
 use http::Method;
 use serde_json::{Value, json};
 use support::{Logged, Participant, Script};

@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use breakwater::control::saga_spec::SagaSpec;
-use breakwater::control::template::{self, Answer, Scope, Template};
+use breakwater::control::saga::spec::SagaSpec;
+use breakwater::control::saga::template::{self, Answer, Scope, Template};
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
 

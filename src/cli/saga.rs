@@ -9,9 +9,9 @@ use super::{Authorized, CliError, Remote, print_json, print_table};
 use crate::api::sagas_client::SagasClient;
 use crate::api::{AbortSagaRequest, GetSagaRequest, ListSagasRequest, StartSagaRequest};
 use crate::api::{Saga, WatchSagasRequest};
+use crate::control::saga::proto as saga_proto;
+use crate::control::saga::spec::SagaSpec;
 use crate::control::saga::{SagaEvent, SagaRecord, SagaState, StepRecord, Time};
-use crate::control::saga_proto;
-use crate::control::saga_spec::SagaSpec;
 
 type Client = SagasClient<Authorized>;
 

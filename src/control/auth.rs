@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 
-use super::service::ApiError;
+use super::error::ApiError;
 
 /// The token check; open when no token is configured.
 #[derive(Debug, Clone, Default)]

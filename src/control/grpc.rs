@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::auth::Auth;
-use super::saga_proto;
-use super::service::{ApiError, ControlPlane};
+use super::error::ApiError;
+use super::plane::ControlPlane;
+use super::saga::proto as saga_proto;
 use crate::api::checkpoints_server::{self, CheckpointsServer};
 use crate::api::dead_letters_server::{self, DeadLettersServer};
 use crate::api::sagas_server::{self, SagasServer};

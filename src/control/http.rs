@@ -36,9 +36,10 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::auth::Auth;
+use super::error::ApiError;
+use super::plane::ControlPlane;
 use super::saga::SagaState;
-use super::saga_spec::SagaSpec;
-use super::service::{ApiError, ControlPlane};
+use super::saga::spec::SagaSpec;
 use crate::api::json::{B64, CheckpointJson, LetterJson, rfc3339};
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
 use crate::api::{

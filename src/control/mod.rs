@@ -6,15 +6,13 @@
 //! demo and `breakwater control-plane` all use it.
 
 pub mod auth;
+pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod plane;
 pub mod saga;
-pub mod saga_proto;
-pub mod saga_spec;
-pub mod service;
 pub mod store;
-pub mod template;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,7 +29,7 @@ use tokio::task::JoinSet;
 use crate::body::{self, Body};
 use auth::Auth;
 use metrics::ControlMetrics;
-use service::ControlPlane;
+use plane::ControlPlane;
 use store::{SledStore, Store};
 
 /// Default gRPC address.
@@ -70,7 +68,7 @@ impl ControlOptions {
             http_listen: None,
             admin_listen: None,
             auth: Auth::open(),
-            max_state_bytes: service::DEFAULT_MAX_STATE_BYTES,
+            max_state_bytes: plane::DEFAULT_MAX_STATE_BYTES,
             sweep_interval: Duration::from_secs(10),
             policies: None,
             saga_workers: saga::DEFAULT_WORKERS,

@@ -1,6 +1,6 @@
-//! The control plane's operations, once for both faces: the gRPC services
-//! and the JSON/HTTP API call these, and turn [`ApiError`] into a gRPC
-//! status or an HTTP status with a JSON body.
+//! The control plane's core: its operations, once for both faces. The
+//! gRPC services and the JSON/HTTP API call these, and turn
+//! [`ApiError`] into a gRPC status or an HTTP status with a JSON body.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -10,9 +10,11 @@ use tokio::time::Instant;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
+use super::error::{ApiError, page_size};
 use super::metrics::ControlMetrics;
-use super::saga::{Prepared, Sagas, Upstreams, send};
-use super::store::{GroupCommit, NewCheckpoint, Page, Store, StoreError};
+use super::saga::Sagas;
+use super::saga::call::{Prepared, Upstreams, send};
+use super::store::{GroupCommit, NewCheckpoint, Page, Store};
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
 use crate::api::{
     Checkpoint, DeleteCheckpointsResponse, GetCheckpointRequest, ListCheckpointsRequest,
@@ -31,64 +33,8 @@ const MAX_COMPLETED_STEPS: usize = 1000;
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_KEY_BYTES: usize = 128;
 const MAX_METADATA_VALUE_BYTES: usize = 4096;
-const DEFAULT_PAGE_SIZE: u32 = 50;
-const MAX_PAGE_SIZE: u32 = 1000;
 /// Longest TTL accepted (ten years).
 const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-/// What went wrong, in terms both faces can answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ApiError {
-    /// The request is malformed or breaks a limit (400 / `INVALID_ARGUMENT`).
-    Invalid(String),
-    /// No such thing (404 / `NOT_FOUND`).
-    NotFound(String),
-    /// A compare-and-swap lost (409 / `ABORTED`).
-    Conflict {
-        /// What happened.
-        message: String,
-        /// The latest version.
-        current: u64,
-    },
-    /// The request cannot be served as things are (400 /
-    /// `FAILED_PRECONDITION`), such as a replay with no policy for the
-    /// letter's upstream.
-    Precondition(String),
-    /// No or a wrong token (401 / `UNAUTHENTICATED`).
-    Unauthenticated,
-    /// The store failed (500 / `INTERNAL`); nothing was acknowledged.
-    Internal(String),
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ApiError::Invalid(m)
-            | ApiError::NotFound(m)
-            | ApiError::Precondition(m)
-            | ApiError::Internal(m) => f.write_str(m),
-            ApiError::Conflict { message, .. } => f.write_str(message),
-            ApiError::Unauthenticated => {
-                f.write_str("missing or wrong token: send authorization: Bearer <token>")
-            }
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound(m) => ApiError::NotFound(m),
-            StoreError::Conflict { expected, current } => ApiError::Conflict {
-                message: format!(
-                    "version conflict: expected version {expected}, the latest is {current}"
-                ),
-                current,
-            },
-            StoreError::Storage(m) => ApiError::Internal(m),
-        }
-    }
-}
 
 /// The control plane's state: the store, its group commit, limits and
 /// metrics.
@@ -166,14 +112,6 @@ fn page_token(token: &str) -> Result<Option<u64>, ApiError> {
         .filter(|v| *v > 0)
         .map(Some)
         .ok_or_else(|| ApiError::Invalid(format!("page_token {token:?} is not one this API gave")))
-}
-
-pub(crate) fn page_size(size: u32) -> usize {
-    (if size == 0 {
-        DEFAULT_PAGE_SIZE
-    } else {
-        size.min(MAX_PAGE_SIZE)
-    }) as usize
 }
 
 impl ControlPlane {

@@ -6,8 +6,8 @@ use bytes::Bytes;
 use prost_types::value::Kind;
 use serde_json::Value;
 
-use super::saga::{CallRecord, SagaEvent, SagaRecord, SagaState, StepRecord, StepState, Time};
-use super::saga_spec::{CallSpec, OnFailure, SagaSpec, StepRetrySpec, StepSpec};
+use super::record::{CallRecord, SagaEvent, SagaRecord, SagaState, StepRecord, StepState, Time};
+use super::spec::{CallSpec, OnFailure, SagaSpec, StepRetrySpec, StepSpec};
 use crate::api;
 use crate::values::HumanDuration;
 
