@@ -1,6 +1,7 @@
-//! The control plane: durable workflow checkpoints (and, next, the
-//! dead-letter queue) on sled, served over gRPC ([`grpc`]) and JSON/HTTP
-//! ([`http`]), with metrics and health on an admin port.
+//! The control plane: durable workflow checkpoints, the dead-letter queue
+//! and sagas ([`saga`]) on sled ([`store`]), one set of operations
+//! ([`plane`]) served over gRPC ([`grpc`]) and JSON/HTTP ([`http`]), with
+//! metrics and health on an admin port.
 //!
 //! [`start`] opens the store, binds every listener and serves; tests, the
 //! demo and `breakwater control-plane` all use it.
