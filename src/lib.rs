@@ -15,6 +15,7 @@ pub mod body;
 pub mod classify;
 pub mod cli;
 pub mod codec;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -1,18 +1,14 @@
-//! The `breakwater` command: parses arguments and calls the library.
+//! The `breakwater` command: parses arguments and calls the library, one
+//! function of `breakwater::commands` per subcommand.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use breakwater::control::auth::Auth;
 use breakwater::telemetry::logging::{self, LogFormat};
-use breakwater::telemetry::traces::Tracing;
-use breakwater::{cli, config, control, demo, sidecar};
+use breakwater::{cli, commands, control, demo, inject};
 use clap::{Parser, Subcommand};
-
-/// Exit status for invalid configuration or arguments.
-const EXIT_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -352,6 +348,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is not a size such as 4MiB"))
 }
 
+/// One arm per subcommand, each one library call.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Demo { .. }) {
@@ -362,47 +359,20 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => check(&file),
+        } => commands::config_check(&file),
         Command::Sidecar {
             config,
             threads,
             grace_period,
             reload_interval,
-        } => {
-            let path = config;
-            let config = match config::load(&path) {
-                Ok(config) => config,
-                Err(error) => {
-                    eprintln!("{error}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let watch = sidecar::watch::WatchOptions {
-                path,
-                interval: reload_interval,
-            };
-            let result = runtime(threads).block_on(async move {
-                // The OTLP exporter must be built inside the runtime.
-                let tracing = Tracing::from_env().map_err(|e| e.to_string())?;
-                let options = sidecar::Options {
-                    grace_period,
-                    watch: Some(watch),
-                    tracing: tracing.clone(),
-                };
-                let result = sidecar::run(config, options, shutdown_signal()).await;
-                if let Some(tracing) = tracing {
-                    let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
-                }
-                result.map_err(|e| e.to_string())
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!(%error, "sidecar failed to start");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => commands::sidecar(
+            config,
+            commands::SidecarRun {
+                threads,
+                grace_period,
+                reload_interval,
+            },
+        ),
         Command::ControlPlane {
             data_dir,
             listen,
@@ -414,109 +384,23 @@ fn main() -> ExitCode {
             saga_workers,
             threads,
         } => {
-            let policies = match config.as_deref().map(config::load).transpose() {
-                Ok(policies) => policies,
-                Err(error) => {
-                    eprintln!("{error}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let auth = match token_file {
-                None => Auth::open(),
-                Some(path) => match breakwater::api::token::read(&path).and_then(|t| {
-                    Auth::with_token(&t).map_err(|e| format!("token file {}: {e}", path.display()))
-                }) {
-                    Ok(auth) => auth,
-                    Err(error) => {
-                        eprintln!("{error}");
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
-                },
-            };
             let mut options = control::ControlOptions::new(data_dir);
             options.listen = listen;
             options.http_listen = http_listen;
             options.admin_listen = admin_listen;
-            options.auth = auth;
             options.max_state_bytes = usize::try_from(max_state).unwrap_or(usize::MAX);
-            options.policies = policies;
             options.saga_workers = saga_workers;
-            let result = runtime(threads).block_on(async move {
-                let running = control::start(options).await?;
-                shutdown_signal().await;
-                tracing::info!("shutdown signal received");
-                running.shutdown().await;
-                Ok::<_, control::StartError>(())
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!(%error, "the control plane failed to start");
-                    ExitCode::FAILURE
-                }
-            }
+            commands::control_plane(commands::ControlPlaneRun {
+                options,
+                token_file,
+                policies: config,
+                threads,
+            })
         }
-        Command::Dlq { remote, command } => {
-            let remote = remote.into();
-            let result = runtime(1).block_on(async move {
-                match command {
-                    DlqCommand::List {
-                        upstream,
-                        page_size,
-                        page_token,
-                    } => cli::dlq_list(&remote, upstream, page_size, page_token).await,
-                    DlqCommand::Show { id } => cli::dlq_show(&remote, id).await,
-                    DlqCommand::Replay { selection } => {
-                        cli::dlq_replay(&remote, selection.into()).await
-                    }
-                    DlqCommand::Purge { selection } => {
-                        cli::dlq_purge(&remote, selection.into()).await
-                    }
-                }
-            });
-            finish(result)
-        }
-        Command::Saga { remote, command } => {
-            let remote = remote.into();
-            let result = runtime(1).block_on(async move {
-                match command {
-                    SagaCommand::Start { file, wait } => {
-                        cli::saga::start(&remote, &file, wait).await
-                    }
-                    SagaCommand::Show { id } => cli::saga::show(&remote, &id).await,
-                    SagaCommand::List {
-                        state,
-                        page_size,
-                        page_token,
-                    } => cli::saga::list(&remote, state, page_size, page_token).await,
-                    SagaCommand::Watch { id } => cli::saga::watch(&remote, id).await,
-                    SagaCommand::Abort { id, reason } => {
-                        cli::saga::abort(&remote, id, reason).await
-                    }
-                }
-            });
-            finish(result)
-        }
+        Command::Dlq { remote, command } => commands::operator(dlq(remote.into(), command)),
+        Command::Saga { remote, command } => commands::operator(saga(remote.into(), command)),
         Command::Checkpoint { remote, command } => {
-            let remote = remote.into();
-            let result = runtime(1).block_on(async move {
-                match command {
-                    CheckpointCommand::Put(args) => cli::put(&remote, args).await,
-                    CheckpointCommand::Get { workflow, version } => {
-                        cli::get(&remote, workflow, version).await
-                    }
-                    CheckpointCommand::List {
-                        workflow,
-                        page_size,
-                        page_token,
-                    } => cli::list(&remote, workflow, page_size, page_token).await,
-                    CheckpointCommand::Delete { workflow } => cli::delete(&remote, workflow).await,
-                    CheckpointCommand::Prune { workflow, keep } => {
-                        cli::prune(&remote, workflow, keep).await
-                    }
-                }
-            });
-            finish(result)
+            commands::operator(checkpoint(remote.into(), command))
         }
         Command::Injector {
             listen,
@@ -529,65 +413,27 @@ fn main() -> ExitCode {
             memory_request,
             cpu_limit,
             memory_limit,
-        } => {
-            let settings = std::sync::Arc::new(breakwater::inject::Settings {
+        } => commands::injector(
+            listen,
+            inject::server::TlsFiles {
+                cert: tls_cert,
+                key: tls_key,
+            },
+            inject::Settings {
                 image,
                 pull_policy,
                 config_map,
                 resources: [cpu_request, memory_request, cpu_limit, memory_limit],
                 ..Default::default()
-            });
-            let files = breakwater::inject::server::TlsFiles {
-                cert: tls_cert,
-                key: tls_key,
-            };
-            let result = runtime(1).block_on(async move {
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-                let (stop, stopped) = tokio::sync::watch::channel(false);
-                tokio::spawn(async move {
-                    shutdown_signal().await;
-                    let _ = stop.send(true);
-                });
-                tracing::info!(%listen, image = %settings.image, "injector ready");
-                breakwater::inject::server::serve(listener, files, settings, stopped)
-                    .await
-                    .map_err(|e| e.to_string())
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("injector: {error}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
-        }
-        Command::InjectPreview { file, image } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())
-            } else {
-                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))
-            };
-            let pod = text.and_then(|t| {
-                serde_saphyr::from_str::<serde_json::Value>(&t)
-                    .map_err(|e| format!("{}: {e}", file.display()))
-            });
-            let settings = breakwater::inject::Settings {
+            },
+        ),
+        Command::InjectPreview { file, image } => commands::inject_preview(
+            &file,
+            &inject::Settings {
                 image,
                 ..Default::default()
-            };
-            match pod.and_then(|p| breakwater::inject::preview(&p, &settings).map_err(|e| e.0)) {
-                Ok(pod) => {
-                    println!("{}", serde_json::to_string_pretty(&pod).expect("JSON"));
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+            },
+        ),
         Command::Demo {
             invoices,
             seed,
@@ -595,23 +441,58 @@ fn main() -> ExitCode {
             data_dir,
             keep_running,
             no_progress,
-        } => {
-            let options = demo::DemoOptions {
-                invoices,
-                seed,
-                rate,
-                data_dir,
-                keep_running,
-                progress: !no_progress,
-            };
-            match runtime(2).block_on(demo::run(options)) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("demo failed: {error}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => commands::demo(demo::DemoOptions {
+            invoices,
+            seed,
+            rate,
+            data_dir,
+            keep_running,
+            progress: !no_progress,
+        }),
+    }
+}
+
+/// `breakwater dlq ...`.
+async fn dlq(remote: cli::Remote, command: DlqCommand) -> Result<(), cli::CliError> {
+    match command {
+        DlqCommand::List {
+            upstream,
+            page_size,
+            page_token,
+        } => cli::dlq_list(&remote, upstream, page_size, page_token).await,
+        DlqCommand::Show { id } => cli::dlq_show(&remote, id).await,
+        DlqCommand::Replay { selection } => cli::dlq_replay(&remote, selection.into()).await,
+        DlqCommand::Purge { selection } => cli::dlq_purge(&remote, selection.into()).await,
+    }
+}
+
+/// `breakwater saga ...`.
+async fn saga(remote: cli::Remote, command: SagaCommand) -> Result<(), cli::CliError> {
+    match command {
+        SagaCommand::Start { file, wait } => cli::saga::start(&remote, &file, wait).await,
+        SagaCommand::Show { id } => cli::saga::show(&remote, &id).await,
+        SagaCommand::List {
+            state,
+            page_size,
+            page_token,
+        } => cli::saga::list(&remote, state, page_size, page_token).await,
+        SagaCommand::Watch { id } => cli::saga::watch(&remote, id).await,
+        SagaCommand::Abort { id, reason } => cli::saga::abort(&remote, id, reason).await,
+    }
+}
+
+/// `breakwater checkpoint ...`.
+async fn checkpoint(remote: cli::Remote, command: CheckpointCommand) -> Result<(), cli::CliError> {
+    match command {
+        CheckpointCommand::Put(args) => cli::put(&remote, args).await,
+        CheckpointCommand::Get { workflow, version } => cli::get(&remote, workflow, version).await,
+        CheckpointCommand::List {
+            workflow,
+            page_size,
+            page_token,
+        } => cli::list(&remote, workflow, page_size, page_token).await,
+        CheckpointCommand::Delete { workflow } => cli::delete(&remote, workflow).await,
+        CheckpointCommand::Prune { workflow, keep } => cli::prune(&remote, workflow, keep).await,
     }
 }
 
@@ -622,72 +503,5 @@ impl From<RemoteArgs> for cli::Remote {
             token_file: args.token_file,
             json: args.json,
         }
-    }
-}
-
-/// Exit status of an operator command; errors go to stderr.
-fn finish(result: Result<(), cli::CliError>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn check(file: &std::path::Path) -> ExitCode {
-    match config::load(file) {
-        Ok(config) => {
-            println!("{}: ok", config.source);
-            println!("  admin  {}", config.admin.listen);
-            println!("  proxy  {}", config.proxy.listen);
-            for upstream in &config.upstreams {
-                let listen = upstream
-                    .listen
-                    .map(|l| format!(" listen {l}"))
-                    .unwrap_or_default();
-                println!(
-                    "  upstream {} -> {} ({}){} hosts [{}]",
-                    upstream.name,
-                    upstream.address,
-                    upstream.protocol,
-                    listen,
-                    upstream.hosts.join(", ")
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("{error}");
-            ExitCode::from(EXIT_CONFIG)
-        }
-    }
-}
-
-/// A runtime with `threads` workers; one thread runs everything on the
-/// current thread, which avoids cross-thread wake-ups.
-fn runtime(threads: u16) -> tokio::runtime::Runtime {
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(threads.into());
-        b
-    };
-    builder
-        .enable_all()
-        .thread_name("breakwater")
-        .build()
-        .expect("the tokio runtime starts")
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
