@@ -25,10 +25,12 @@ use std::time::Duration;
 use breakwater::api::dead_letters_client::DeadLettersClient;
 use breakwater::api::sagas_client::SagasClient;
 use breakwater::api::{ListDeadLettersRequest, ReplayDeadLetterRequest, StartSagaRequest};
-use breakwater::control::{self, ControlOptions};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use support::{HttpUpstream, answer, h1_connect, metric, sidecar};
+use support::{
+    HttpUpstream, answer, control_options, eventually, h1_connect, metric_value, sidecar,
+    start_control_plane,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -174,10 +176,9 @@ async fn a_stopped_upstream_loses_nothing_and_everything_is_delivered_once_it_is
         "upstreams:\n  orders:\n    address: '{addr}'\n    retry: {{max_attempts: 2, backoff: {{base: 1ms}}, retry_non_idempotent: true}}\n    circuit_breaker: {{consecutive_failures: 4, open_for: {}ms}}\n",
         OPEN_FOR.as_millis()
     );
-    let mut options = ControlOptions::new(dir.path().join("cp"));
-    options.listen = "127.0.0.1:0".parse().unwrap();
-    options.policies = Some(breakwater::config::parse("policies.yaml", &policies).unwrap());
-    let running = control::start(options).await.unwrap();
+    let mut options = control_options(&dir.path().join("cp"));
+    options.policies = Some(support::policies(&policies));
+    let running = start_control_plane(options).await;
     let sidecar = sidecar(&format!(
         "control_plane: {{url: 'http://{}'}}\ndead_letters: {{spool_dir: '{}'}}\n{}",
         running.grpc_addr,
@@ -219,12 +220,10 @@ async fn a_stopped_upstream_loses_nothing_and_everything_is_delivered_once_it_is
         .await
         .unwrap();
     let series = "breakwater_dead_letters_delivered_total{upstream=\"orders\"}";
-    for _ in 0..500 {
-        if metric(sidecar.admin_addr, series).await >= DOWN as f64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(Duration::from_secs(5), series, || async {
+        (metric_value(sidecar.admin_addr, series).await >= DOWN as f64).then_some(())
+    })
+    .await;
     let mut letters = DeadLettersClient::connect(format!("http://{}", running.grpc_addr))
         .await
         .unwrap();
@@ -244,7 +243,7 @@ async fn a_stopped_upstream_loses_nothing_and_everything_is_delivered_once_it_is
         post(sidecar.proxy_addr, "after".into()).await.0,
         StatusCode::CREATED
     );
-    let state = metric(
+    let state = metric_value(
         sidecar.admin_addr,
         "breakwater_circuit_state{upstream=\"orders\"}",
     )
@@ -340,10 +339,7 @@ async fn corrupted_input_gets_clean_errors_while_other_traffic_goes_on() {
     );
     let sidecar = sidecar(&yaml).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut options = ControlOptions::new(dir.path().to_owned());
-    options.listen = "127.0.0.1:0".parse().unwrap();
-    options.http_listen = Some("127.0.0.1:0".parse().unwrap());
-    let running = control::start(options).await.unwrap();
+    let running = start_control_plane(control_options(dir.path())).await;
 
     // Good traffic all along, on its own connection.
     let proxy = sidecar.proxy_addr;

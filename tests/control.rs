@@ -11,7 +11,7 @@ use breakwater::api::{
     DeleteCheckpointsRequest, GetCheckpointRequest, ListCheckpointsRequest,
     PruneCheckpointsRequest, PutCheckpointRequest,
 };
-use breakwater::control::{self, ControlOptions, Running, auth::Auth};
+use breakwater::control::{Running, auth::Auth};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use support::*;
@@ -19,13 +19,10 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn control_plane(dir: &Path, auth: Auth) -> Running {
-    let mut options = ControlOptions::new(dir.to_owned());
-    options.listen = "127.0.0.1:0".parse().unwrap();
-    options.http_listen = Some("127.0.0.1:0".parse().unwrap());
-    options.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut options = control_options(dir);
     options.auth = auth;
     options.max_state_bytes = 64 << 10;
-    control::start(options).await.unwrap()
+    start_control_plane(options).await
 }
 
 async fn client(running: &Running) -> CheckpointsClient<Channel> {
@@ -487,21 +484,13 @@ async fn an_expired_workflow_vanishes() {
         version: 0,
     };
     // The TTL runs on the wall clock: poll until the workflow is gone.
-    loop {
-        match client.get(get.clone()).await {
-            Ok(_) => {
-                assert!(
-                    started.elapsed() < std::time::Duration::from_secs(5),
-                    "never expired"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(status) => {
-                assert_eq!(status.code(), Code::NotFound);
-                break;
-            }
-        }
-    }
+    let status = eventually(std::time::Duration::from_secs(5), "expiry", || {
+        let mut client = client.clone();
+        let get = get.clone();
+        async move { client.get(get).await.err() }
+    })
+    .await;
+    assert_eq!(status.code(), Code::NotFound);
     assert!(started.elapsed() >= std::time::Duration::from_millis(200));
     running.shutdown().await;
 }

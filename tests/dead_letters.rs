@@ -15,7 +15,7 @@ use breakwater::api::dead_letters_client::DeadLettersClient;
 use breakwater::api::{
     DeadLetter, EnqueueDeadLetterRequest, Header, ListDeadLettersRequest, ReplayDeadLetterRequest,
 };
-use breakwater::control::{self, ControlOptions, Running};
+use breakwater::control::Running;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
@@ -23,13 +23,11 @@ use hyper::body::Incoming;
 use support::*;
 use tonic::transport::Channel;
 
-async fn control_plane(dir: &Path, listen: SocketAddr, policies: Option<&str>) -> Running {
-    let mut options = ControlOptions::new(dir.to_owned());
+async fn control_plane(dir: &Path, listen: SocketAddr, yaml: Option<&str>) -> Running {
+    let mut options = control_options(dir);
     options.listen = listen;
-    options.http_listen = Some("127.0.0.1:0".parse().unwrap());
-    options.policies =
-        policies.map(|yaml| breakwater::config::parse("policies.yaml", yaml).unwrap());
-    control::start(options).await.unwrap()
+    options.policies = yaml.map(policies);
+    start_control_plane(options).await
 }
 
 async fn letters(addr: SocketAddr) -> Vec<DeadLetter> {
@@ -46,27 +44,29 @@ async fn letters(addr: SocketAddr) -> Vec<DeadLetter> {
         .letters
 }
 
-/// Waits (up to 10 s) until the control plane holds `n` letters.
-async fn wait_for_letters(addr: SocketAddr, n: usize) -> Vec<DeadLetter> {
-    for _ in 0..1000 {
+/// Waits (up to 10 s) until a sidecar has delivered its whole spool and
+/// the control plane holds `n` letters, then checks that it holds exactly
+/// `n`: a letter delivered twice arrives before the spool is empty, so it
+/// is seen.
+async fn delivered(addr: SocketAddr, sidecar_admin: SocketAddr, n: usize) -> Vec<DeadLetter> {
+    let spooled = "breakwater_dead_letter_spool{upstream=\"orders\"}";
+    let letters = eventually(Duration::from_secs(10), "letters delivered", || async {
+        let drained = metric(sidecar_admin, spooled).await == Some(0.0);
         let letters = letters(addr).await;
-        if letters.len() >= n {
-            return letters;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the control plane did not get {n} letters");
+        (drained && letters.len() >= n).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters.len(), n, "each letter delivered once");
+    letters
 }
 
 /// Waits (up to 10 s) until a sidecar metric has `value`.
 async fn wait_for_metric(admin: SocketAddr, series: &str, value: f64) {
-    for _ in 0..1000 {
-        if metric(admin, series).await == value {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{series} never became {value}");
+    let what = format!("{series} = {value}");
+    eventually(Duration::from_secs(10), &what, || async {
+        (metric(admin, series).await == Some(value)).then_some(())
+    })
+    .await;
 }
 
 fn sidecar_yaml(control_plane: SocketAddr, spool: &Path, upstream: SocketAddr) -> String {
@@ -117,7 +117,7 @@ async fn a_finally_failed_request_reaches_the_control_plane_without_credentials(
         send(sidecar.proxy_addr, order()).await,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    let letters = wait_for_letters(running.grpc_addr, 1).await;
+    let letters = delivered(running.grpc_addr, sidecar.admin_addr, 1).await;
     let letter = &letters[0];
     assert_eq!(letter.upstream, "orders");
     assert_eq!(
@@ -171,13 +171,12 @@ async fn letters_wait_in_the_spool_across_a_restart_until_the_control_plane_is_b
 
     let second = sidecar(&yaml).await;
     assert_eq!(
-        metric(second.admin_addr, spooled).await,
+        metric_value(second.admin_addr, spooled).await,
         2.0,
         "the spool survived"
     );
     let running = control_plane(&dir.path().join("cp"), cp_addr, None).await;
-    let letters = wait_for_letters(running.grpc_addr, 2).await;
-    assert_eq!(letters.len(), 2, "delivered once each");
+    let letters = delivered(running.grpc_addr, second.admin_addr, 2).await;
     for letter in &letters {
         assert_eq!(letter.reason, "connect-failure");
         assert_eq!(letter.body, r#"{"po": "PO-9", "amount": 1200}"#);

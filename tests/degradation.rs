@@ -31,7 +31,11 @@ async fn assert_degraded(sidecar: &breakwater::sidecar::Sidecar, reason: &str) {
     assert!(!parts.headers.contains_key("x-breakwater-error"));
     assert_eq!(body, "{\"matches\": [], \"suggested\": true}");
     let series = format!("breakwater_fallbacks_total{{upstream=\"matching\",reason=\"{reason}\"}}");
-    assert_eq!(metric(sidecar.admin_addr, &series).await, 1.0, "{series}");
+    assert_eq!(
+        metric_value(sidecar.admin_addr, &series).await,
+        1.0,
+        "{series}"
+    );
 }
 
 #[tokio::test]
@@ -45,7 +49,7 @@ async fn spent_retries_degrade_after_every_attempt() {
     .await;
     assert_degraded(&sidecar, "http-503").await;
     assert_eq!(upstream.requests(), 3, "retries ran before degrading");
-    let degraded = metric(
+    let degraded = metric_value(
         sidecar.admin_addr,
         "breakwater_requests_total{upstream=\"matching\",outcome=\"degraded\"}",
     )

@@ -33,8 +33,11 @@ async fn aborts_are_retried_like_real_failures() {
     assert_eq!(parts.headers["retry-after"], "0");
     assert_eq!(body, "injected fault\n");
     assert_eq!(upstream.requests(), 0, "an aborted attempt never leaves");
-    assert_eq!(metric(sidecar.admin_addr, &injected("abort")).await, 3.0);
-    let retries = metric(
+    assert_eq!(
+        metric_value(sidecar.admin_addr, &injected("abort")).await,
+        3.0
+    );
+    let retries = metric_value(
         sidecar.admin_addr,
         "breakwater_retries_total{upstream=\"agent\",reason=\"http-503\"}",
     )
@@ -65,7 +68,7 @@ async fn the_seeded_rate_is_exact() {
     assert!((40..80).contains(&aborted), "{aborted} of {CALLS}");
     assert_eq!(upstream.requests(), CALLS as usize - aborted);
     assert_eq!(
-        metric(sidecar.admin_addr, &injected("abort")).await,
+        metric_value(sidecar.admin_addr, &injected("abort")).await,
         aborted as f64
     );
 }
@@ -104,7 +107,10 @@ async fn a_delay_runs_inside_the_per_try_timeout() {
         "two attempts of 500 ms: {elapsed:?}"
     );
     assert_eq!(upstream.requests(), 0);
-    assert_eq!(metric(sidecar.admin_addr, &injected("delay")).await, 2.0);
+    assert_eq!(
+        metric_value(sidecar.admin_addr, &injected("delay")).await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -130,7 +136,10 @@ async fn a_truncated_answer_breaks_after_the_given_bytes() {
         }
     };
     assert_eq!(received, b"0123456789", "{error}");
-    assert_eq!(metric(sidecar.admin_addr, &injected("truncate")).await, 1.0);
+    assert_eq!(
+        metric_value(sidecar.admin_addr, &injected("truncate")).await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -146,7 +155,10 @@ async fn grpc_callers_get_the_injected_status() {
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(status.message(), "injected fault");
     assert_eq!(upstream.calls(), 0);
-    assert_eq!(metric(sidecar.admin_addr, &injected("abort")).await, 2.0);
+    assert_eq!(
+        metric_value(sidecar.admin_addr, &injected("abort")).await,
+        2.0
+    );
 }
 
 #[tokio::test]

@@ -81,8 +81,14 @@ async fn a_changed_file_is_reloaded_and_an_invalid_one_refused() {
     reloaded(&sidecar, |s| s.generation == 2).await;
     assert_eq!(status_of(&sidecar, "b").await, StatusCode::OK);
     let admin = sidecar.admin_addr;
-    assert_eq!(metric(admin, "breakwater_config_generation").await, 2.0);
-    assert_eq!(metric(admin, "breakwater_config_reloads_total").await, 1.0);
+    assert_eq!(
+        metric_value(admin, "breakwater_config_generation").await,
+        2.0
+    );
+    assert_eq!(
+        metric_value(admin, "breakwater_config_reloads_total").await,
+        1.0
+    );
     let config = admin_json(admin, "/config").await;
     assert_eq!(config["upstreams"][1]["name"], "b");
 
@@ -97,10 +103,13 @@ async fn a_changed_file_is_reloaded_and_an_invalid_one_refused() {
     assert_eq!(status.generation, 2);
     assert_eq!(status_of(&sidecar, "b").await, StatusCode::OK);
     assert_eq!(
-        metric(admin, "breakwater_config_reload_failures_total").await,
+        metric_value(admin, "breakwater_config_reload_failures_total").await,
         1.0
     );
-    assert_eq!(metric(admin, "breakwater_config_generation").await, 2.0);
+    assert_eq!(
+        metric_value(admin, "breakwater_config_generation").await,
+        2.0
+    );
 }
 
 /// Kubernetes mounts a ConfigMap as `<key> -> ..data/<key>` with
@@ -161,7 +170,7 @@ async fn breaker_state_survives_a_reload_that_keeps_the_policy() {
     let (parts, _) = call(sidecar.proxy_addr, "a.internal", Method::GET, "/", "").await;
     assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
     assert_eq!(
-        metric(
+        metric_value(
             sidecar.admin_addr,
             "breakwater_circuit_state{upstream=\"a\"}"
         )
@@ -173,7 +182,7 @@ async fn breaker_state_survives_a_reload_that_keeps_the_policy() {
     sidecar.reload(parse(&yaml("a.internal", 3))).await.unwrap();
     assert_eq!(status_of(&sidecar, "a.internal").await, StatusCode::OK);
     assert_eq!(
-        metric(
+        metric_value(
             sidecar.admin_addr,
             "breakwater_circuit_state{upstream=\"a\"}"
         )

@@ -45,7 +45,7 @@ async fn the_deadline_answers_504_with_its_reason() {
         elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2100),
         "{elapsed:?}"
     );
-    let timeouts = metric(
+    let timeouts = metric_value(
         sidecar.admin_addr,
         "breakwater_timeouts_total{upstream=\"agent\",kind=\"deadline\"}",
     )
@@ -181,7 +181,7 @@ async fn per_try_timeouts_are_retried_and_counted() {
         (StatusCode::OK, Bytes::from("second try"))
     );
     assert_eq!(upstream.requests(), 2);
-    let per_try = metric(
+    let per_try = metric_value(
         sidecar.admin_addr,
         "breakwater_timeouts_total{upstream=\"agent\",kind=\"per-try\"}",
     )
@@ -227,7 +227,7 @@ async fn the_breaker_opens_rejects_probes_and_closes() {
     );
     assert_eq!(upstream.requests(), 3, "the upstream was not contacted");
     assert_eq!(
-        metric(
+        metric_value(
             sidecar.admin_addr,
             "breakwater_circuit_state{upstream=\"agent\"}"
         )
@@ -259,7 +259,7 @@ async fn the_breaker_opens_rejects_probes_and_closes() {
         "closed"
     );
     assert_eq!(
-        metric(
+        metric_value(
             sidecar.admin_addr,
             "breakwater_circuit_transitions_total{upstream=\"agent\",to=\"open\"}"
         )
@@ -320,7 +320,7 @@ async fn requests_beyond_the_limit_and_queue_are_shed() {
     assert_eq!(parts.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(parts.headers["x-breakwater-error"], "overloaded");
     assert_eq!(
-        metric(
+        metric_value(
             sidecar.admin_addr,
             "breakwater_shed_total{upstream=\"agent\"}"
         )
@@ -455,7 +455,7 @@ async fn layer_order() {
         "two attempts opened the circuit; the third was refused"
     );
     assert_eq!(
-        metric(
+        metric_value(
             sidecar.admin_addr,
             "breakwater_retries_total{upstream=\"agent\",reason=\"http-503\"}"
         )

@@ -48,7 +48,7 @@ async fn failed_attempts_are_retried_up_to_max_attempts() {
         attempts,
         [None, Some("2".into()), Some("3".into()), Some("4".into())]
     );
-    let retries = metric(
+    let retries = metric_value(
         sidecar.admin_addr,
         "breakwater_retries_total{upstream=\"agent\",reason=\"http-503\"}",
     )
@@ -114,7 +114,7 @@ async fn connect_failures_are_retried_whatever_the_method() {
     let (parts, _) = call(sidecar.proxy_addr, "agent", Method::POST, "/", "x").await;
     assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
     assert_eq!(parts.headers["x-breakwater-error"], "connect-failure");
-    let retries = metric(
+    let retries = metric_value(
         sidecar.admin_addr,
         "breakwater_retries_total{upstream=\"agent\",reason=\"connect-failure\"}",
     )
@@ -220,7 +220,7 @@ async fn the_budget_caps_retries_under_total_failure() {
         retries >= 150,
         "{retries} retries: the budget should allow about 210"
     );
-    let exhausted = metric(
+    let exhausted = metric_value(
         sidecar.admin_addr,
         "breakwater_retry_budget_exhausted_total{upstream=\"agent\"}",
     )
@@ -452,7 +452,7 @@ async fn hedging_sends_a_second_attempt_only_after_the_delay() {
     );
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(
-        metric(
+        metric_value(
             sidecar.admin_addr,
             "breakwater_hedges_total{upstream=\"agent\"}"
         )
@@ -543,7 +543,7 @@ async fn a_refused_stream_is_retried_even_for_post() {
     assert_eq!(parts.status, StatusCode::OK);
     assert_eq!(body, "ok");
     assert_eq!(*seen.lock().unwrap(), ["refused", "served po-9"]);
-    let retries = metric(
+    let retries = metric_value(
         sidecar.admin_addr,
         "breakwater_retries_total{upstream=\"agent\",reason=\"refused-stream\"}",
     )

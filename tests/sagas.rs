@@ -15,7 +15,7 @@ use breakwater::api::{
     SagaState, StartSagaRequest, StepState, WatchSagasRequest,
 };
 use breakwater::control::saga::proto as saga_proto;
-use breakwater::control::{self, ControlOptions, Running};
+use breakwater::control::Running;
 use http::Method;
 use serde_json::{Value, json};
 use support::{Participant, Script};
@@ -23,13 +23,10 @@ use tonic::transport::Channel;
 
 type Log = Arc<Mutex<Vec<String>>>;
 
-async fn control_plane(dir: &Path, policies: &str) -> Running {
-    let mut options = ControlOptions::new(dir.to_owned());
-    options.listen = "127.0.0.1:0".parse().unwrap();
-    options.http_listen = Some("127.0.0.1:0".parse().unwrap());
-    options.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-    options.policies = Some(breakwater::config::parse("policies.yaml", policies).unwrap());
-    control::start(options).await.unwrap()
+async fn control_plane(dir: &Path, yaml: &str) -> Running {
+    let mut options = support::control_options(dir);
+    options.policies = Some(support::policies(yaml));
+    support::start_control_plane(options).await
 }
 
 async fn client(running: &Running) -> SagasClient<Channel> {
@@ -651,9 +648,7 @@ async fn a_thousand_sagas_at_once_all_complete() {
 #[tokio::test]
 async fn sagas_need_the_policies_file() {
     let dir = tempfile::tempdir().unwrap();
-    let mut options = ControlOptions::new(dir.path().to_owned());
-    options.listen = "127.0.0.1:0".parse().unwrap();
-    let running = control::start(options).await.unwrap();
+    let running = support::start_control_plane(support::control_options(dir.path())).await;
     let mut client = client(&running).await;
     let refused = client
         .start(StartSagaRequest {

@@ -76,18 +76,16 @@ async fn traced_sidecar(yaml: &str, tracing: &Tracing) -> Sidecar {
 /// be just after the client has read it; nothing outside the sidecar sees
 /// that moment, so the flush is retried a few times.
 async fn flushed(tracing: &Tracing, collector: &Collector, at_least: usize) -> Vec<Span> {
-    for _ in 0..100 {
+    let what = format!("{at_least} spans at the collector");
+    eventually(Duration::from_secs(2), &what, || async {
         let t = tracing.clone();
         tokio::task::spawn_blocking(move || t.flush())
             .await
             .unwrap();
         let spans = collector.spans.lock().unwrap().clone();
-        if spans.len() >= at_least {
-            return spans;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the collector did not get {at_least} spans");
+        (spans.len() >= at_least).then_some(spans)
+    })
+    .await
 }
 
 fn attribute(span: &Span, key: &str) -> Option<Value> {

@@ -1,6 +1,11 @@
 //! Real in-process peers for the behaviour tests: HTTP and gRPC upstreams
 //! on loopback sockets with request counters and scripted answers, clients,
-//! and a helper that starts a sidecar from a YAML literal.
+//! a sidecar from a YAML literal, an in-process control plane, and
+//! [`eventually`] for state that no event announces.
+//!
+//! The helpers cannot lie: a series missing from `/metrics` is `None`,
+//! not 0 ([`metric`]), and a handler that panicked fails the test when its
+//! upstream is dropped or joined ([`HttpUpstream::join`]).
 
 #![allow(dead_code)]
 
@@ -47,6 +52,8 @@ pub struct HttpUpstream {
     pub connections: Arc<AtomicUsize>,
     /// The head of every request, in arrival order.
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// The first handler panic, re-raised by `join` (and on drop).
+    panicked: Arc<Mutex<Option<String>>>,
     task: JoinHandle<()>,
 }
 
@@ -63,12 +70,18 @@ impl HttpUpstream {
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (r, c, s) = (requests.clone(), connections.clone(), seen.clone());
+        let panicked = Arc::new(Mutex::new(None));
+        let (r, c, s, p) = (
+            requests.clone(),
+            connections.clone(),
+            seen.clone(),
+            panicked.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 c.fetch_add(1, Ordering::SeqCst);
-                let (handler, r, s) = (handler.clone(), r.clone(), s.clone());
+                let (handler, r, s, p) = (handler.clone(), r.clone(), s.clone(), p.clone());
                 let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                     r.fetch_add(1, Ordering::SeqCst);
                     s.lock().unwrap().push(Seen {
@@ -77,8 +90,18 @@ impl HttpUpstream {
                         version: request.version(),
                         headers: request.headers().clone(),
                     });
-                    let answer = handler(request);
-                    async move { Ok::<_, Infallible>(answer.await) }
+                    let answer = std::panic::AssertUnwindSafe(handler(request));
+                    let p = p.clone();
+                    async move {
+                        match futures_util::FutureExt::catch_unwind(answer).await {
+                            Ok(answer) => Ok::<_, Infallible>(answer),
+                            Err(panic) => {
+                                let message = panic_text(&*panic);
+                                p.lock().unwrap().get_or_insert(message.clone());
+                                std::panic::resume_unwind(Box::new(message))
+                            }
+                        }
+                    }
                 });
                 tokio::spawn(async move {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -92,8 +115,15 @@ impl HttpUpstream {
             requests,
             connections,
             seen,
+            panicked,
             task,
         }
+    }
+
+    /// Stops the upstream; re-raises the first panic of a handler, which
+    /// hyper would otherwise turn into a closed connection.
+    pub fn join(self) {
+        drop(self);
     }
 
     /// An upstream whose handler also gets the request's number (0 for the
@@ -143,7 +173,68 @@ impl HttpUpstream {
 impl Drop for HttpUpstream {
     fn drop(&mut self) {
         self.task.abort();
+        let panicked = self.panicked.lock().unwrap().take();
+        if let Some(message) = panicked
+            && !std::thread::panicking()
+        {
+            panic!(
+                "a handler of the upstream on {} panicked: {message}",
+                self.addr
+            );
+        }
     }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(not text)".into())
+}
+
+/// Polls `probe` every 10 ms until it gives `Some`, for at most `within`;
+/// panics naming `what` otherwise. For state that no event announces (a
+/// metric, another process's listing); where an event exists, wait for
+/// the event.
+pub async fn eventually<T, F, Fut>(within: std::time::Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Options for an in-process control plane over `dir`: gRPC, JSON/HTTP
+/// and admin on free loopback ports, no token, no policies.
+pub fn control_options(dir: &std::path::Path) -> breakwater::control::ControlOptions {
+    let mut options = breakwater::control::ControlOptions::new(dir.to_owned());
+    options.listen = "127.0.0.1:0".parse().unwrap();
+    options.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    options.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    options
+}
+
+/// Starts an in-process control plane.
+pub async fn start_control_plane(
+    options: breakwater::control::ControlOptions,
+) -> breakwater::control::Running {
+    breakwater::control::start(options).await.unwrap()
+}
+
+/// A policy file from a YAML literal.
+pub fn policies(yaml: &str) -> breakwater::config::Config {
+    breakwater::config::parse("policies.yaml", yaml).unwrap()
 }
 
 /// The example gRPC echo service on a loopback port.
@@ -315,8 +406,10 @@ pub fn answer(status: u16, headers: &[(&'static str, &str)], text: &'static str)
     response
 }
 
-/// Reads a metric's value from the Prometheus text of a sidecar.
-pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+/// Reads a metric's value from the Prometheus text of a sidecar; `None`
+/// when the series is not there (a renamed series must fail a test, not
+/// read as 0).
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
     let response = http1_client()
         .request(
             Request::get(format!("http://{admin}/metrics"))
@@ -329,7 +422,13 @@ pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
     let text = String::from_utf8(text.to_vec()).unwrap();
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+}
+
+/// A metric's value; the series must be there.
+pub async fn metric_value(admin: SocketAddr, series: &str) -> f64 {
+    metric(admin, series)
+        .await
+        .unwrap_or_else(|| panic!("no series {series} in /metrics"))
 }
 
 /// Sends a request to the admin endpoint and reads the whole answer.
