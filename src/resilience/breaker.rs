@@ -21,12 +21,15 @@
 //! rate but never toward consecutive failures: a provider asking for less
 //! load is not an outage.
 //!
-//! The request path reads one atomic while the circuit is closed; every
-//! transition happens in [`Machine`], under a lock, tested under a paused
-//! clock.
+//! While the circuit is closed the request path takes no lock for a call
+//! that succeeds in a clean window (no failures or slow calls in it): it
+//! reads the gate and counts the success in an atomic, which the next
+//! holder of the lock folds into the window before anything else. A
+//! failure, a slow call, a probe or any transition happens in [`Machine`],
+//! under the lock, tested under a paused clock.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,6 +89,11 @@ pub struct Breaker {
     upstream: Arc<str>,
     params: BreakerParams,
     gate: AtomicU8,
+    /// The circuit is closed and its window holds only clean calls: a
+    /// success changes nothing but the window's length.
+    clean: AtomicBool,
+    /// Successes counted without the lock, not yet in the window.
+    clean_successes: AtomicU32,
     machine: Mutex<Machine>,
     metrics: UpstreamMetrics,
 }
@@ -144,12 +152,49 @@ impl Breaker {
             }),
             params,
             gate: AtomicU8::new(State::Closed as u8),
+            clean: AtomicBool::new(true),
+            clean_successes: AtomicU32::new(0),
             metrics,
         })
     }
 
+    /// The machine, with the successes counted without the lock folded
+    /// into its window.
     fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
-        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+        let mut m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = self.clean_successes.swap(0, Ordering::AcqRel);
+        if pending > 0 && m.state == State::Closed {
+            m.consecutive = 0;
+            for _ in 0..pending.min(self.params.window) {
+                self.push(&mut m, false, false);
+            }
+        }
+        m
+    }
+
+    /// Adds a call to the sliding window, dropping the oldest when full.
+    fn push(&self, m: &mut Machine, failed: bool, slow: bool) {
+        if self.params.window == 0 {
+            return;
+        }
+        if m.window.len() == self.params.window as usize
+            && let Some((old_failed, old_slow)) = m.window.pop_front()
+        {
+            m.window_failed -= usize::from(old_failed);
+            m.window_slow -= usize::from(old_slow);
+        }
+        m.window.push_back((failed, slow));
+        m.window_failed += usize::from(failed);
+        m.window_slow += usize::from(slow);
+    }
+
+    /// Whether a success may skip the lock from now on.
+    fn settle(&self, m: &Machine) {
+        let clean = m.state == State::Closed
+            && m.consecutive == 0
+            && m.window_failed == 0
+            && m.window_slow == 0;
+        self.clean.store(clean, Ordering::Release);
     }
 
     /// The current state.
@@ -185,7 +230,26 @@ impl Breaker {
     pub fn record(&self, admission: Admission, failure: Option<Failure>, elapsed: Duration) {
         let counted = failure.filter(|f| self.params.failure_on.matches(*f));
         let slow = self.params.slow_call_duration.is_some_and(|d| elapsed >= d);
+        if matches!(admission, Admission::Normal)
+            && counted.is_none()
+            && !slow
+            && self.clean.load(Ordering::Acquire)
+        {
+            self.clean_successes.fetch_add(1, Ordering::AcqRel);
+            return;
+        }
         let mut m = self.lock();
+        self.record_locked(&mut m, admission, counted, slow);
+        self.settle(&m);
+    }
+
+    fn record_locked(
+        &self,
+        m: &mut Machine,
+        admission: Admission,
+        counted: Option<Failure>,
+        slow: bool,
+    ) {
         if let Admission::Probe(mut slot) = admission {
             slot.recorded = true;
             m.probes_in_flight = m.probes_in_flight.saturating_sub(1);
@@ -194,11 +258,11 @@ impl Breaker {
                 return;
             }
             if counted.is_some() || slow {
-                self.trip(&mut m);
+                self.trip(m);
             } else {
                 m.probe_successes += 1;
                 if m.probe_successes >= self.params.half_open_probes {
-                    self.enter(&mut m, State::Closed);
+                    self.enter(m, State::Closed);
                 }
             }
             return;
@@ -211,17 +275,9 @@ impl Breaker {
             Some(_) => {}
             None => m.consecutive = 0,
         }
-        if m.window.len() == self.params.window as usize
-            && let Some((failed, was_slow)) = m.window.pop_front()
-        {
-            m.window_failed -= usize::from(failed);
-            m.window_slow -= usize::from(was_slow);
-        }
-        m.window.push_back((counted.is_some(), slow));
-        m.window_failed += usize::from(counted.is_some());
-        m.window_slow += usize::from(slow);
-        if self.should_trip(&m) {
-            self.trip(&mut m);
+        self.push(m, counted.is_some(), slow);
+        if self.should_trip(m) {
+            self.trip(m);
         }
     }
 
@@ -270,6 +326,7 @@ impl Breaker {
             m.probes_in_flight = 0;
         }
         self.gate.store(state as u8, Ordering::Release);
+        self.settle(m);
         self.metrics.circuit(state as u8);
     }
 

@@ -131,25 +131,30 @@ impl DeadLetters {
         )))
     }
 
-    /// The parts of a request a letter keeps, taken before it is sent.
+    /// The parts of a request a letter keeps, taken before it is sent: a
+    /// clone of the head (shared bytes, no copies); it becomes the letter's
+    /// text only if the call fails.
     pub fn head(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Head {
-        let mut kept = Vec::with_capacity(headers.len());
-        for (name, value) in headers {
-            if self.redact.contains(name) || crate::transport::headers::is_hop_by_hop(name) {
-                continue;
-            }
-            kept.push(Header {
+        Head {
+            method: method.clone(),
+            uri: uri.clone(),
+            headers: headers.clone(),
+        }
+    }
+
+    /// A head's headers as a letter keeps them: without credentials
+    /// (`redact_headers`) and hop-by-hop headers.
+    fn kept_headers(&self, headers: &HeaderMap) -> Vec<Header> {
+        headers
+            .iter()
+            .filter(|(name, _)| {
+                !self.redact.contains(*name) && !crate::transport::headers::is_hop_by_hop(name)
+            })
+            .map(|(name, value)| Header {
                 name: name.as_str().to_owned(),
                 value: Bytes::copy_from_slice(value.as_bytes()),
-            });
-        }
-        Head {
-            method: method.to_string(),
-            uri: uri
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-            headers: kept,
-        }
+            })
+            .collect()
     }
 
     /// Finishes a failed call's letter (reading what is left of the body)
@@ -164,9 +169,12 @@ impl DeadLetters {
             let letter = DeadLetter {
                 upstream: upstream.clone(),
                 source: sink.source.clone(),
-                method: head.method,
-                uri: head.uri,
-                headers: head.headers,
+                method: head.method.to_string(),
+                uri: head
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                headers: sink.kept_headers(&head.headers),
                 body,
                 body_truncated: truncated,
                 reason: failure.reason,
@@ -209,9 +217,9 @@ impl DeadLetters {
 /// A request's method, target and headers, as a letter keeps them.
 #[derive(Debug)]
 pub struct Head {
-    method: String,
-    uri: String,
-    headers: Vec<Header>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
 }
 
 /// How a call finally failed.

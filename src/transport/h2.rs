@@ -11,9 +11,10 @@
 //! never sent) is resent once on a fresh connection, as the pooled client
 //! does; a request that reached the connection is never resent here.
 
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -38,8 +39,9 @@ pub struct H2Client {
     address: Authority,
     connect_timeout: Duration,
     builder: Builder<TokioExecutor>,
-    /// The connection in use, with a number that tells connections apart.
-    current: Mutex<Option<(u64, SendRequest<Body>)>>,
+    /// The connection in use, with a number that tells connections apart:
+    /// read with one atomic load per request, no lock.
+    current: ArcSwapOption<(u64, SendRequest<Body>)>,
     generation: std::sync::atomic::AtomicU64,
     connecting: tokio::sync::Mutex<()>,
 }
@@ -63,7 +65,7 @@ impl H2Client {
             address,
             connect_timeout,
             builder,
-            current: Mutex::new(None),
+            current: ArcSwapOption::empty(),
             generation: std::sync::atomic::AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
         }
@@ -87,13 +89,10 @@ impl H2Client {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, SendRequest<Body>)>> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn cached(&self) -> Option<(u64, SendRequest<Body>)> {
-        self.lock()
-            .as_ref()
+        self.current
+            .load()
+            .as_deref()
             .filter(|(_, s)| !s.is_closed())
             .cloned()
     }
@@ -101,10 +100,10 @@ impl H2Client {
     /// Drops the cached connection if it is still the one numbered
     /// `generation` (another task may have replaced it already).
     fn forget(&self, generation: u64) {
-        let mut current = self.lock();
-        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
-            *current = None;
-        }
+        self.current.rcu(|current| match current {
+            Some(c) if c.0 == generation => None,
+            other => other.clone(),
+        });
     }
 
     async fn sender(&self) -> Result<(u64, SendRequest<Body>), H2Error> {
@@ -120,7 +119,8 @@ impl H2Client {
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        *self.lock() = Some((generation, sender.clone()));
+        self.current
+            .store(Some(Arc::new((generation, sender.clone()))));
         Ok((generation, sender))
     }
 

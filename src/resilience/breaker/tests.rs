@@ -169,3 +169,39 @@ async fn operators_can_force_states() {
     assert!(b.admit().is_ok());
     assert!(!b.force("explode"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn successes_counted_without_the_lock_still_fill_the_window() {
+    let mut p = params();
+    p.consecutive_failures = 0;
+    let (b, _m) = breaker(p);
+    for _ in 0..6 {
+        call(&b, None);
+    }
+    assert!(b.clean.load(Ordering::Acquire), "a clean window");
+    assert_eq!(
+        b.clean_successes.load(Ordering::Acquire),
+        6,
+        "no lock taken"
+    );
+    assert_eq!(b.snapshot().window_calls, 6, "folded in when read");
+    for _ in 0..4 {
+        call(&b, FAIL);
+    }
+    assert!(!b.clean.load(Ordering::Acquire), "failures in the window");
+    let snapshot = b.snapshot();
+    assert_eq!((snapshot.window_calls, snapshot.window_failures), (10, 4));
+    assert_eq!(b.state(), State::Closed, "4 of 10 is under the rate");
+    call(&b, FAIL);
+    assert_eq!(b.state(), State::Open, "the oldest success left: 5 of 10");
+    b.force("close");
+    assert!(b.clean.load(Ordering::Acquire), "closed afresh is clean");
+    for _ in 0..25 {
+        call(&b, None);
+    }
+    assert_eq!(
+        b.snapshot().window_calls,
+        10,
+        "the window holds its last calls"
+    );
+}

@@ -213,7 +213,6 @@ impl Retry {
         F: Fn(Request<Body>, Attempt) -> Fut,
         Fut: Future<Output = Result<Response<Body>, ProxyError>>,
     {
-        self.budget.deposit();
         if self.params.max_attempts <= 1 && self.hedge.is_none() {
             let first = Attempt {
                 number: 1,
@@ -225,6 +224,9 @@ impl Retry {
             // large, and moving it cost more than this allocation.
             return Box::pin(attempt(request, first)).await;
         }
+        // Only a call that may be retried or hedged pays into the budget
+        // (a lock in tower's bucket); with retries off nothing withdraws.
+        self.budget.deposit();
         let (parts, body) = request.into_parts();
         let safe = safe_to_repeat(&parts, &self.params, grpc);
         let template = Template::new(parts, body, self.params.buffer_limit);
