@@ -14,8 +14,8 @@ use breakwater::api::{
     AbortSagaRequest, GetDeadLetterRequest, GetSagaRequest, ListSagasRequest, Saga, SagaDefinition,
     SagaState, StartSagaRequest, StepState, WatchSagasRequest,
 };
-use breakwater::control::saga::proto as saga_proto;
 use breakwater::control::Running;
+use breakwater::control::saga::proto as saga_proto;
 use http::Method;
 use serde_json::{Value, json};
 use support::{Participant, Script};

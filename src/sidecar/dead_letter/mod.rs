@@ -1,0 +1,232 @@
+//! Dead letters, sidecar side: capture a request that finally failed, keep
+//! it in a local spool, and ship it to the control plane.
+//!
+//! Capture costs nothing for upstreams without `dead_letter`. With it, the
+//! request body is teed as the upstream reads it ([`Capture`]), up to
+//! `max_body`; if the call fails before the body was read whole (an
+//! unreachable upstream reads nothing), the rest is read from the caller
+//! after the answer has been sent, within a second. The caller's answer is
+//! never delayed by dead-lettering.
+//!
+//! Letters go through a bounded channel to one shipper task, which writes
+//! each to a sled spool (flushed, so a restart loses nothing) and sends the
+//! spool's oldest letters to the control plane, in order, backing off while
+//! it is unreachable. A full spool drops new letters, counted.
+
+mod capture;
+mod spool;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, Uri};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::api::{DeadLetter, Header};
+use crate::config::Config;
+use crate::telemetry::metrics::Metrics;
+
+pub use capture::Capture;
+use spool::{Spool, client, ship};
+
+/// Headers never kept in a letter.
+const CREDENTIALS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+/// Headers that describe the failed call, not the request: a replay gets
+/// its own deadline and attempt number.
+const CALL_HEADERS: [&str; 4] = [
+    "grpc-timeout",
+    "x-breakwater-deadline-ms",
+    "x-breakwater-attempt",
+    "content-length",
+];
+/// How long the rest of a request body may take to arrive after a failure.
+const REST_OF_BODY: Duration = Duration::from_secs(1);
+/// Letters waiting for the shipper at most.
+const QUEUE: usize = 1024;
+/// How long one delivery may take.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Why the dead-letter spool could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The spool directory cannot be opened.
+    #[error("cannot open the dead-letter spool in {dir}: {message}")]
+    Open {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The control plane's token or URL is unusable.
+    #[error("control_plane: {0}")]
+    ControlPlane(String),
+}
+
+/// A started sink and its shipper task.
+pub type Started = (Arc<DeadLetters>, tokio::task::JoinHandle<()>);
+
+/// The sidecar's dead-letter sink: where captured letters go.
+#[derive(Debug)]
+pub struct DeadLetters {
+    queue: mpsc::Sender<DeadLetter>,
+    redact: Vec<HeaderName>,
+    source: String,
+    metrics: Arc<Metrics>,
+    /// Letters being finished in the background.
+    pending: std::sync::atomic::AtomicUsize,
+    settled: Notify,
+}
+
+impl DeadLetters {
+    /// Opens the spool and starts the shipper, if the config names a
+    /// control plane. The shipper stops (after spooling what is queued)
+    /// when `stop` turns true; await the returned handle for that.
+    pub fn start(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Option<Started>, SpoolError> {
+        let Some(control_plane) = &config.control_plane else {
+            return Ok(None);
+        };
+        let settings = &config.dead_letters;
+        let spool = Spool::open(
+            &settings.spool_dir,
+            settings.max_spool_bytes,
+            metrics.clone(),
+        )?;
+        let client = client(control_plane)?;
+        let (queue, letters) = mpsc::channel(QUEUE);
+        let mut redact: Vec<HeaderName> = CREDENTIALS
+            .iter()
+            .chain(&CALL_HEADERS)
+            .map(|h| HeaderName::from_static(h))
+            .collect();
+        redact.extend(
+            settings
+                .redact_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+        );
+        let source = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "sidecar".into());
+        let shipper = tokio::spawn(ship(spool, letters, client, stop));
+        Ok(Some((
+            Arc::new(Self {
+                queue,
+                redact,
+                source,
+                metrics,
+                pending: std::sync::atomic::AtomicUsize::new(0),
+                settled: Notify::new(),
+            }),
+            shipper,
+        )))
+    }
+
+    /// The parts of a request a letter keeps, taken before it is sent: a
+    /// clone of the head (shared bytes, no copies); it becomes the letter's
+    /// text only if the call fails.
+    pub fn head(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Head {
+        Head {
+            method: method.clone(),
+            uri: uri.clone(),
+            headers: headers.clone(),
+        }
+    }
+
+    /// A head's headers as a letter keeps them: without credentials
+    /// (`redact_headers`) and hop-by-hop headers.
+    fn kept_headers(&self, headers: &HeaderMap) -> Vec<Header> {
+        headers
+            .iter()
+            .filter(|(name, _)| {
+                !self.redact.contains(*name) && !crate::transport::headers::is_hop_by_hop(name)
+            })
+            .map(|(name, value)| Header {
+                name: name.as_str().to_owned(),
+                value: Bytes::copy_from_slice(value.as_bytes()),
+            })
+            .collect()
+    }
+
+    /// Finishes a failed call's letter (reading what is left of the body)
+    /// and queues it; runs in the background.
+    pub fn submit(self: &Arc<Self>, upstream: &str, head: Head, capture: Capture, failure: Failed) {
+        let sink = self.clone();
+        let upstream = upstream.to_owned();
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tokio::spawn(async move {
+            let (body, truncated) = capture.finish().await;
+            let letter = DeadLetter {
+                upstream: upstream.clone(),
+                source: sink.source.clone(),
+                method: head.method.to_string(),
+                uri: head
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                headers: sink.kept_headers(&head.headers),
+                body,
+                body_truncated: truncated,
+                reason: failure.reason,
+                attempts: failure.attempts,
+                grpc: failure.grpc,
+                failed_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+                ..Default::default()
+            };
+            sink.metrics.dead_letter_captured(&upstream);
+            if sink.queue.try_send(letter).is_err() {
+                tracing::warn!(upstream, "dead-letter queue full: letter dropped");
+                sink.metrics.dead_letter_dropped(&upstream);
+            }
+            if sink
+                .pending
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+                == 1
+            {
+                sink.settled.notify_waiters();
+            }
+        });
+    }
+
+    /// Waits (up to `limit`) until every letter being finished is queued,
+    /// so that a shutdown spools them.
+    pub async fn settle(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let settled = self.settled.notified();
+                if self.pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                settled.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// A request's method, target and headers, as a letter keeps them.
+#[derive(Debug)]
+pub struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+/// How a call finally failed.
+#[derive(Debug)]
+pub struct Failed {
+    /// The reason (`connect-failure`, `http-503`, ...).
+    pub reason: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Whether it was a gRPC call.
+    pub grpc: bool,
+}
