@@ -292,17 +292,7 @@ async fn exchange(
         .map_err(|e| e.to_string())?;
     let (parts, body) = response.into_parts();
     outcome.status = parts.status.as_u16();
-    let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in &parts.headers {
-        let value = String::from_utf8_lossy(value.as_bytes());
-        headers
-            .entry(name.as_str().to_owned())
-            .and_modify(|v| {
-                v.push_str(", ");
-                v.push_str(&value);
-            })
-            .or_insert_with(|| value.into_owned());
-    }
+    let mut headers = header_text(&parts.headers);
     let (bytes, trailers) = match Limited::new(body, MAX_ANSWER_BYTES).collect().await {
         Ok(collected) => {
             let trailers = collected.trailers().cloned();
@@ -315,54 +305,90 @@ async fn exchange(
     outcome.failure = classify_status(parts.status, grpc_status.filter(|_| prepared.grpc));
     let grpc_status = grpc_status.map(i32::from);
     if let Some(trailers) = &trailers {
-        for (name, value) in trailers {
-            headers.insert(
-                name.as_str().to_owned(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            );
-        }
+        headers.extend(header_text(trailers));
     }
-    let body_value = match &bytes {
-        Some(bytes) if !prepared.grpc && !bytes.is_empty() => {
+    keep_answer(outcome, prepared.grpc, grpc_status, headers, bytes.as_ref());
+    judge(parts.status, prepared.grpc, grpc_status, bytes.is_some())
+}
+
+/// Headers as text, for later steps' references: repeated ones joined
+/// with `, `.
+fn header_text(map: &HeaderMap) -> BTreeMap<String, String> {
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in map {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        headers
+            .entry(name.as_str().to_owned())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    headers
+}
+
+/// Keeps what later steps and `Get` see of an answer: its status (the
+/// gRPC code for gRPC calls), headers and trailers, body (as JSON when it
+/// is JSON) and a summary.
+fn keep_answer(
+    outcome: &mut CallOutcome,
+    grpc: bool,
+    grpc_status: Option<i32>,
+    headers: BTreeMap<String, String>,
+    bytes: Option<&Bytes>,
+) {
+    let body = match bytes {
+        Some(bytes) if !grpc && !bytes.is_empty() => {
             Some(serde_json::from_slice(bytes).unwrap_or_else(|_| {
                 serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
             }))
         }
         _ => None,
     };
-    outcome.summary = match &bytes {
-        Some(bytes) if !prepared.grpc => summary(bytes),
+    outcome.summary = match bytes {
+        Some(bytes) if !grpc => summary(bytes),
         Some(_) => headers
             .get("grpc-message")
             .map(|m| grpc::percent_decode(m).unwrap_or_else(|| m.clone()))
             .unwrap_or_default(),
         None => format!("(an answer over {} KiB, not kept)", MAX_ANSWER_BYTES >> 10),
     };
-    outcome.grpc_status = prepared.grpc.then(|| grpc_status.unwrap_or(-1));
-    outcome.answer = Some(Answer {
-        status: if prepared.grpc {
-            u16::try_from(grpc_status.unwrap_or(2)).unwrap_or(2)
-        } else {
-            outcome.status
-        },
-        headers,
-        body: body_value,
-    });
-    let success = parts.status.is_success();
-    if prepared.grpc {
-        match grpc_status {
-            Some(0) if success => Ok(()),
-            Some(code) if success => Err(format!(
-                "the upstream answered gRPC status {code} ({})",
-                grpc::name(u8::try_from(code).unwrap_or(grpc::UNKNOWN))
-            )),
-            _ if success && bytes.is_none() => Err("the answer is too large".to_owned()),
-            _ => Err(format!("the upstream answered HTTP {}", outcome.status)),
-        }
-    } else if success {
-        Ok(())
+    outcome.grpc_status = grpc.then(|| grpc_status.unwrap_or(-1));
+    let status = if grpc {
+        u16::try_from(grpc_status.unwrap_or(2)).unwrap_or(2)
     } else {
-        Err(format!("the upstream answered HTTP {}", outcome.status))
+        outcome.status
+    };
+    outcome.answer = Some(Answer {
+        status,
+        headers,
+        body,
+    });
+}
+
+/// Whether a step's call succeeded: a 2xx answer, and for gRPC `OK`. A
+/// step needs its call done, so a 4xx fails it though `classify` does not
+/// count it against the upstream.
+fn judge(
+    status: http::StatusCode,
+    grpc: bool,
+    grpc_status: Option<i32>,
+    kept: bool,
+) -> Result<(), String> {
+    let success = status.is_success();
+    let http_error = || Err(format!("the upstream answered HTTP {}", status.as_u16()));
+    if !grpc {
+        return if success { Ok(()) } else { http_error() };
+    }
+    match grpc_status {
+        Some(0) if success => Ok(()),
+        Some(code) if success => Err(format!(
+            "the upstream answered gRPC status {code} ({})",
+            grpc::name(u8::try_from(code).unwrap_or(grpc::UNKNOWN))
+        )),
+        _ if success && !kept => Err("the answer is too large".to_owned()),
+        _ => http_error(),
     }
 }
 

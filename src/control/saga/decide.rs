@@ -387,6 +387,22 @@ mod tests {
         (SagaRecord::new(spec, &saga, T0), saga)
     }
 
+    /// `b` with a step retry of `max_sends` every `interval`.
+    fn retried_b(max_sends: u32, interval: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": "b",
+            "action": {"upstream": "u", "method": "POST", "path": "/b"},
+            "retry": {"max_sends": max_sends, "interval": interval}
+        })
+    }
+
+    /// Runs `a` to success and sends `b`, from T0 to 2 ms.
+    fn a_done_b_sent(record: &mut SagaRecord, saga: &Saga) {
+        next(record, saga, T0);
+        after_action(record, saga, 0, answered(200), later(1));
+        assert_eq!(sent(next(record, saga, later(2)).1), (1, false));
+    }
+
     fn plain_b() -> serde_json::Value {
         serde_json::json!({"name": "b", "action": {"upstream": "u", "method": "POST", "path": "/b"}})
     }
@@ -438,9 +454,7 @@ mod tests {
     #[test]
     fn a_failed_step_compensates_the_ones_before_it_in_reverse() {
         let (mut record, saga) = saga(plain_b());
-        next(&mut record, &saga, T0);
-        after_action(&mut record, &saga, 0, answered(200), later(1));
-        next(&mut record, &saga, later(2));
+        a_done_b_sent(&mut record, &saga);
         let t = after_action(&mut record, &saga, 1, answered(400), later(3));
         assert_eq!(
             t.message,
@@ -468,15 +482,8 @@ mod tests {
 
     #[test]
     fn a_step_retry_waits_out_the_upstream_then_sends_again() {
-        let b = serde_json::json!({
-            "name": "b",
-            "action": {"upstream": "u", "method": "POST", "path": "/b"},
-            "retry": {"max_sends": 3, "interval": "1s"}
-        });
-        let (mut record, saga) = saga(b);
-        next(&mut record, &saga, T0);
-        after_action(&mut record, &saga, 0, answered(200), later(1));
-        next(&mut record, &saga, later(2));
+        let (mut record, saga) = saga(retried_b(3, "1s"));
+        a_done_b_sent(&mut record, &saga);
         let t = after_action(&mut record, &saga, 1, answered(503), later(3));
         assert!(
             t.message.starts_with(
@@ -501,15 +508,8 @@ mod tests {
 
     #[test]
     fn the_deadline_gives_up_a_waiting_step_and_compensates() {
-        let b = serde_json::json!({
-            "name": "b",
-            "action": {"upstream": "u", "method": "POST", "path": "/b"},
-            "retry": {"max_sends": 100, "interval": "1s"}
-        });
-        let (mut record, saga) = saga(b);
-        next(&mut record, &saga, T0);
-        after_action(&mut record, &saga, 0, answered(200), later(1));
-        next(&mut record, &saga, later(2));
+        let (mut record, saga) = saga(retried_b(100, "1s"));
+        a_done_b_sent(&mut record, &saga);
         after_action(&mut record, &saga, 1, answered(503), later(3));
         let (transition, mv) = next(&mut record, &saga, later(10_000));
         assert!(matches!(mv, Move::Again));
@@ -518,11 +518,7 @@ mod tests {
         assert_eq!(record.steps[1].action.next_send_at, None);
         assert_eq!(record.error.as_deref(), Some("the saga's deadline passed"));
         // A resend is never scheduled past the deadline.
-        let (mut record, saga) = self::saga(serde_json::json!({
-            "name": "b",
-            "action": {"upstream": "u", "method": "POST", "path": "/b"},
-            "retry": {"max_sends": 100, "interval": "20s"}
-        }));
+        let (mut record, saga) = self::saga(retried_b(100, "20s"));
         next(&mut record, &saga, T0);
         let t = after_action(&mut record, &saga, 0, answered(503), later(1));
         assert!(t.message.ends_with("; compensating"), "{}", t.message);
@@ -531,9 +527,7 @@ mod tests {
     #[test]
     fn a_failed_compensation_needs_a_person_and_a_dead_letter() {
         let (mut record, saga) = saga(plain_b());
-        next(&mut record, &saga, T0);
-        after_action(&mut record, &saga, 0, answered(200), later(1));
-        next(&mut record, &saga, later(2));
+        a_done_b_sent(&mut record, &saga);
         after_action(&mut record, &saga, 1, answered(500), later(3));
         next(&mut record, &saga, later(4));
         let t = after_compensation(&mut record, &saga, 0, answered(500), later(5));
@@ -560,9 +554,7 @@ mod tests {
             "default": {"sent": false}
         });
         let (mut record, saga) = saga(b);
-        next(&mut record, &saga, T0);
-        after_action(&mut record, &saga, 0, answered(200), later(1));
-        next(&mut record, &saga, later(2));
+        a_done_b_sent(&mut record, &saga);
         let t = after_action(&mut record, &saga, 1, answered(503), later(3));
         assert!(
             t.message.starts_with("step b degraded to its default"),
