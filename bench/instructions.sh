@@ -10,6 +10,9 @@
 # exactly RATE × SECONDS calls at a fixed rate; the sidecar's total
 # instruction count, divided by the calls, is printed. Startup is included
 # and amounts to a few hundred instructions per call.
+#
+#   BW=/path/to/breakwater bench/instructions.sh   # another build (A/B)
+#   RUNS=3 bench/instructions.sh                   # each cell three times
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +26,13 @@ if ! command -v valgrind >/dev/null; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind
 fi
-cargo build --release --locked -j2 --bin breakwater --example loadgen
-BW=target/release/breakwater
+RUNS=${RUNS:-1}
+if [ -z "${BW:-}" ]; then
+    cargo build --release --locked -j2 --bin breakwater --example loadgen
+    BW=target/release/breakwater
+else
+    cargo build --release --locked -j2 --example loadgen
+fi
 LOADGEN=target/release/examples/loadgen
 
 . bench/policies.sh
@@ -41,6 +49,7 @@ printf '| protocol | policy | calls | instructions per call |\n|---|---|---:|---
 for protocol in http1 grpc; do
     port=18100; [ "$protocol" = grpc ] && port=18101
     for policy in off on; do
+      for _ in $(seq "$RUNS"); do
         RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
             "$BW" sidecar --threads 1 --config "$OUT/instructions-$policy.yaml" 2>/dev/null &
         SIDECAR=$!
@@ -51,5 +60,6 @@ for protocol in http1 grpc; do
         calls=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["ok"])' "$result")
         total=$(awk '/^(summary|totals):/ {print $2; exit}' "$OUT/callgrind.out")
         printf '| %s | %s | %s | %s |\n' "$protocol" "$policy" "$calls" "$((total / calls))"
+      done
     done
 done
