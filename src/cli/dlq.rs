@@ -1,0 +1,216 @@
+//! `breakwater dlq list|show|replay|purge`.
+
+use super::{Authorized, CliError, Remote, print_json, print_table, readable, time};
+use crate::api::dead_letters_client::DeadLettersClient;
+use crate::api::json::LetterJson;
+use crate::api::purge_dead_letters_request::Target as PurgeTarget;
+use crate::api::{
+    DeadLetter, GetDeadLetterRequest, ListDeadLettersRequest, PurgeDeadLettersRequest,
+    ReplayDeadLetterRequest,
+};
+
+/// Lists dead letters, oldest first.
+pub async fn dlq_list(
+    remote: &Remote,
+    upstream: String,
+    page_size: u32,
+    page_token: String,
+) -> Result<(), CliError> {
+    let page = remote
+        .dead_letters()
+        .await?
+        .list(ListDeadLettersRequest {
+            upstream,
+            page_size,
+            page_token,
+            without_bodies: !remote.json,
+        })
+        .await?
+        .into_inner();
+    if remote.json {
+        let letters: Vec<LetterJson> = page.letters.into_iter().map(LetterJson::from).collect();
+        print_json(
+            &serde_json::json!({"letters": letters, "next_page_token": page.next_page_token}),
+        );
+        return Ok(());
+    }
+    let rows: Vec<[String; 7]> = page
+        .letters
+        .iter()
+        .map(|l| {
+            [
+                l.id.clone(),
+                l.upstream.clone(),
+                format!("{} {}", l.method, l.uri),
+                l.reason.clone(),
+                l.attempts.to_string(),
+                l.replays.to_string(),
+                time(l.failed_at.as_ref()),
+            ]
+        })
+        .collect();
+    print_table(
+        [
+            "ID", "UPSTREAM", "REQUEST", "REASON", "ATTEMPTS", "REPLAYS", "FAILED",
+        ],
+        &rows,
+    );
+    if !page.next_page_token.is_empty() {
+        println!("more: --page-token {}", page.next_page_token);
+    }
+    Ok(())
+}
+
+/// Shows one letter, with its headers and body.
+pub async fn dlq_show(remote: &Remote, id: String) -> Result<(), CliError> {
+    let letter = remote
+        .dead_letters()
+        .await?
+        .get(GetDeadLetterRequest { id })
+        .await?
+        .into_inner();
+    if remote.json {
+        print_json(&LetterJson::from(letter));
+    } else {
+        print_letter(&letter);
+    }
+    Ok(())
+}
+
+fn print_letter(l: &DeadLetter) {
+    println!("id         {}", l.id);
+    println!("upstream   {}", l.upstream);
+    println!("source     {}", l.source);
+    println!(
+        "request    {} {}{}",
+        l.method,
+        l.uri,
+        if l.grpc { " (gRPC)" } else { "" }
+    );
+    println!("reason     {} after {} attempts", l.reason, l.attempts);
+    println!("failed     {}", time(l.failed_at.as_ref()));
+    println!("replays    {}", l.replays);
+    if !l.last_replay_error.is_empty() {
+        println!(
+            "last error {} ({})",
+            l.last_replay_error,
+            time(l.last_replay_at.as_ref())
+        );
+    }
+    for header in &l.headers {
+        println!(
+            "header     {}: {}",
+            header.name,
+            String::from_utf8_lossy(&header.value)
+        );
+    }
+    let cut = if l.body_truncated { " (truncated)" } else { "" };
+    println!("body{cut}       {}", readable(&l.body));
+}
+
+/// What to replay or purge.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// These letters.
+    Ids(Vec<String>),
+    /// Every letter of an upstream.
+    Upstream(String),
+    /// Every letter.
+    All,
+}
+
+/// Replays letters; fails if any stays undelivered.
+pub async fn dlq_replay(remote: &Remote, selection: Selection) -> Result<(), CliError> {
+    let mut client = remote.dead_letters().await?;
+    let ids = match selection {
+        Selection::Ids(ids) => ids,
+        Selection::Upstream(upstream) => all_ids(&mut client, upstream).await?,
+        Selection::All => all_ids(&mut client, String::new()).await?,
+    };
+    let mut results = Vec::new();
+    let mut failed = 0;
+    for id in ids {
+        let outcome = client
+            .replay(ReplayDeadLetterRequest { id: id.clone() })
+            .await?
+            .into_inner();
+        if !outcome.delivered {
+            failed += 1;
+        }
+        results.push((id, outcome));
+    }
+    if remote.json {
+        let json: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(id, o)| {
+                serde_json::json!({"id": id, "delivered": o.delivered, "status": o.status, "error": o.error})
+            })
+            .collect();
+        print_json(&json);
+    } else {
+        for (id, o) in &results {
+            if o.delivered {
+                println!("{id}: delivered ({}), removed", o.status);
+            } else {
+                println!("{id}: failed again: {}", o.error);
+            }
+        }
+        println!("{} replayed, {failed} failed", results.len());
+    }
+    if failed > 0 {
+        return Err(CliError::Usage(format!(
+            "{failed} letters were not delivered and stay in the queue"
+        )));
+    }
+    Ok(())
+}
+
+async fn all_ids(
+    client: &mut DeadLettersClient<Authorized>,
+    upstream: String,
+) -> Result<Vec<String>, CliError> {
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list(ListDeadLettersRequest {
+                upstream: upstream.clone(),
+                page_size: 1000,
+                page_token,
+                without_bodies: true,
+            })
+            .await?
+            .into_inner();
+        ids.extend(page.letters.into_iter().map(|l| l.id));
+        if page.next_page_token.is_empty() {
+            return Ok(ids);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Purges letters.
+pub async fn dlq_purge(remote: &Remote, selection: Selection) -> Result<(), CliError> {
+    let mut client = remote.dead_letters().await?;
+    let targets = match selection {
+        Selection::Ids(ids) => ids.into_iter().map(PurgeTarget::Id).collect(),
+        Selection::Upstream(upstream) => vec![PurgeTarget::Upstream(upstream)],
+        Selection::All => vec![PurgeTarget::All(true)],
+    };
+    let mut purged = 0;
+    for target in targets {
+        purged += client
+            .purge(PurgeDeadLettersRequest {
+                target: Some(target),
+            })
+            .await?
+            .into_inner()
+            .purged;
+    }
+    if remote.json {
+        print_json(&serde_json::json!({"purged": purged}));
+    } else {
+        println!("{purged} letters purged");
+    }
+    Ok(())
+}
