@@ -12,6 +12,7 @@
 # and amounts to a few hundred instructions per call.
 #
 #   BW=/path/to/breakwater bench/instructions.sh   # another build (A/B)
+#   LOADGEN=/path/to/loadgen ...                   # and no build at all
 #   RUNS=3 bench/instructions.sh                   # each cell three times
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +31,10 @@ RUNS=${RUNS:-1}
 if [ -z "${BW:-}" ]; then
     cargo build --release --locked -j2 --bin breakwater --example loadgen
     BW=target/release/breakwater
-else
+elif [ -z "${LOADGEN:-}" ]; then
     cargo build --release --locked -j2 --example loadgen
 fi
-LOADGEN=target/release/examples/loadgen
+LOADGEN=${LOADGEN:-target/release/examples/loadgen}
 
 . bench/policies.sh
 write_policies "$OUT/instructions"
