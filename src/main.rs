@@ -42,7 +42,7 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         reload_interval: Duration,
     },
-    /// Run the control plane: checkpoints (and dead letters) on sled,
+    /// Run the control plane: checkpoints, dead letters and sagas on sled,
     /// over gRPC and JSON/HTTP.
     ControlPlane {
         /// Where the store lives (created if missing).

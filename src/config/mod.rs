@@ -7,6 +7,7 @@
 //! share). [`parse`] goes from text to `Config` and reports every problem as
 //! `file:line:column: field: message`.
 
+mod check;
 mod error;
 mod raw;
 mod resolve;

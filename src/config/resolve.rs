@@ -13,7 +13,8 @@ use http::{HeaderMap, StatusCode};
 use serde_saphyr::Spanned;
 use std::path::Path;
 
-use super::raw::{RawConfig, RawFallback, RawKeyPositions, RawListen};
+use super::check::{Checker, check_listens, parse_address, parse_host, unit, valid_name};
+use super::raw::{RawConfig, RawFallback, RawKeyPositions};
 use super::{
     Config, ConfigError, ControlPlaneConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN,
     DeadLetterPolicy, DeadLettersConfig, Diagnostic, ListenConfig, UpstreamConfig,
@@ -84,59 +85,6 @@ fn clean_path(path: &str) -> String {
     segments.join(".")
 }
 
-/// Collects diagnostics while resolving, so that one run reports them all.
-struct Checker {
-    diagnostics: Vec<Diagnostic>,
-}
-
-impl Checker {
-    fn error<T>(&mut self, at: &Spanned<T>, field: impl Into<String>, message: impl Into<String>) {
-        self.diagnostics.push(Diagnostic {
-            line: at.referenced.line(),
-            column: at.referenced.column(),
-            field: field.into(),
-            message: message.into(),
-        });
-    }
-
-    fn listen(
-        &mut self,
-        block: Option<&RawListen>,
-        field: &str,
-        default: &str,
-    ) -> Option<(SocketAddr, Option<Spanned<()>>)> {
-        match block.and_then(|b| b.listen.as_ref()) {
-            None => Some((default.parse().expect("default listen address"), None)),
-            Some(s) => self.socket_addr(s, field).map(|a| (a, Some(unit(s)))),
-        }
-    }
-
-    fn socket_addr(&mut self, s: &Spanned<String>, field: &str) -> Option<SocketAddr> {
-        match s.value.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                self.error(
-                    s,
-                    field,
-                    format!(
-                        "invalid listen address {:?}: expected ip:port, such as 127.0.0.1:15001",
-                        s.value
-                    ),
-                );
-                None
-            }
-        }
-    }
-}
-
-fn unit<T>(s: &Spanned<T>) -> Spanned<()> {
-    Spanned {
-        value: (),
-        referenced: s.referenced,
-        defined: s.defined,
-    }
-}
-
 /// An upstream being resolved.
 struct Pending {
     name: Spanned<String>,
@@ -154,9 +102,7 @@ struct Pending {
 
 /// Validates the raw model and resolves it into the runtime [`Config`].
 pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
-    let mut check = Checker {
-        diagnostics: Vec::new(),
-    };
+    let mut check = Checker::default();
     let admin = check.listen(raw.admin.as_ref(), "admin.listen", DEFAULT_ADMIN_LISTEN);
     let proxy = check.listen(raw.proxy.as_ref(), "proxy.listen", DEFAULT_PROXY_LISTEN);
     let mut listens: Vec<(SocketAddr, String, Option<Spanned<()>>)> = Vec::new();
@@ -536,74 +482,4 @@ fn implicit_hosts(pending: &[Pending]) -> Vec<Vec<String>> {
         }
     }
     hosts
-}
-
-/// Two listeners may not share a port (port 0 asks for any free port, so it
-/// never conflicts).
-fn check_listens(check: &mut Checker, listens: &[(SocketAddr, String, Option<Spanned<()>>)]) {
-    for (i, (addr, field, at)) in listens.iter().enumerate() {
-        if addr.port() == 0 {
-            continue;
-        }
-        let clash = listens[..i].iter().find(|(other, ..)| {
-            other.port() == addr.port()
-                && (other.ip() == addr.ip()
-                    || other.ip().is_unspecified()
-                    || addr.ip().is_unspecified())
-        });
-        if let Some((_, other_field, _)) = clash {
-            let message = format!("port {} is already used by {other_field}", addr.port());
-            match at {
-                Some(at) => check.error(at, field.clone(), message),
-                None => check.diagnostics.push(Diagnostic {
-                    line: 0,
-                    column: 0,
-                    field: field.clone(),
-                    message,
-                }),
-            }
-        }
-    }
-}
-
-fn valid_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
-        })
-}
-
-/// Parses an upstream address: `host:port`, nothing else.
-fn parse_address(text: &str) -> Result<Authority, String> {
-    let hint = "expected host:port, such as ocr-agent:8080";
-    if text.contains("://") {
-        return Err(format!(
-            "invalid address {text:?}: {hint}, without a scheme"
-        ));
-    }
-    let authority: Authority = text
-        .parse()
-        .map_err(|_| format!("invalid address {text:?}: {hint}"))?;
-    if text.contains('@') || authority.host().is_empty() {
-        return Err(format!("invalid address {text:?}: {hint}"));
-    }
-    if authority.port_u16().is_none_or(|p| p == 0) {
-        return Err(format!("address {text:?} has no port: {hint}"));
-    }
-    Ok(authority)
-}
-
-/// Parses a name routed on the shared port: a host, optionally with a port.
-fn parse_host(text: &str) -> Result<String, String> {
-    let valid = !text.is_empty()
-        && !text.contains('@')
-        && !text.contains('/')
-        && text.parse::<Authority>().is_ok();
-    if valid {
-        Ok(text.to_ascii_lowercase())
-    } else {
-        Err(format!(
-            "invalid host {text:?}: expected a host name, optionally with a port"
-        ))
-    }
 }

@@ -120,7 +120,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every sidecar metric.
+    /// Registers every sidecar metric: one registration each, long as a
+    /// table is, and read as one.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("breakwater");
         let requests = Family::<OutcomeLabels, Counter>::default();

@@ -363,6 +363,8 @@ fn check_refs(
     }
 }
 
+/// Checks one call and parses its templates: one rule after another, each
+/// naming its field, which reads best as one list.
 fn check_call(
     call: CallSpec,
     at: &str,
