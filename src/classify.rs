@@ -153,7 +153,10 @@ pub fn classify_status(status: http::StatusCode, grpc_status: Option<u8>) -> Opt
 /// are not the upstream's doing (an open circuit, the caller's request).
 pub fn classify_error(error: &ProxyError) -> Option<Failure> {
     match error {
-        ProxyError::Connect { .. } => Some(Failure::ConnectFailure),
+        // A failed handshake sent nothing: a connect failure.
+        ProxyError::Connect { .. } | ProxyError::TlsHandshake { .. } => {
+            Some(Failure::ConnectFailure)
+        }
         ProxyError::Upstream { .. } => Some(Failure::Reset),
         ProxyError::RefusedStream { .. } => Some(Failure::RefusedStream),
         ProxyError::PerTryTimeout { .. } => Some(Failure::PerTryTimeout),

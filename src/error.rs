@@ -56,6 +56,14 @@ pub enum ProxyError {
         /// The transport error.
         source: BoxError,
     },
+    /// The TLS handshake with the upstream failed: nothing was sent.
+    #[error("TLS with upstream {upstream} failed: {reason}")]
+    TlsHandshake {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// Why, in words.
+        reason: String,
+    },
     /// The connection failed after the request was sent.
     #[error("upstream {upstream} failed: {source}")]
     Upstream {
@@ -110,6 +118,7 @@ impl ProxyError {
             ProxyError::NoHost => "no-host",
             ProxyError::UnsupportedMethod { .. } => "unsupported-method",
             ProxyError::Connect { .. } => "connect-failure",
+            ProxyError::TlsHandshake { .. } => "tls-handshake",
             ProxyError::Upstream { .. } => "upstream-reset",
             ProxyError::RefusedStream { .. } => "refused-stream",
             ProxyError::PerTryTimeout { .. } => "per-try-timeout",
@@ -126,6 +135,7 @@ impl ProxyError {
             ProxyError::NoHost => StatusCode::BAD_REQUEST,
             ProxyError::UnsupportedMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Connect { .. }
+            | ProxyError::TlsHandshake { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::RefusedStream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::PerTryTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
@@ -145,6 +155,7 @@ impl ProxyError {
             }
             ProxyError::NoHost => grpc::INVALID_ARGUMENT,
             ProxyError::Connect { .. }
+            | ProxyError::TlsHandshake { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::RefusedStream { .. }
             | ProxyError::CircuitOpen { .. } => grpc::UNAVAILABLE,

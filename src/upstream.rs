@@ -36,7 +36,15 @@ impl Upstream {
             name: config.name.clone(),
             address: config.address.clone(),
             http2: config.protocol.is_http2(),
+            tls: config.tls.as_ref().map(|t| t.client.clone()),
         }));
+        if config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.params.insecure_skip_verify)
+        {
+            tracing::warn!(upstream = %config.name, "tls.insecure_skip_verify: the upstream's certificate is not verified");
+        }
         let stack = Stack::new(
             config.name.clone(),
             &config.policy,
@@ -61,6 +69,7 @@ impl Upstream {
         let old = &self.config;
         if old.address != config.address
             || old.protocol != config.protocol
+            || old.tls != config.tls
             || old.policy != config.policy
         {
             return None;

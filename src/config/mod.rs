@@ -143,6 +143,8 @@ pub struct UpstreamConfig {
     pub faults: Option<FaultSpec>,
     /// Requests that finally fail are dead-lettered, if set.
     pub dead_letter: Option<DeadLetterPolicy>,
+    /// TLS to the upstream, if it speaks it.
+    pub tls: Option<crate::transport::tls::UpstreamTls>,
 }
 
 fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {

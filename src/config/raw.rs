@@ -65,6 +65,7 @@ pub(crate) struct RawUpstream {
     pub fallback: Option<Spanned<RawFallback>>,
     pub faults: Option<Spanned<FaultSpec>>,
     pub dead_letter: Option<Spanned<RawDeadLetter>>,
+    pub tls: Option<Spanned<RawTls>>,
     // The policy fields, as in `defaults` (see `policy()`). They are
     // listed here rather than flattened: serde's `flatten` loses source
     // positions and cannot deny unknown fields.
@@ -75,6 +76,18 @@ pub(crate) struct RawUpstream {
     pub circuit_breaker: Option<RawBreaker>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_pending: Option<u32>,
+}
+
+/// An upstream's `tls` block.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub ca_file: Option<String>,
+    pub server_name: Option<String>,
+    pub client_cert_file: Option<String>,
+    pub client_key_file: Option<String>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 /// `control_plane`: where sidecars send dead letters.

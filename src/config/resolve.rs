@@ -98,6 +98,7 @@ struct Pending {
     fallback: Option<Arc<Fallback>>,
     faults: Option<FaultSpec>,
     dead_letter: Option<DeadLetterPolicy>,
+    tls: Option<crate::transport::tls::UpstreamTls>,
 }
 
 /// Validates the raw model and resolves it into the runtime [`Config`].
@@ -165,6 +166,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 fallback: p.fallback,
                 faults: p.faults,
                 dead_letter: p.dead_letter,
+                tls: p.tls,
             })
         })
         .collect();
@@ -309,17 +311,61 @@ fn resolve_upstream(
             check.error(faults, format!("{prefix}.faults.{field}"), message);
         }
     }
+    let protocol = up.protocol.unwrap_or_default();
+    let tls = match (&up.tls, &address) {
+        (Some(block), Some(address)) => resolve_tls(check, file, block, address, protocol, &prefix),
+        _ => None,
+    };
     Pending {
+        tls,
         dead_letter,
         faults: up.faults.as_ref().map(|f| f.value.clone()),
         address,
-        protocol: up.protocol.unwrap_or_default(),
+        protocol,
         listen,
         hosts,
         policy: policy.resolve(),
         criticality,
         fallback: fallback.map(Arc::new),
         name,
+    }
+}
+
+/// Checks a `tls` block by building its client: the files it names are
+/// read (relative to the policy file's directory) and must hold what they
+/// should.
+fn resolve_tls(
+    check: &mut Checker,
+    file: &str,
+    block: &Spanned<super::raw::RawTls>,
+    address: &Authority,
+    protocol: super::Protocol,
+    prefix: &str,
+) -> Option<crate::transport::tls::UpstreamTls> {
+    use crate::transport::tls::{Tls, TlsParams, UpstreamTls};
+    let raw = &block.value;
+    let path = |p: &Option<String>| p.as_deref().map(|p| relative_to(file, p));
+    let params = TlsParams {
+        ca_file: path(&raw.ca_file),
+        server_name: raw.server_name.clone(),
+        client_cert_file: path(&raw.client_cert_file),
+        client_key_file: path(&raw.client_key_file),
+        insecure_skip_verify: raw.insecure_skip_verify,
+    };
+    if params.insecure_skip_verify && params.ca_file.is_some() {
+        check.error(
+            block,
+            format!("{prefix}.tls.insecure_skip_verify"),
+            "insecure_skip_verify ignores ca_file: give one or the other",
+        );
+        return None;
+    }
+    match Tls::new(&params, address.host(), protocol.is_http2()) {
+        Ok(client) => Some(UpstreamTls { params, client }),
+        Err(message) => {
+            check.error(block, format!("{prefix}.tls"), message);
+            None
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::h2::{H2Client, H2Error};
 use super::headers::strip_hop_by_hop;
+use super::tls::{HttpsConnector, Tls, handshake_failure};
 use crate::body::{self, Body, BoxError, Completion};
 use crate::error::ProxyError;
 use crate::grpc::{self, TrailerStatus};
@@ -36,6 +37,8 @@ const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 enum Connections {
     /// Pooled keep-alive connections.
     Http1(Client<HttpConnector, Body>),
+    /// Pooled keep-alive connections over TLS.
+    Https1(Client<HttpsConnector, Body>),
     /// One multiplexed connection.
     Http2(H2Client),
 }
@@ -50,6 +53,8 @@ pub struct Endpoint {
     pub address: http::uri::Authority,
     /// HTTP/2 (and gRPC) rather than HTTP/1.1.
     pub http2: bool,
+    /// TLS, when the upstream speaks it.
+    pub tls: Option<Tls>,
 }
 
 /// Puts attempts on the wire.
@@ -71,17 +76,23 @@ impl UpstreamClient {
                 CONNECT_TIMEOUT,
                 H2_STREAM_WINDOW,
                 H2_CONNECTION_WINDOW,
+                endpoint.tls.clone(),
             ))
         } else {
             let mut connector = HttpConnector::new();
             connector.set_nodelay(true);
             connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-            let client = Client::builder(TokioExecutor::new())
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
                 .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .build(connector);
-            Connections::Http1(client)
+                .timer(TokioTimer::new());
+            match endpoint.tls.clone() {
+                None => Connections::Http1(builder.build(connector)),
+                Some(tls) => {
+                    Connections::Https1(builder.build(HttpsConnector::new(connector, tls)))
+                }
+            }
         };
         Self {
             host: HeaderValue::from_str(endpoint.address.as_str())
@@ -135,6 +146,10 @@ impl UpstreamClient {
                 .request(request)
                 .await
                 .map_err(|e| self.http1_error(&e))?,
+            Connections::Https1(client) => client
+                .request(request)
+                .await
+                .map_err(|e| self.http1_error(&e))?,
             Connections::Http2(client) => {
                 client.send(request).await.map_err(|e| self.h2_error(e))?
             }
@@ -176,6 +191,9 @@ impl UpstreamClient {
 
     fn http1_error(&self, e: &hyper_util::client::legacy::Error) -> ProxyError {
         let upstream = self.name.clone();
+        if let Some(reason) = handshake_failure(e) {
+            return ProxyError::TlsHandshake { upstream, reason };
+        }
         let source = error_chain(e);
         if e.is_connect() {
             ProxyError::Connect { upstream, source }
@@ -187,7 +205,10 @@ impl UpstreamClient {
     fn h2_error(&self, e: H2Error) -> ProxyError {
         let upstream = self.name.clone();
         match e {
-            H2Error::Connect(source) => ProxyError::Connect { upstream, source },
+            H2Error::Connect(source) => match handshake_failure(&*source) {
+                Some(reason) => ProxyError::TlsHandshake { upstream, reason },
+                None => ProxyError::Connect { upstream, source },
+            },
             H2Error::Request(e) if refused_stream(&e) => ProxyError::RefusedStream { upstream },
             H2Error::Request(e) => ProxyError::Upstream {
                 upstream,

@@ -22,6 +22,7 @@ use hyper::client::conn::http2::{Builder, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::tls::Tls;
 use crate::body::{Body, BoxError};
 
 /// Why a request got no response.
@@ -44,6 +45,7 @@ pub struct H2Client {
     current: ArcSwapOption<(u64, SendRequest<Body>)>,
     generation: std::sync::atomic::AtomicU64,
     connecting: tokio::sync::Mutex<()>,
+    tls: Option<Tls>,
 }
 
 impl H2Client {
@@ -53,6 +55,7 @@ impl H2Client {
         connect_timeout: Duration,
         stream_window: u32,
         connection_window: u32,
+        tls: Option<Tls>,
     ) -> Self {
         let mut builder = Builder::new(TokioExecutor::new());
         builder
@@ -68,6 +71,7 @@ impl H2Client {
             current: ArcSwapOption::empty(),
             generation: std::sync::atomic::AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
+            tls,
         }
     }
 
@@ -130,7 +134,29 @@ impl H2Client {
             .await
             .map_err(|_| format!("timed out after {:?}", self.connect_timeout))??;
         stream.set_nodelay(true)?;
-        let (sender, connection) = self.builder.handshake(TokioIo::new(stream)).await?;
+        match &self.tls {
+            None => self.handshake(TokioIo::new(stream)).await,
+            Some(tls) => {
+                let stream = tokio::time::timeout(self.connect_timeout, tls.connect(stream))
+                    .await
+                    .map_err(|_| {
+                        format!(
+                            "the TLS handshake timed out after {:?}",
+                            self.connect_timeout
+                        )
+                    })??;
+                self.handshake(TokioIo::new(stream)).await
+            }
+        }
+    }
+
+    /// The HTTP/2 handshake on a connected stream; the connection is then
+    /// driven by its own task.
+    async fn handshake<T>(&self, io: T) -> Result<SendRequest<Body>, BoxError>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (sender, connection) = self.builder.handshake(io).await?;
         let address = self.address.clone();
         tokio::spawn(async move {
             if let Err(error) = connection.await {

@@ -1,7 +1,8 @@
 //! The transport: bytes on the wire, below every policy.
 //!
 //! [`client`] puts one attempt on the wire (HTTP/1.1 pool or the
-//! upstream's one HTTP/2 connection, [`h2`]); [`headers`] knows which
+//! upstream's one HTTP/2 connection, [`h2`]), over TLS where the upstream
+//! speaks it ([`tls`]); [`headers`] knows which
 //! headers are hop-by-hop; [`server`] is the accept loop every listener of
 //! the sidecar and the control plane runs. Nothing here decides whether an
 //! answer failed or what to do about it: that is `resilience`.
@@ -10,3 +11,4 @@ pub mod client;
 pub mod h2;
 pub mod headers;
 pub mod server;
+pub mod tls;
