@@ -105,10 +105,21 @@ impl Failure {
         }
     }
 
-    /// The request certainly did not reach the upstream's application, so
-    /// sending it again is safe whatever its method.
+    /// The upstream did not process the request, so sending it again is
+    /// safe whatever its method: nothing reached it (a connect failure, a
+    /// failed TLS handshake, a refused HTTP/2 stream), or it refused the
+    /// request before acting on it (429 Too Many Requests, RFC 6585 §4;
+    /// 503 Service Unavailable, RFC 9110 §15.6.4). Other failures (other
+    /// 5xx, a reset after the request was sent, a timeout) may have left
+    /// the request half done.
     pub fn never_processed(self) -> bool {
-        matches!(self, Failure::ConnectFailure | Failure::RefusedStream)
+        matches!(
+            self,
+            Failure::ConnectFailure
+                | Failure::RefusedStream
+                | Failure::Http(429)
+                | Failure::Http(503)
+        )
     }
 }
 
@@ -368,7 +379,10 @@ mod tests {
         assert_eq!(Failure::Http(503).label(), "http-503");
         assert!(Failure::Grpc(8).is_rate_limit());
         assert!(Failure::RefusedStream.never_processed());
+        assert!(Failure::Http(429).never_processed() && Failure::Http(503).never_processed());
         assert!(!Failure::Reset.never_processed());
+        assert!(!Failure::Http(502).never_processed() && !Failure::Http(500).never_processed());
+        assert!(!Failure::PerTryTimeout.never_processed());
     }
 
     #[test]

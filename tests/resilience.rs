@@ -477,3 +477,33 @@ async fn layer_order() {
     let (parts, _) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
     assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
 }
+
+#[tokio::test]
+async fn a_burst_of_429s_leaves_the_circuit_closed() {
+    let upstream =
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(429, &[], "slow down") })
+            .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent:\n    address: '{}'\n    retry: {{max_attempts: 1}}\n    circuit_breaker: {{consecutive_failures: 3, failure_rate: {{threshold: 0.5, window: 10, min_calls: 5}}}}\n",
+        upstream.addr
+    ))
+    .await;
+    for _ in 0..30 {
+        let (parts, _) = call(sidecar.proxy_addr, "agent", Method::GET, "/", "").await;
+        assert_eq!(
+            parts.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "the provider's own answer"
+        );
+    }
+    assert_eq!(upstream.requests(), 30, "every call reached the provider");
+    assert_eq!(
+        metric_value(
+            sidecar.admin_addr,
+            "breakwater_circuit_state{upstream=\"agent\"}"
+        )
+        .await,
+        0.0,
+        "closed"
+    );
+}

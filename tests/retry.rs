@@ -81,8 +81,9 @@ async fn a_success_ends_the_retries_and_unlisted_failures_are_not_retried() {
 
 #[tokio::test]
 async fn non_idempotent_requests_need_a_key_or_the_policy() {
+    // A 502 may come after the upstream acted on the request.
     let upstream =
-        HttpUpstream::start(|_req: Request<Incoming>| async { answer(503, &[], "") }).await;
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(502, &[], "") }).await;
     let sidecar = sidecar(&config(upstream.addr, "")).await;
     call(sidecar.proxy_addr, "agent", Method::POST, "/orders", "{}").await;
     assert_eq!(upstream.requests(), 1, "POST is not retried");
@@ -94,7 +95,7 @@ async fn non_idempotent_requests_need_a_key_or_the_policy() {
     assert_eq!(upstream.requests(), 4, "with an Idempotency-Key it is");
 
     let upstream2 =
-        HttpUpstream::start(|_req: Request<Incoming>| async { answer(503, &[], "") }).await;
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(502, &[], "") }).await;
     let sidecar2 = support::sidecar(&config(upstream2.addr, ", retry_non_idempotent: true")).await;
     call(
         sidecar2.proxy_addr,
@@ -105,6 +106,40 @@ async fn non_idempotent_requests_need_a_key_or_the_policy() {
     )
     .await;
     assert_eq!(upstream2.requests(), 3, "retry_non_idempotent allows it");
+}
+
+#[tokio::test]
+async fn a_post_refused_with_429_or_503_is_retried_without_a_key() {
+    // As an LLM provider answers an SDK's POST: refused twice, then served.
+    let upstream = HttpUpstream::numbered(|n, req: Request<Incoming>| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        match n {
+            0 => answer(429, &[("retry-after-ms", "5")], "slow down"),
+            1 => answer(503, &[], "busy"),
+            _ => Response::new(breakwater::body::full(body)),
+        }
+    })
+    .await;
+    let sidecar = sidecar(&config(upstream.addr, ", on: [429, 503]")).await;
+    let (parts, body) = call(
+        sidecar.proxy_addr,
+        "agent",
+        Method::POST,
+        "/v1/chat/completions",
+        "{\"model\": \"m\"}",
+    )
+    .await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body, "{\"model\": \"m\"}", "the body was replayed");
+    assert_eq!(upstream.requests(), 3);
+    for reason in ["http-429", "http-503"] {
+        let series = format!("breakwater_retries_total{{upstream=\"agent\",reason=\"{reason}\"}}");
+        assert_eq!(
+            metric_value(sidecar.admin_addr, &series).await,
+            1.0,
+            "{series}"
+        );
+    }
 }
 
 #[tokio::test]

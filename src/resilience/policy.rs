@@ -185,9 +185,10 @@ pub struct BreakerParams {
     /// (default 1).
     pub half_open_probes: u32,
     /// Failures that count (default: transport errors, timeouts, 5xx but
-    /// 501, 429, and gRPC unavailable, internal, unknown,
-    /// deadline-exceeded, data-loss, resource-exhausted). Rate limiting
-    /// (429, resource-exhausted) counts toward the failure rate only.
+    /// 501, and gRPC unavailable, internal, unknown, deadline-exceeded,
+    /// data-loss). Rate limiting (429, resource-exhausted) is not an
+    /// outage: it counts only when listed, and then toward the failure
+    /// rate only.
     pub failure_on: Conditions,
 }
 
@@ -213,13 +214,11 @@ pub fn default_breaker_failures() -> Conditions {
         "509",
         "510",
         "511",
-        "429",
         "unavailable",
         "internal",
         "unknown",
         "deadline-exceeded",
         "data-loss",
-        "resource-exhausted",
     ])
 }
 

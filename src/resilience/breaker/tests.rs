@@ -97,10 +97,25 @@ async fn an_abandoned_probe_frees_its_slot() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn rate_limits_count_toward_the_rate_not_the_streak() {
+async fn rate_limits_count_nowhere_by_default() {
     let mut p = params();
     p.min_calls = 4;
     p.window = 4;
+    let (b, _m) = breaker(p);
+    for _ in 0..20 {
+        call(&b, Some(Failure::Http(429)));
+        call(&b, Some(Failure::Grpc(crate::grpc::RESOURCE_EXHAUSTED)));
+    }
+    assert_eq!(b.state(), State::Closed, "rate limiting is not an outage");
+    assert_eq!(b.snapshot().window_failures, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn listed_rate_limits_count_toward_the_rate_not_the_streak() {
+    let mut p = params();
+    p.min_calls = 4;
+    p.window = 4;
+    p.failure_on = crate::classify::Conditions::parse(["429", "503"]).unwrap();
     let (b, _m) = breaker(p);
     for _ in 0..3 {
         call(&b, Some(Failure::Http(429)));

@@ -6,8 +6,9 @@
 //! - its failure matches `retry.on` (see `classify`);
 //! - it is safe: the method is idempotent, the request carries an
 //!   `Idempotency-Key`, `retry_non_idempotent` is set, the call is gRPC
-//!   (gRFC A6: the policy's codes say what is safe), or the request never
-//!   reached the upstream (connect failure, refused stream);
+//!   (gRFC A6: the policy's codes say what is safe), or the upstream did
+//!   not process it (connect failure, refused stream, 429, 503:
+//!   `Failure::never_processed`);
 //! - the request body can be replayed (`replay`);
 //! - the upstream did not say "do not retry" (`grpc-retry-pushback-ms`
 //!   negative or malformed);
