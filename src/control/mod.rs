@@ -188,22 +188,7 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let routes = grpc::router(control.clone(), options.auth.clone());
-    let mut grpc_stop = stop_rx.clone();
-    tasks.spawn(async move {
-        // Without TCP_NODELAY a small answer can wait out the peer's
-        // delayed ACK: 40 ms on Linux.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        let result = tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(error) = result {
-            tracing::error!(%error, "the gRPC server failed");
-        }
-    });
+    tasks.spawn(serve_grpc(grpc_listener, routes, stop_rx.clone()));
     if let Some(listener) = http_listener {
         let api = http::HttpApi::new(control.clone(), options.auth.clone());
         tasks.spawn(serve_http(listener, stop_rx.clone(), move |request| {
@@ -218,22 +203,11 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
             async move { Ok::<_, Infallible>(admin(&metrics, &control, request.uri().path())) }
         }));
     }
-    let sweeper = control.clone();
-    let mut sweep_stop = stop_rx.clone();
-    let interval = options.sweep_interval;
-    tasks.spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        loop {
-            tokio::select! {
-                () = async { let _ = sweep_stop.wait_for(|s| *s).await; } => break,
-                _ = ticker.tick() => match sweeper.sweep().await {
-                    Ok(0) => {}
-                    Ok(swept) => tracing::info!(swept, "expired workflows deleted"),
-                    Err(error) => tracing::error!(%error, "sweeping expired workflows failed"),
-                },
-            }
-        }
-    });
+    tasks.spawn(sweep(
+        control.clone(),
+        options.sweep_interval,
+        stop_rx.clone(),
+    ));
     // Unfinished sagas go on where they stopped; a call that was in
     // flight is sent again with the same Idempotency-Key.
     let resumed = control
@@ -262,6 +236,41 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         store,
         control,
     })
+}
+
+/// Serves the gRPC services until `stop`.
+async fn serve_grpc(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Without TCP_NODELAY a small answer can wait out the peer's delayed
+    // ACK: 40 ms on Linux.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(error) = result {
+        tracing::error!(%error, "the gRPC server failed");
+    }
+}
+
+/// Deletes expired workflows every `interval`, until `stop`.
+async fn sweep(control: Arc<ControlPlane>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            _ = ticker.tick() => match control.sweep().await {
+                Ok(0) => {}
+                Ok(swept) => tracing::info!(swept, "expired workflows deleted"),
+                Err(error) => tracing::error!(%error, "sweeping expired workflows failed"),
+            },
+        }
+    }
 }
 
 /// The control plane's admin answers.

@@ -431,31 +431,14 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         "sidecar ready"
     );
 
-    let task = tokio::spawn({
-        let control = control.clone();
-        async move {
-            let mut stopped = stop_rx;
-            let _ = stopped.wait_for(|stop| *stop).await;
-            ready.store(false, Ordering::Release);
-            if let Some(watcher) = watcher {
-                let _ = watcher.await;
-            }
-            let listeners = std::mem::take(&mut *control.listeners.lock().await);
-            tracing::info!(grace_period = ?control.grace_period, "draining");
-            let closing = listeners
-                .into_values()
-                .map(|l| l.close(control.grace_period));
-            futures_util::future::join_all(closing).await;
-            tracing::info!("drained");
-            if let Some((sink, shipper)) = dead_letters {
-                // Letters of the last requests are spooled before the end.
-                sink.settle(Duration::from_secs(2)).await;
-                let _ = stop_letters.send(true);
-                let _ = shipper.await;
-            }
-            let _ = admin_task.await;
-        }
-    });
+    let task = tokio::spawn(shut_down(
+        control.clone(),
+        stop_rx,
+        ready,
+        watcher,
+        dead_letters.map(|started| (started, stop_letters)),
+        admin_task,
+    ));
     Ok(Sidecar {
         admin_addr,
         proxy_addr,
@@ -463,6 +446,37 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         control,
         task,
     })
+}
+
+/// Waits for the stop signal, then stops in order: not ready, no more
+/// reloads, listeners drained, the last letters spooled, the admin port.
+async fn shut_down(
+    control: Arc<Control>,
+    mut stopped: signal::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+    watcher: Option<JoinHandle<()>>,
+    dead_letters: Option<(dead_letter::Started, signal::Sender<bool>)>,
+    admin_task: JoinHandle<()>,
+) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+    ready.store(false, Ordering::Release);
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
+    let listeners = std::mem::take(&mut *control.listeners.lock().await);
+    tracing::info!(grace_period = ?control.grace_period, "draining");
+    let closing = listeners
+        .into_values()
+        .map(|l| l.close(control.grace_period));
+    futures_util::future::join_all(closing).await;
+    tracing::info!("drained");
+    if let Some(((sink, shipper), stop_letters)) = dead_letters {
+        // Letters of the last requests are spooled before the end.
+        sink.settle(Duration::from_secs(2)).await;
+        let _ = stop_letters.send(true);
+        let _ = shipper.await;
+    }
+    let _ = admin_task.await;
 }
 
 /// Waits for open connections to finish their requests, up to the grace
