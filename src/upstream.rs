@@ -37,6 +37,11 @@ impl Upstream {
             address: config.address.clone(),
             http2: config.protocol.is_http2(),
             tls: config.tls.as_ref().map(|t| t.client.clone()),
+            headers: config
+                .request_headers
+                .iter()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect(),
         }));
         if config
             .tls
@@ -70,6 +75,7 @@ impl Upstream {
         if old.address != config.address
             || old.protocol != config.protocol
             || old.tls != config.tls
+            || old.request_headers != config.request_headers
             || old.policy != config.policy
         {
             return None;

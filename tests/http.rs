@@ -423,3 +423,56 @@ async fn malformed_requests_get_400_and_leave_other_clients_alone() {
     );
     assert_eq!(upstream.requests(), 2);
 }
+
+#[tokio::test]
+async fn credentials_are_set_on_every_request_and_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("openai-key");
+    std::fs::write(&key_file, "Bearer sk-from-a-secret\n").unwrap();
+    // SAFETY of the test: the variable name is unique to this test.
+    unsafe { std::env::set_var("BREAKWATER_TEST_ORG", "org-17") };
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  llm:\n    address: '{}'\n    request_headers:\n      authorization: {{from_file: '{}'}}\n      openai-organization: {{from_env: BREAKWATER_TEST_ORG}}\n      x-client: breakwater\n",
+        upstream.addr,
+        key_file.display()
+    ))
+    .await;
+    let mut request = request_to(sidecar.proxy_addr, "llm", Method::POST, "/v1/chat", "{}");
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer the-agents-own".parse().unwrap());
+    let (parts, _) = read_body(http1_client().request(request).await.unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    let seen = upstream.last_seen().headers;
+    assert_eq!(seen["authorization"], "Bearer sk-from-a-secret", "replaced");
+    assert_eq!(seen["openai-organization"], "org-17");
+    assert_eq!(seen["x-client"], "breakwater");
+    let config = admin_json(sidecar.admin_addr, "/config").await.to_string();
+    assert!(!config.contains("sk-from-a-secret"), "{config}");
+    assert!(config.contains("from_file"), "{config}");
+}
+
+#[test]
+fn credentials_that_cannot_be_read_are_errors_naming_the_header() {
+    let error = breakwater::config::parse(
+        "p.yaml",
+        "upstreams:\n  llm:\n    address: 'a:443'\n    request_headers:\n      authorization: {from_file: missing-key}\n      x-org: {from_env: BREAKWATER_TEST_UNSET_VARIABLE}\n      connection: close\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("p.yaml:5:")
+            && error.contains("upstreams.llm.request_headers.authorization"),
+        "{error}"
+    );
+    assert!(error.contains("missing-key"), "{error}");
+    assert!(
+        error.contains("BREAKWATER_TEST_UNSET_VARIABLE is not set"),
+        "{error}"
+    );
+    assert!(
+        error.contains("request_headers.connection: this header is set by the sidecar itself"),
+        "{error}"
+    );
+}

@@ -145,6 +145,31 @@ pub struct UpstreamConfig {
     pub dead_letter: Option<DeadLetterPolicy>,
     /// TLS to the upstream, if it speaks it.
     pub tls: Option<crate::transport::tls::UpstreamTls>,
+    /// Headers set on every request to it (credentials), in order.
+    pub request_headers: Vec<InjectedHeader>,
+}
+
+/// A header the sidecar sets on every request to an upstream, read when
+/// the policy loads. Shown by `/config` as where it comes from, never as
+/// its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectedHeader {
+    /// The header.
+    pub name: http::HeaderName,
+    /// Its value, marked sensitive (never indexed by HPACK).
+    pub value: http::HeaderValue,
+    /// Where it came from: `value`, `from_file: <path>` or `from_env: <name>`.
+    pub source: String,
+}
+
+impl Serialize for InjectedHeader {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry("name", self.name.as_str())?;
+        map.serialize_entry("source", &self.source)?;
+        map.end()
+    }
 }
 
 fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {

@@ -66,6 +66,8 @@ pub(crate) struct RawUpstream {
     pub faults: Option<Spanned<FaultSpec>>,
     pub dead_letter: Option<Spanned<RawDeadLetter>>,
     pub tls: Option<Spanned<RawTls>>,
+    #[serde(default)]
+    pub request_headers: Entries<String, Spanned<RawInjected>>,
     // The policy fields, as in `defaults` (see `policy()`). They are
     // listed here rather than flattened: serde's `flatten` loses source
     // positions and cannot deny unknown fields.
@@ -76,6 +78,20 @@ pub(crate) struct RawUpstream {
     pub circuit_breaker: Option<RawBreaker>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_pending: Option<u32>,
+}
+
+/// A header the sidecar sets on every request to an upstream: a value, or
+/// where to read it (a Secret's file, an environment variable).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "a header value, {from_file: path} or {from_env: NAME}"
+)]
+pub(crate) enum RawInjected {
+    Value(String),
+    FromFile { from_file: String },
+    FromEnv { from_env: String },
 }
 
 /// An upstream's `tls` block.

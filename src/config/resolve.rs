@@ -99,6 +99,7 @@ struct Pending {
     faults: Option<FaultSpec>,
     dead_letter: Option<DeadLetterPolicy>,
     tls: Option<crate::transport::tls::UpstreamTls>,
+    request_headers: Vec<super::InjectedHeader>,
 }
 
 /// Validates the raw model and resolves it into the runtime [`Config`].
@@ -167,6 +168,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 faults: p.faults,
                 dead_letter: p.dead_letter,
                 tls: p.tls,
+                request_headers: p.request_headers,
             })
         })
         .collect();
@@ -316,7 +318,9 @@ fn resolve_upstream(
         (Some(block), Some(address)) => resolve_tls(check, file, block, address, protocol, &prefix),
         _ => None,
     };
+    let request_headers = resolve_injected(check, file, &up.request_headers, &prefix);
     Pending {
+        request_headers,
         tls,
         dead_letter,
         faults: up.faults.as_ref().map(|f| f.value.clone()),
@@ -329,6 +333,62 @@ fn resolve_upstream(
         fallback: fallback.map(Arc::new),
         name,
     }
+}
+
+/// Reads the headers an upstream's requests get (`request_headers`): a
+/// value, a file's content (trimmed, as a Secret holds it) or an
+/// environment variable.
+fn resolve_injected(
+    check: &mut Checker,
+    file: &str,
+    raw: &super::raw::Entries<String, Spanned<super::raw::RawInjected>>,
+    prefix: &str,
+) -> Vec<super::InjectedHeader> {
+    use super::raw::RawInjected;
+    let mut headers = Vec::new();
+    for (name, value) in &raw.0 {
+        let field = format!("{prefix}.request_headers.{name}");
+        let header = match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) if !crate::transport::headers::is_hop_by_hop(&h) && h != http::header::HOST => h,
+            Ok(_) => {
+                check.error(value, field, "this header is set by the sidecar itself");
+                continue;
+            }
+            Err(_) => {
+                check.error(value, field, format!("{name:?} is not a valid header name"));
+                continue;
+            }
+        };
+        let (text, source) = match &value.value {
+            RawInjected::Value(text) => (Ok(text.clone()), "value".to_owned()),
+            RawInjected::FromFile { from_file } => {
+                let full = relative_to(file, from_file);
+                let text = std::fs::read_to_string(&full)
+                    .map(|t| t.trim().to_owned())
+                    .map_err(|e| format!("cannot read {}: {e}", full.display()));
+                (text, format!("from_file: {}", full.display()))
+            }
+            RawInjected::FromEnv { from_env } => {
+                let text = std::env::var(from_env)
+                    .map_err(|_| format!("the environment variable {from_env} is not set"));
+                (text, format!("from_env: {from_env}"))
+            }
+        };
+        match text.and_then(|t| {
+            HeaderValue::from_str(&t).map_err(|_| "not a valid header value".to_owned())
+        }) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                headers.push(super::InjectedHeader {
+                    name: header,
+                    value,
+                    source,
+                });
+            }
+            Err(message) => check.error(value, field, message),
+        }
+    }
+    headers
 }
 
 /// Checks a `tls` block by building its client: the files it names are

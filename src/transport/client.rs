@@ -55,6 +55,9 @@ pub struct Endpoint {
     pub http2: bool,
     /// TLS, when the upstream speaks it.
     pub tls: Option<Tls>,
+    /// Headers set on every request, replacing the caller's (credentials
+    /// the agent does not hold).
+    pub headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 /// Puts attempts on the wire.
@@ -64,6 +67,7 @@ pub struct UpstreamClient {
     address: http::uri::Authority,
     http2: bool,
     host: HeaderValue,
+    headers: Vec<(http::HeaderName, HeaderValue)>,
     connections: Connections,
 }
 
@@ -97,6 +101,7 @@ impl UpstreamClient {
         Self {
             host: HeaderValue::from_str(endpoint.address.as_str())
                 .expect("a validated authority is a valid header value"),
+            headers: endpoint.headers,
             name: endpoint.name,
             address: endpoint.address,
             http2: endpoint.http2,
@@ -127,6 +132,9 @@ impl UpstreamClient {
         } else {
             parts.headers.insert(HOST, self.host.clone());
             parts.version = Version::HTTP_11;
+        }
+        for (name, value) in &self.headers {
+            parts.headers.insert(name.clone(), value.clone());
         }
         parts.extensions.clear();
         Request::from_parts(parts, body)
