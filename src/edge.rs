@@ -7,7 +7,7 @@
 //! Breakwater answer from its upstream's.
 
 use http::Response;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 use crate::body::{self, Body};
 use crate::error::ProxyError;
@@ -24,6 +24,12 @@ pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
     if grpc {
         let mut response = grpc::trailers_only(error.grpc_code(), &message);
         response.headers_mut().insert(ERROR_HEADER, reason);
+        if let ProxyError::Pushback { retry_after, .. } = error {
+            let ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+            response
+                .headers_mut()
+                .insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
+        }
         return response;
     }
     let mut response = Response::new(body::full(message + "\n"));
@@ -34,6 +40,11 @@ pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     headers.insert(ERROR_HEADER, reason);
+    if let ProxyError::Pushback { retry_after, .. } = error {
+        let ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+        headers.insert("retry-after-ms", HeaderValue::from(ms));
+        headers.insert(RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+    }
     response
 }
 
@@ -57,6 +68,22 @@ mod tests {
             response.headers()["grpc-message"],
             "cannot connect to upstream ocr: connection refused"
         );
+    }
+
+    #[test]
+    fn a_pushback_answer_says_how_long_to_wait() {
+        let err = ProxyError::Pushback {
+            upstream: Arc::from("llm"),
+            retry_after: std::time::Duration::from_millis(1500),
+        };
+        let http = error_response(&err, false);
+        assert_eq!(http.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(http.headers()[ERROR_HEADER], "pushback");
+        assert_eq!(http.headers()["retry-after"], "2");
+        assert_eq!(http.headers()["retry-after-ms"], "1500");
+        let grpc = error_response(&err, true);
+        assert_eq!(grpc.headers()["grpc-status"], "8");
+        assert_eq!(grpc.headers()["grpc-retry-pushback-ms"], "1500");
     }
 
     #[test]

@@ -102,6 +102,15 @@ pub enum ProxyError {
         /// The upstream's name.
         upstream: Arc<str>,
     },
+    /// The upstream asked for no calls for a while (a rate limit with a
+    /// wait): answered at once until then.
+    #[error("upstream {upstream} asked for no calls for another {}s", retry_after.as_secs_f64().ceil())]
+    Pushback {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// How long it still asked for.
+        retry_after: Duration,
+    },
     /// The upstream's concurrency limit and queue are full: shed.
     #[error("upstream {upstream} is at its concurrency limit; request shed")]
     Overloaded {
@@ -125,6 +134,7 @@ impl ProxyError {
             ProxyError::DeadlineExceeded { .. } => "deadline-exceeded",
             ProxyError::CircuitOpen { .. } => "circuit-open",
             ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::Pushback { .. } => "pushback",
         }
     }
 
@@ -144,6 +154,7 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::Pushback { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -162,7 +173,7 @@ impl ProxyError {
             ProxyError::PerTryTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
                 grpc::DEADLINE_EXCEEDED
             }
-            ProxyError::Overloaded { .. } => grpc::RESOURCE_EXHAUSTED,
+            ProxyError::Overloaded { .. } | ProxyError::Pushback { .. } => grpc::RESOURCE_EXHAUSTED,
         }
     }
 }

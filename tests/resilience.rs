@@ -507,3 +507,60 @@ async fn a_burst_of_429s_leaves_the_circuit_closed() {
         "closed"
     );
 }
+
+#[tokio::test]
+async fn a_provider_that_says_wait_is_not_called_until_then() {
+    let upstream = HttpUpstream::numbered(|n, _req: Request<Incoming>| async move {
+        match n {
+            0 => answer(429, &[("retry-after", "30")], "slow down"),
+            _ => answer(200, &[], "ok"),
+        }
+    })
+    .await;
+    let yaml = |hold: &str| {
+        format!(
+            "upstreams:\n  llm:\n    address: '{}'\n    retry: {{max_attempts: 1{hold}}}\n",
+            upstream.addr
+        )
+    };
+    let sidecar = sidecar(&yaml("")).await;
+    let (parts, body) = call(sidecar.proxy_addr, "llm", Method::POST, "/v1/chat", "{}").await;
+    assert_eq!(parts.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body, "slow down", "the provider's own answer");
+    for _ in 0..5 {
+        let (parts, _) = call(sidecar.proxy_addr, "llm", Method::POST, "/v1/chat", "{}").await;
+        assert_eq!(parts.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(parts.headers["x-breakwater-error"], "pushback");
+        let left: u64 = parts.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((29..=30).contains(&left), "{left}");
+        let ms: u64 = parts.headers["retry-after-ms"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((28_000..=30_000).contains(&ms), "{ms}");
+    }
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "held calls never reach the provider"
+    );
+    assert_eq!(
+        metric_value(
+            sidecar.admin_addr,
+            "breakwater_circuit_state{upstream=\"llm\"}"
+        )
+        .await,
+        0.0,
+        "and the circuit stays closed"
+    );
+
+    // Turned off, the next call goes through.
+    let open = support::sidecar(&yaml(", hold_on_pushback: false")).await;
+    let (parts, body) = call(open.proxy_addr, "llm", Method::POST, "/v1/chat", "{}").await;
+    assert_eq!((parts.status, body), (StatusCode::OK, Bytes::from("ok")));
+}

@@ -8,6 +8,7 @@ pub mod concurrency;
 pub mod deadline;
 pub mod fallback;
 pub mod faults;
+pub mod hold;
 pub mod policy;
 pub mod retry;
 pub mod stack;

@@ -39,8 +39,9 @@ pub(crate) struct RawRetry {
     pub budget: Option<RawBudget>,
     pub buffer_limit: Option<ByteSize>,
     pub retry_non_idempotent: Option<bool>,
+    pub hold_on_pushback: Option<bool>,
 }
-merge_fields!(RawRetry { max_attempts, on, buffer_limit, retry_non_idempotent } nested { backoff, budget });
+merge_fields!(RawRetry { max_attempts, on, buffer_limit, retry_non_idempotent, hold_on_pushback } nested { backoff, budget });
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,6 +148,9 @@ pub struct RetryParams {
     pub buffer_limit: u64,
     /// Retry POST and PATCH without an `Idempotency-Key` (default false).
     pub retry_non_idempotent: bool,
+    /// After a rate limit that says how long to wait, answer every attempt
+    /// at once until then (default true; see `hold`).
+    pub hold_on_pushback: bool,
 }
 
 /// Hedging parameters.
@@ -255,6 +259,7 @@ impl RawPolicy {
                 budget_min_per_second: budget.min_per_second.unwrap_or(10),
                 buffer_limit: retry.buffer_limit.map_or(64 << 10, |b| b.0),
                 retry_non_idempotent: retry.retry_non_idempotent.unwrap_or(false),
+                hold_on_pushback: retry.hold_on_pushback.unwrap_or(true),
             },
             hedge: self.hedge.as_ref().and_then(|h| {
                 Some(HedgeParams {

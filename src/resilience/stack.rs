@@ -35,6 +35,7 @@ use super::breaker::{Admission, Breaker};
 use super::concurrency::Limiter;
 use super::deadline::{self, Deadline};
 use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
+use super::hold::Hold;
 use super::policy::Policy;
 use super::retry::{Attempt, Cause, Retry};
 use crate::body::Body;
@@ -63,6 +64,7 @@ pub struct Stack {
     limiter: Limiter,
     retry: Retry,
     breaker: Option<Arc<Breaker>>,
+    hold: Option<Hold>,
     faults: FaultCell,
     client: Arc<UpstreamClient>,
     metrics: UpstreamMetrics,
@@ -92,6 +94,10 @@ impl Stack {
             ),
             retry: Retry::new(policy.retry.clone(), policy.hedge.clone(), metrics.clone()),
             breaker,
+            hold: policy
+                .retry
+                .hold_on_pushback
+                .then(|| Hold::new(policy.retry.max_pushback)),
             faults: FaultCell::new(faults),
             client,
             metrics: metrics.clone(),
@@ -161,6 +167,12 @@ impl Stack {
             attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let span = observe.span;
+        if let Some(retry_after) = self.hold.as_ref().and_then(Hold::remaining) {
+            return Err(ProxyError::Pushback {
+                upstream: self.name.clone(),
+                retry_after,
+            });
+        }
         let Attempt {
             number,
             completion,
@@ -215,10 +227,13 @@ impl Stack {
                 }
             },
         };
-        if admission.is_none() && span.is_none() {
+        if admission.is_none() && span.is_none() && self.hold.is_none() {
             return result;
         }
         let failure = classify::classify(&result, grpc);
+        if let (Some(hold), Ok(response)) = (&self.hold, &result) {
+            hold.observe(response, failure);
+        }
         if let (Some(breaker), Some(admission)) = (&self.breaker, admission) {
             breaker.record(admission, failure, started.elapsed());
         }
