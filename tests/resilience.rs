@@ -564,3 +564,78 @@ async fn a_provider_that_says_wait_is_not_called_until_then() {
     let (parts, body) = call(open.proxy_addr, "llm", Method::POST, "/v1/chat", "{}").await;
     assert_eq!((parts.status, body), (StatusCode::OK, Bytes::from("ok")));
 }
+
+/// An upstream that answers a server-sent-event stream: one event, then
+/// nothing for ten seconds.
+async fn stalling_stream() -> HttpUpstream {
+    HttpUpstream::start(|_req: Request<Incoming>| async {
+        let events = futures_util::stream::unfold(0u32, |i| async move {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            let event = Bytes::from(format!("data: {i}\n\n"));
+            Some((
+                Ok::<_, breakwater::body::BoxError>(hyper::body::Frame::data(event)),
+                i + 1,
+            ))
+        });
+        let mut response =
+            http::Response::new(body::boxed(http_body_util::StreamBody::new(events)));
+        response
+            .headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        response
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_is_cut_after_its_idle_timeout() {
+    let upstream = stalling_stream().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  llm:\n    address: '{}'\n    stream_idle_timeout: 200ms\n",
+        upstream.addr
+    ))
+    .await;
+    let started = Instant::now();
+    let request = request_to(sidecar.proxy_addr, "llm", Method::POST, "/v1/chat", "{}");
+    let response = http1_client().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(
+        first, "data: 0\n\n",
+        "the first event arrives as it is sent"
+    );
+    let cut = body.frame().await;
+    assert!(
+        matches!(cut, Some(Err(_))),
+        "the chunked body is cut short, not ended cleanly: {cut:?}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let series = "breakwater_timeouts_total{upstream=\"llm\",kind=\"stream-idle\"}";
+    assert_eq!(metric_value(sidecar.admin_addr, series).await, 1.0);
+    let circuits = admin_json(sidecar.admin_addr, "/circuits").await;
+    assert_eq!(
+        circuits["llm"]["consecutive_failures"], 1,
+        "the breaker counted it: {circuits}"
+    );
+
+    // Over HTTP/2 the caller's stream is reset.
+    let mut h2 = h2_connect(sidecar.proxy_addr).await;
+    let request = Request::post("http://llm/v1/chat")
+        .body(body::full("{}"))
+        .unwrap();
+    let response = h2.send_request(request).await.unwrap();
+    let mut body = response.into_body();
+    assert_eq!(
+        body.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "data: 0\n\n"
+    );
+    assert!(matches!(body.frame().await, Some(Err(_))), "reset");
+    assert_eq!(metric_value(sidecar.admin_addr, series).await, 2.0);
+}

@@ -73,6 +73,7 @@ pub(crate) struct RawUpstream {
     // positions and cannot deny unknown fields.
     pub timeout: Option<HumanDuration>,
     pub per_try_timeout: Option<HumanDuration>,
+    pub stream_idle_timeout: Option<HumanDuration>,
     pub retry: Option<RawRetry>,
     pub hedge: Option<RawHedge>,
     pub circuit_breaker: Option<RawBreaker>,
@@ -186,6 +187,7 @@ impl RawUpstream {
         RawPolicy {
             timeout: self.timeout,
             per_try_timeout: self.per_try_timeout,
+            stream_idle_timeout: self.stream_idle_timeout,
             retry: self.retry.clone(),
             hedge: self.hedge.clone(),
             circuit_breaker: self.circuit_breaker.clone(),

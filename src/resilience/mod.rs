@@ -12,3 +12,4 @@ pub mod hold;
 pub mod policy;
 pub mod retry;
 pub mod stack;
+pub mod stream;

@@ -22,13 +22,14 @@ use crate::values::{
 pub(crate) struct RawPolicy {
     pub timeout: Option<HumanDuration>,
     pub per_try_timeout: Option<HumanDuration>,
+    pub stream_idle_timeout: Option<HumanDuration>,
     pub retry: Option<RawRetry>,
     pub hedge: Option<RawHedge>,
     pub circuit_breaker: Option<RawBreaker>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_pending: Option<u32>,
 }
-merge_fields!(RawPolicy { timeout, per_try_timeout, max_concurrent_requests, max_pending } nested { retry, hedge, circuit_breaker });
+merge_fields!(RawPolicy { timeout, per_try_timeout, stream_idle_timeout, max_concurrent_requests, max_pending } nested { retry, hedge, circuit_breaker });
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +111,10 @@ pub struct Policy {
     /// Bound on one attempt (default: none, only the deadline).
     #[serde(serialize_with = "serialize_opt_duration")]
     pub per_try_timeout: Option<Duration>,
+    /// The longest gap between two frames of an answer's body before the
+    /// stream is cut (default: none).
+    #[serde(serialize_with = "serialize_opt_duration")]
+    pub stream_idle_timeout: Option<Duration>,
     /// Retries.
     pub retry: RetryParams,
     /// Hedged requests, if configured.
@@ -239,6 +244,7 @@ impl RawPolicy {
         Policy {
             timeout: d(&self.timeout, Duration::from_secs(30)),
             per_try_timeout: self.per_try_timeout.map(|h| h.0),
+            stream_idle_timeout: self.stream_idle_timeout.map(|h| h.0),
             retry: RetryParams {
                 max_attempts: retry.max_attempts.map_or(3, NonZeroU32::get),
                 backoff_base: d(&backoff.base, Duration::from_millis(100)),

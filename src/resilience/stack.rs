@@ -38,9 +38,10 @@ use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
 use super::hold::Hold;
 use super::policy::Policy;
 use super::retry::{Attempt, Cause, Retry};
+use super::stream;
 use crate::body::Body;
 use crate::body::Completion;
-use crate::classify;
+use crate::classify::{self, Failure};
 use crate::error::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
 use crate::telemetry::traces::{AttemptStart, RequestSpan};
@@ -61,6 +62,7 @@ pub struct Stack {
     name: Arc<str>,
     timeout: Duration,
     per_try_timeout: Option<Duration>,
+    stream_idle_timeout: Option<Duration>,
     limiter: Limiter,
     retry: Retry,
     breaker: Option<Arc<Breaker>>,
@@ -86,6 +88,7 @@ impl Stack {
         Self {
             timeout: policy.timeout,
             per_try_timeout: policy.per_try_timeout,
+            stream_idle_timeout: policy.stream_idle_timeout,
             limiter: Limiter::new(
                 name.clone(),
                 policy.max_concurrent_requests,
@@ -140,6 +143,10 @@ impl Stack {
             Ok(response.map(|b| b.with_permit(permit)))
         };
         match tokio::time::timeout_at(deadline.at, call).await {
+            Ok(Ok(response)) => Ok(match self.stream_idle_timeout {
+                None => response,
+                Some(idle) => response.map(|b| self.idle_cut(b, idle)),
+            }),
             Ok(result) => result,
             Err(_) => {
                 self.metrics.timeout(false);
@@ -241,6 +248,24 @@ impl Stack {
             span.finish(&result, failure);
         }
         result
+    }
+
+    /// The answer's body, cut when it stalls for `idle`: counted, and
+    /// reported to the breaker as a reset.
+    fn idle_cut(&self, body: Body, idle: Duration) -> Body {
+        let metrics = self.metrics.clone();
+        let breaker = self.breaker.clone();
+        let started = Instant::now();
+        stream::idle_timeout(
+            body,
+            idle,
+            Box::new(move || {
+                metrics.stream_idle_timeout();
+                if let Some(breaker) = breaker {
+                    breaker.record(Admission::Normal, Some(Failure::Reset), started.elapsed());
+                }
+            }),
+        )
     }
 
     /// What an attempt's span starts with.

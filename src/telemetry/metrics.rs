@@ -312,6 +312,7 @@ impl Metrics {
             shed: self.shed.get_or_create_owned(&labels),
             deadline_timeouts: timeout("deadline"),
             per_try_timeouts: timeout("per-try"),
+            stream_idle_timeouts: timeout("stream-idle"),
             hedges: self.hedges.get_or_create_owned(&labels),
             fallbacks: self.fallbacks.clone(),
             faults: self.faults.clone(),
@@ -398,6 +399,7 @@ struct Handles {
     shed: Counter,
     deadline_timeouts: Counter,
     per_try_timeouts: Counter,
+    stream_idle_timeouts: Counter,
     hedges: Counter,
     fallbacks: Family<ReasonLabels, Counter>,
     faults: Family<KindLabels, Counter>,
@@ -492,6 +494,11 @@ impl UpstreamMetrics {
         } else {
             self.0.deadline_timeouts.inc();
         }
+    }
+
+    /// Counts a stream cut for idling (`stream_idle_timeout`).
+    pub fn stream_idle_timeout(&self) {
+        self.0.stream_idle_timeouts.inc();
     }
 
     /// Counts a hedged attempt.
