@@ -1,0 +1,234 @@
+//! The official OpenAI Python SDK through the sidecar, against an
+//! OpenAI-compatible upstream on loopback: a completion, a streamed one
+//! (chunks arrive one by one), a 429 the sidecar retries after the time the
+//! provider asked for (the SDK's own retries are off), and a stream that
+//! stalls, cut by `stream_idle_timeout`. The agent's key is replaced by
+//! the sidecar's.
+//!
+//! The SDK lives in the virtualenv `.ci/run` makes (`target/pyenv`, or
+//! `BREAKWATER_PYTHON`). Without it the tests say so and skip, unless
+//! `BREAKWATER_REQUIRE_PEERS=1` (set by `.ci/run`), where they fail.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use breakwater::body::{self, BoxError};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{Value, json};
+use support::*;
+
+fn python() -> Option<PathBuf> {
+    let python = std::env::var_os("BREAKWATER_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python")
+        });
+    if python.exists() {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("BREAKWATER_REQUIRE_PEERS").is_none(),
+        "the OpenAI SDK's virtualenv is missing at {}",
+        python.display()
+    );
+    eprintln!(
+        "SKIPPED: no Python with the openai SDK at {} (run .ci/run, or set BREAKWATER_PYTHON)",
+        python.display()
+    );
+    None
+}
+
+/// Runs one scenario of `tests/python/openai_calls.py` against `base_url`.
+async fn sdk(python: PathBuf, base_url: String, scenario: &'static str) -> Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_calls.py");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(base_url)
+            .arg(scenario)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{scenario}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+/// What the provider saw: each request's model and authorization.
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+/// An OpenAI-compatible chat completions endpoint. Model `limited` is
+/// answered 429 (with `retry-after-ms: 300`) the first time; `stream`
+/// sends three chunks 50 ms apart; `stall` sends one chunk, then nothing.
+async fn provider(seen: Seen) -> HttpUpstream {
+    let limited_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    HttpUpstream::start(move |request: Request<Incoming>| {
+        let (seen, limited_once) = (seen.clone(), limited_once.clone());
+        async move {
+            let auth = request.headers()["authorization"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let body: Value =
+                serde_json::from_slice(&request.into_body().collect().await.unwrap().to_bytes())
+                    .unwrap();
+            let model = body["model"].as_str().unwrap().to_owned();
+            seen.lock().unwrap().push((model.clone(), auth));
+            if model == "limited" && !limited_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return answer(
+                    429,
+                    &[
+                        ("retry-after-ms", "300"),
+                        ("content-type", "application/json"),
+                    ],
+                    r#"{"error": {"message": "Rate limit reached", "type": "requests"}}"#,
+                );
+            }
+            if body["stream"] == json!(true) {
+                return events(&model);
+            }
+            let completion = json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1_700_000_000,
+                "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "1200 EUR"}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+            });
+            let mut response = Response::new(body::full(completion.to_string()));
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            response
+        }
+    })
+    .await
+}
+
+fn events(model: &str) -> Response<breakwater::body::Body> {
+    let stall = model == "stall";
+    let chunk = |text: &str| {
+        let chunk = json!({
+            "id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1_700_000_000,
+            "model": "m", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]
+        });
+        Bytes::from(format!("data: {chunk}\n\n"))
+    };
+    let parts = vec![chunk("12"), chunk("00"), chunk(" EUR")];
+    let stream = futures_util::stream::unfold(0usize, move |i| {
+        let parts = parts.clone();
+        async move {
+            if i > 0 {
+                let gap = if stall { 10_000 } else { 50 };
+                tokio::time::sleep(Duration::from_millis(gap)).await;
+            }
+            let data = match i {
+                0..=2 => parts[i].clone(),
+                3 => Bytes::from_static(b"data: [DONE]\n\n"),
+                _ => return None,
+            };
+            Some((Ok::<_, BoxError>(Frame::data(data)), i + 1))
+        }
+    });
+    let mut response = Response::new(body::boxed(StreamBody::new(stream)));
+    response
+        .headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
+    response
+}
+
+async fn through_breakwater(seen: &Seen) -> (HttpUpstream, breakwater::sidecar::Sidecar, String) {
+    let upstream = provider(seen.clone()).await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  openai:\n    address: '{}'\n    listen: 127.0.0.1:0\n    retry: {{on: [429, 503], backoff: {{base: 1ms, max: 5ms}}}}\n    stream_idle_timeout: 500ms\n    request_headers: {{authorization: 'Bearer sk-the-sidecars'}}\n",
+        upstream.addr
+    ))
+    .await;
+    let base_url = format!("http://{}/v1", sidecar.upstream_addrs["openai"]);
+    (upstream, sidecar, base_url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_completes_and_streams_through_the_sidecar_with_its_key() {
+    let Some(python) = python() else { return };
+    let seen = Seen::default();
+    let (_upstream, _sidecar, base_url) = through_breakwater(&seen).await;
+    let plain = sdk(python.clone(), base_url.clone(), "plain").await;
+    assert_eq!(plain["content"], "1200 EUR", "{plain}");
+    let streamed = sdk(python, base_url, "stream").await;
+    let chunks = streamed["chunks"].as_array().unwrap();
+    let text: String = chunks.iter().map(|c| c[0].as_str().unwrap()).collect();
+    assert_eq!(text, "1200 EUR", "{streamed}");
+    let first = chunks[0][1].as_f64().unwrap();
+    let last = chunks[2][1].as_f64().unwrap();
+    assert!(
+        last - first >= 0.09,
+        "chunks arrive as they are sent, not buffered: {streamed}"
+    );
+    for (model, auth) in seen.lock().unwrap().iter() {
+        assert_eq!(
+            auth, "Bearer sk-the-sidecars",
+            "{model}: the agent's key never reaches the provider"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_to_the_sdk_is_retried_by_the_sidecar_after_the_asked_time() {
+    let Some(python) = python() else { return };
+    let seen = Seen::default();
+    let (_upstream, sidecar, base_url) = through_breakwater(&seen).await;
+    let limited = sdk(python, base_url, "limited").await;
+    assert_eq!(limited["content"], "1200 EUR", "{limited}");
+    assert!(
+        limited["seconds"].as_f64().unwrap() >= 0.3,
+        "waited as asked: {limited}"
+    );
+    let models: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+    assert_eq!(
+        models,
+        ["limited", "limited"],
+        "one refusal, one retry of the POST"
+    );
+    let retries = metric_value(
+        sidecar.admin_addr,
+        "breakwater_retries_total{upstream=\"openai\",reason=\"http-429\"}",
+    )
+    .await;
+    assert_eq!(retries, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_reaches_the_sdk_as_an_error_within_the_idle_timeout() {
+    let Some(python) = python() else { return };
+    let seen = Seen::default();
+    let (_upstream, sidecar, base_url) = through_breakwater(&seen).await;
+    let stalled = sdk(python, base_url, "stall").await;
+    assert!(
+        stalled["error"].is_string(),
+        "the SDK sees the stream fail: {stalled}"
+    );
+    assert_eq!(stalled["chunks_before_error"][0][0], "12", "{stalled}");
+    let seconds = stalled["seconds"].as_f64().unwrap();
+    assert!(
+        (0.5..5.0).contains(&seconds),
+        "cut after 500 ms, not 10 s: {stalled}"
+    );
+    let cut = metric_value(
+        sidecar.admin_addr,
+        "breakwater_timeouts_total{upstream=\"openai\",kind=\"stream-idle\"}",
+    )
+    .await;
+    assert_eq!(cut, 1.0);
+}
