@@ -48,6 +48,13 @@ pub enum ProxyError {
         /// The request's method.
         method: http::Method,
     },
+    /// The caller's request body could not be read, or is too large to
+    /// keep.
+    #[error("the request body cannot be used: {reason}")]
+    RequestBody {
+        /// Why.
+        reason: String,
+    },
     /// No connection to the upstream could be made.
     #[error("cannot connect to upstream {upstream}: {source}")]
     Connect {
@@ -126,6 +133,7 @@ impl ProxyError {
             ProxyError::UnknownHost { .. } => "unknown-host",
             ProxyError::NoHost => "no-host",
             ProxyError::UnsupportedMethod { .. } => "unsupported-method",
+            ProxyError::RequestBody { .. } => "request-body",
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::TlsHandshake { .. } => "tls-handshake",
             ProxyError::Upstream { .. } => "upstream-reset",
@@ -142,7 +150,7 @@ impl ProxyError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             ProxyError::UnknownHost { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoHost => StatusCode::BAD_REQUEST,
+            ProxyError::NoHost | ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UnsupportedMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Connect { .. }
             | ProxyError::TlsHandshake { .. }
@@ -164,7 +172,7 @@ impl ProxyError {
             ProxyError::UnknownHost { .. } | ProxyError::UnsupportedMethod { .. } => {
                 grpc::UNIMPLEMENTED
             }
-            ProxyError::NoHost => grpc::INVALID_ARGUMENT,
+            ProxyError::NoHost | ProxyError::RequestBody { .. } => grpc::INVALID_ARGUMENT,
             ProxyError::Connect { .. }
             | ProxyError::TlsHandshake { .. }
             | ProxyError::Upstream { .. }

@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use breakwater::echo::EchoRequest;
+use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use support::*;
@@ -201,4 +202,79 @@ async fn grpc_server_failures_degrade_and_request_errors_do_not() {
     let status = client.unary(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
     assert!(status.metadata().get("x-breakwater-degraded").is_none());
+}
+
+#[tokio::test]
+async fn a_failed_call_fails_over_to_the_next_upstream_with_its_body() {
+    let down =
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(503, &[], "down") }).await;
+    let second = HttpUpstream::echo().await;
+    let closed = closed_port().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  primary:\n    address: '{}'\n    retry: {{max_attempts: 1}}\n    failover: [gone, second]\n  gone:\n    address: '{closed}'\n    retry: {{max_attempts: 1}}\n  second:\n    address: '{}'\n",
+        down.addr, second.addr
+    ))
+    .await;
+    let (parts, body) = call(
+        sidecar.proxy_addr,
+        "primary",
+        Method::POST,
+        "/v1/chat/completions",
+        "{\"model\": \"big\"}",
+    )
+    .await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body, "{\"model\": \"big\"}", "the body was sent again");
+    assert_eq!(parts.headers["x-breakwater-failover"], "second");
+    assert_eq!((down.requests(), second.requests()), (1, 1));
+    for to in ["gone", "second"] {
+        let series = format!("breakwater_failovers_total{{upstream=\"primary\",to=\"{to}\"}}");
+        assert_eq!(
+            metric_value(sidecar.admin_addr, &series).await,
+            1.0,
+            "{series}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_answer_about_the_request_does_not_fail_over() {
+    let refusing =
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(404, &[], "no such model") })
+            .await;
+    let second = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  primary:\n    address: '{}'\n    failover: [second]\n  second:\n    address: '{}'\n",
+        refusing.addr, second.addr
+    ))
+    .await;
+    let (parts, body) = call(sidecar.proxy_addr, "primary", Method::POST, "/", "{}").await;
+    assert_eq!(
+        (parts.status, body),
+        (StatusCode::NOT_FOUND, Bytes::from("no such model"))
+    );
+    assert!(!parts.headers.contains_key("x-breakwater-failover"));
+    assert_eq!(second.requests(), 0);
+}
+
+#[test]
+fn failover_lists_name_other_upstreams_without_cycles() {
+    let error = breakwater::config::parse(
+        "p.yaml",
+        "upstreams:\n  a: {address: 'a:1', failover: [b, nope]}\n  b: {address: 'b:1', failover: [c]}\n  c: {address: 'c:1', failover: [a, c]}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("upstreams.a.failover[0]: failing over to \"b\" comes back to \"a\""),
+        "{error}"
+    );
+    assert!(
+        error.contains("upstreams.a.failover[1]: there is no upstream \"nope\""),
+        "{error}"
+    );
+    assert!(
+        error.contains("upstreams.c.failover[1]: an upstream cannot fail over to itself"),
+        "{error}"
+    );
 }

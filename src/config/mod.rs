@@ -147,6 +147,9 @@ pub struct UpstreamConfig {
     pub tls: Option<crate::transport::tls::UpstreamTls>,
     /// Headers set on every request to it (credentials), in order.
     pub request_headers: Vec<InjectedHeader>,
+    /// The upstreams a call goes to, in order, when it finally fails here
+    /// before any answer byte went to the caller.
+    pub failover: Vec<Arc<str>>,
 }
 
 /// A header the sidecar sets on every request to an upstream, read when

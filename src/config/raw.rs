@@ -68,6 +68,8 @@ pub(crate) struct RawUpstream {
     pub tls: Option<Spanned<RawTls>>,
     #[serde(default)]
     pub request_headers: Entries<String, Spanned<RawInjected>>,
+    #[serde(default)]
+    pub failover: Vec<Spanned<String>>,
     // The policy fields, as in `defaults` (see `policy()`). They are
     // listed here rather than flattened: serde's `flatten` loses source
     // positions and cannot deny unknown fields.

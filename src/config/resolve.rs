@@ -100,6 +100,7 @@ struct Pending {
     dead_letter: Option<DeadLetterPolicy>,
     tls: Option<crate::transport::tls::UpstreamTls>,
     request_headers: Vec<super::InjectedHeader>,
+    failover: Vec<Arc<str>>,
 }
 
 /// Validates the raw model and resolves it into the runtime [`Config`].
@@ -141,6 +142,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
     });
     let dead_letters = resolve_dead_letters(&mut check, file, raw.dead_letters.as_ref());
     check_claims(&mut check, &raw, &pending);
+    check_failover(&mut check, &raw);
     let implicit = implicit_hosts(&pending);
 
     if !check.diagnostics.is_empty() {
@@ -169,6 +171,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 dead_letter: p.dead_letter,
                 tls: p.tls,
                 request_headers: p.request_headers,
+                failover: p.failover,
             })
         })
         .collect();
@@ -185,6 +188,65 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         control_plane,
         dead_letters,
     })
+}
+
+/// Failover targets must be other upstreams of the file, and no chain may
+/// come back to where it started.
+fn check_failover(check: &mut Checker, raw: &RawConfig) {
+    let names: HashMap<&str, usize> = raw
+        .upstreams
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.as_str(), i))
+        .collect();
+    for (name, up) in &raw.upstreams.0 {
+        for (j, target) in up.failover.iter().enumerate() {
+            let field = format!("upstreams.{name}.failover[{j}]");
+            if target.value == *name {
+                check.error(target, field, "an upstream cannot fail over to itself");
+            } else if !names.contains_key(target.value.as_str()) {
+                check.error(
+                    target,
+                    field,
+                    format!("there is no upstream {:?} to fail over to", target.value),
+                );
+            } else if leads_back(raw, &names, &target.value, name) {
+                check.error(
+                    target,
+                    field,
+                    format!(
+                        "failing over to {:?} comes back to {name:?}: a failover cycle",
+                        target.value
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Whether the failover chains from `from` reach `to`.
+fn leads_back(raw: &RawConfig, names: &HashMap<&str, usize>, from: &str, to: &str) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = vec![from.to_owned()];
+    while let Some(name) = todo.pop() {
+        if name == to {
+            return true;
+        }
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        if let Some(&i) = names.get(name.as_str()) {
+            todo.extend(
+                raw.upstreams.0[i]
+                    .1
+                    .failover
+                    .iter()
+                    .map(|t| t.value.clone()),
+            );
+        }
+    }
+    false
 }
 
 /// A path from the policy file, relative to the file's directory.
@@ -320,6 +382,11 @@ fn resolve_upstream(
     };
     let request_headers = resolve_injected(check, file, &up.request_headers, &prefix);
     Pending {
+        failover: up
+            .failover
+            .iter()
+            .map(|f| Arc::from(f.value.as_str()))
+            .collect(),
         request_headers,
         tls,
         dead_letter,

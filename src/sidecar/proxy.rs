@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -114,8 +115,20 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
             }
         };
+        let failover = if upstream.config.failover.is_empty() {
+            Vec::new()
+        } else {
+            let live = self.live.load();
+            upstream
+                .config
+                .failover
+                .iter()
+                .filter_map(|name| live.upstream(name).cloned())
+                .collect()
+        };
         Box::pin(forward(
             upstream,
+            failover,
             request,
             grpc,
             self.tracing.clone(),
@@ -129,6 +142,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 /// request that finally failed).
 async fn forward(
     upstream: Arc<Upstream>,
+    failover: Vec<Arc<Upstream>>,
     request: Request<Incoming>,
     grpc: bool,
     tracing: Option<Tracing>,
@@ -160,7 +174,11 @@ async fn forward(
         span: span.as_ref(),
         attempts: capture.is_some().then_some(&attempts),
     };
-    let result = upstream.call(request, grpc, observe).await;
+    let result = if failover.is_empty() {
+        upstream.call(request, grpc, observe).await
+    } else {
+        fail_over(&upstream, &failover, request, grpc, observe).await
+    };
     let failure = if upstream.config.fallback.is_some() || capture.is_some() {
         fallback::reason(&result, grpc)
     } else {
@@ -208,4 +226,65 @@ async fn forward(
             span.end_with(response)
         }
     })
+}
+
+/// The largest request body kept to send again to a failover upstream.
+const FAILOVER_BODY_LIMIT: usize = 32 << 20;
+/// The header naming the failover upstream that answered.
+pub const FAILOVER_HEADER: &str = "x-breakwater-failover";
+
+/// Calls `upstream`, then each of `failover` in order while the call
+/// fails as a fallback would replace it (no answer, or a server-side
+/// failure answer: nothing of it has gone to the caller yet), each under
+/// its own policy, with the request body kept and sent again. The answer
+/// of a failover upstream names it in `x-breakwater-failover`.
+async fn fail_over(
+    upstream: &Upstream,
+    failover: &[Arc<Upstream>],
+    request: Request<Body>,
+    grpc: bool,
+    observe: Observe<'_>,
+) -> Result<Response<Body>, ProxyError> {
+    let (parts, body) = request.into_parts();
+    let bytes = match http_body_util::Limited::new(body, FAILOVER_BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => {
+            return Err(ProxyError::RequestBody {
+                reason: if error.is::<http_body_util::LengthLimitError>() {
+                    format!(
+                        "over {} MiB, the most kept for failover",
+                        FAILOVER_BODY_LIMIT >> 20
+                    )
+                } else {
+                    crate::error::error_text(&*error)
+                },
+            });
+        }
+    };
+    let copy = || {
+        let mut request = Request::new(crate::body::full(bytes.clone()));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = parts.uri.clone();
+        *request.version_mut() = parts.version;
+        *request.headers_mut() = parts.headers.clone();
+        request
+    };
+    let mut result = upstream.call(copy(), grpc, observe).await;
+    for next in failover {
+        if fallback::reason(&result, grpc).is_none() {
+            break;
+        }
+        upstream.metrics.failover(&next.config.name);
+        tracing::debug!(upstream = %upstream.config.name, to = %next.config.name, "failing over");
+        result = next.call(copy(), grpc, observe).await.map(|mut response| {
+            if let Ok(name) = http::HeaderValue::from_str(&next.config.name) {
+                response.headers_mut().insert(FAILOVER_HEADER, name);
+            }
+            response
+        });
+    }
+    result
 }

@@ -65,6 +65,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailoverLabels {
+    upstream: String,
+    to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     upstream: String,
     kind: &'static str,
@@ -97,6 +103,7 @@ pub struct Metrics {
     timeouts: Family<KindLabels, Counter>,
     hedges: Family<UpstreamLabels, Counter>,
     fallbacks: Family<ReasonLabels, Counter>,
+    failovers: Family<FailoverLabels, Counter>,
     faults: Family<KindLabels, Counter>,
     dead_letters: Family<UpstreamLabels, Counter>,
     dead_letters_dropped: Family<UpstreamLabels, Counter>,
@@ -197,6 +204,12 @@ impl Metrics {
             "Failures of optional upstreams answered with their fallback, by reason",
             fallbacks.clone(),
         );
+        let failovers = Family::<FailoverLabels, Counter>::default();
+        registry.register(
+            "failovers",
+            "Calls that failed on an upstream and went to the next of its failover list, by upstream and the one tried next",
+            failovers.clone(),
+        );
         let faults = Family::<KindLabels, Counter>::default();
         registry.register(
             "faults_injected",
@@ -259,6 +272,7 @@ impl Metrics {
             timeouts,
             hedges,
             fallbacks,
+            failovers,
             faults,
             dead_letters,
             dead_letters_dropped,
@@ -315,6 +329,7 @@ impl Metrics {
             stream_idle_timeouts: timeout("stream-idle"),
             hedges: self.hedges.get_or_create_owned(&labels),
             fallbacks: self.fallbacks.clone(),
+            failovers: self.failovers.clone(),
             faults: self.faults.clone(),
         }))
     }
@@ -402,6 +417,7 @@ struct Handles {
     stream_idle_timeouts: Counter,
     hedges: Counter,
     fallbacks: Family<ReasonLabels, Counter>,
+    failovers: Family<FailoverLabels, Counter>,
     faults: Family<KindLabels, Counter>,
 }
 
@@ -444,6 +460,17 @@ impl UpstreamMetrics {
     /// Counts a fallback answered for `reason` (a bounded label).
     pub fn fallback(&self, reason: &str) {
         self.by_reason(&self.0.fallbacks, reason);
+    }
+
+    /// Counts a call that failed here and went on to `to`.
+    pub fn failover(&self, to: &str) {
+        self.0
+            .failovers
+            .get_or_create(&FailoverLabels {
+                upstream: self.0.name.clone(),
+                to: to.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts an injected fault of `kind` (`delay`, `abort`, `truncate`).
