@@ -71,7 +71,7 @@ async fn wait_for_metric(admin: SocketAddr, series: &str, value: f64) {
 
 fn sidecar_yaml(control_plane: SocketAddr, spool: &Path, upstream: SocketAddr) -> String {
     format!(
-        "control_plane: {{url: 'http://{control_plane}'}}\ndead_letters: {{spool_dir: '{}', redact_headers: [x-api-key]}}\nupstreams:\n  orders:\n    address: '{upstream}'\n    dead_letter: true\n    retry: {{max_attempts: 2, backoff: {{base: 1ms}}, retry_non_idempotent: true}}\n",
+        "control_plane: {{url: 'http://{control_plane}'}}\ndead_letters: {{spool_dir: '{}', redact_headers: [x-internal-token]}}\nupstreams:\n  orders:\n    address: '{upstream}'\n    dead_letter: true\n    retry: {{max_attempts: 2, backoff: {{base: 1ms}}, retry_non_idempotent: true}}\n",
         spool.display()
     )
 }
@@ -83,6 +83,9 @@ fn order() -> Request<breakwater::body::Body> {
         .header("authorization", "Bearer agent-secret")
         .header("cookie", "session=1")
         .header("x-api-key", "k-123")
+        .header("api-key", "azure-k")
+        .header("x-goog-api-key", "g-k")
+        .header("x-internal-token", "t-1")
         .header("x-invoice", "INV-17")
         .body(breakwater::body::full(r#"{"po": "PO-9", "amount": 1200}"#))
         .unwrap()
@@ -128,7 +131,14 @@ async fn a_finally_failed_request_reaches_the_control_plane_without_credentials(
     assert!(!letter.body_truncated);
     assert_eq!((letter.reason.as_str(), letter.attempts), ("http-503", 2));
     let names: Vec<&str> = letter.headers.iter().map(|h| h.name.as_str()).collect();
-    for secret in ["authorization", "cookie", "x-api-key"] {
+    for secret in [
+        "authorization",
+        "cookie",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "x-internal-token",
+    ] {
         assert!(!names.contains(&secret), "{secret} leaked: {names:?}");
     }
     assert!(

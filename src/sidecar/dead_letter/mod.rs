@@ -31,8 +31,17 @@ use crate::telemetry::metrics::Metrics;
 pub use capture::Capture;
 use spool::{Spool, client, ship};
 
-/// Headers never kept in a letter.
-const CREDENTIALS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+/// Headers never kept in a letter: the generic credentials, and the API
+/// keys of the model providers agents call (Anthropic and others'
+/// `x-api-key`, Azure OpenAI's `api-key`, Google's `x-goog-api-key`).
+const CREDENTIALS: [&str; 6] = [
+    "authorization",
+    "cookie",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+];
 /// Headers that describe the failed call, not the request: a replay gets
 /// its own deadline and attempt number.
 const CALL_HEADERS: [&str; 4] = [
