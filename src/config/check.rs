@@ -3,6 +3,7 @@
 //! problem collected with its position.
 
 use std::net::SocketAddr;
+use std::path::Path;
 
 use http::uri::Authority;
 use serde_saphyr::Spanned;
@@ -140,4 +141,9 @@ pub(super) fn parse_host(text: &str) -> Result<String, String> {
             "invalid host {text:?}: expected a host name, optionally with a port"
         ))
     }
+}
+
+/// A path from the policy file, relative to the file's directory.
+pub(super) fn relative_to(file: &str, path: &str) -> std::path::PathBuf {
+    Path::new(file).parent().unwrap_or(Path::new("")).join(path)
 }

@@ -11,6 +11,7 @@ mod check;
 mod error;
 mod raw;
 mod resolve;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
