@@ -43,13 +43,7 @@ impl Upstream {
                 .map(|h| (h.name.clone(), h.value.clone()))
                 .collect(),
         }));
-        if config
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.params.insecure_skip_verify)
-        {
-            tracing::warn!(upstream = %config.name, "tls.insecure_skip_verify: the upstream's certificate is not verified");
-        }
+
         let stack = Stack::new(
             config.name.clone(),
             &config.policy,

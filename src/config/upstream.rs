@@ -41,6 +41,9 @@ pub(super) fn resolve_tls(
         );
         return None;
     }
+    if params.insecure_skip_verify {
+        tracing::warn!(field = %format!("{prefix}.tls"), "insecure_skip_verify: the upstream's certificate is not verified");
+    }
     match Tls::new(&params, address.host(), protocol.is_http2()) {
         Ok(client) => Some(UpstreamTls { params, client }),
         Err(message) => {
