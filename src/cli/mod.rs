@@ -67,6 +67,7 @@ impl Remote {
     async fn channel(&self) -> Result<(Channel, Authorization), CliError> {
         let token =
             Authorization::from_token_file(self.token_file.as_deref()).map_err(CliError::Usage)?;
+        crate::api::check_url(&self.url).map_err(CliError::Usage)?;
         let connect_error = |message: String| CliError::Connect {
             url: self.url.clone(),
             message,
