@@ -39,6 +39,10 @@ pub enum ProxyError {
         /// The host the caller asked for.
         host: String,
     },
+    /// The request carries more than one `Host` header (RFC 9112 §3.2
+    /// asks for a 400): which one a proxy routes by is ambiguous.
+    #[error("the request has more than one Host header")]
+    DuplicateHost,
     /// The request names no host at all.
     #[error("the request has no Host header or authority to route by")]
     NoHost,
@@ -132,6 +136,7 @@ impl ProxyError {
         match self {
             ProxyError::UnknownHost { .. } => "unknown-host",
             ProxyError::NoHost => "no-host",
+            ProxyError::DuplicateHost => "duplicate-host",
             ProxyError::UnsupportedMethod { .. } => "unsupported-method",
             ProxyError::RequestBody { .. } => "request-body",
             ProxyError::Connect { .. } => "connect-failure",
@@ -150,7 +155,9 @@ impl ProxyError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             ProxyError::UnknownHost { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoHost | ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::NoHost | ProxyError::DuplicateHost | ProxyError::RequestBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::UnsupportedMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Connect { .. }
             | ProxyError::TlsHandshake { .. }
@@ -172,7 +179,9 @@ impl ProxyError {
             ProxyError::UnknownHost { .. } | ProxyError::UnsupportedMethod { .. } => {
                 grpc::UNIMPLEMENTED
             }
-            ProxyError::NoHost | ProxyError::RequestBody { .. } => grpc::INVALID_ARGUMENT,
+            ProxyError::NoHost | ProxyError::DuplicateHost | ProxyError::RequestBody { .. } => {
+                grpc::INVALID_ARGUMENT
+            }
             ProxyError::Connect { .. }
             | ProxyError::TlsHandshake { .. }
             | ProxyError::Upstream { .. }

@@ -476,3 +476,25 @@ fn credentials_that_cannot_be_read_are_errors_naming_the_header() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn two_host_headers_are_refused_with_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar_for(upstream.addr).await;
+    let mut stream = tokio::net::TcpStream::connect(sidecar.proxy_addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: agent\r\nhost: elsewhere\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("x-breakwater-error: duplicate-host"),
+        "{answer}"
+    );
+    assert_eq!(upstream.requests(), 0);
+}

@@ -43,7 +43,7 @@ impl Auth {
         };
         let given = headers
             .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| bearer(v.as_bytes()))
             .unwrap_or_default();
         if constant_time_eq(given, token) {
             Ok(())
@@ -64,7 +64,7 @@ impl Auth {
         let given = request
             .metadata()
             .get("authorization")
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| bearer(v.as_bytes()))
             .unwrap_or_default();
         if constant_time_eq(given, token) {
             Ok(request)
@@ -72,6 +72,15 @@ impl Auth {
             Err(ApiError::Unauthenticated.into())
         }
     }
+}
+
+/// The token of a `Bearer` credential; the scheme is matched without regard
+/// to case (RFC 9110 §11.1), and spaces before the token are skipped.
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ')?);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| rest.trim_ascii_start())
 }
 
 /// Compares in time that depends only on the lengths, so a caller cannot
@@ -100,5 +109,17 @@ mod tests {
         assert_eq!(auth.check(&headers), Ok(()));
         assert!(Auth::open().check(&HeaderMap::new()).is_ok());
         assert!(Auth::with_token("  \n").is_err());
+    }
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        assert_eq!(super::bearer(b"Bearer t0k"), Some(&b"t0k"[..]));
+        assert_eq!(super::bearer(b"bearer t0k"), Some(&b"t0k"[..]));
+        assert_eq!(super::bearer(b"BEARER  t0k"), Some(&b"t0k"[..]));
+        assert_eq!(super::bearer(b"Basic dXNlcg=="), None);
+        assert_eq!(super::bearer(b"Bearer"), None);
     }
 }

@@ -101,6 +101,17 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let grpc = crate::grpc::is_grpc(request.headers());
+        if request
+            .headers()
+            .get_all(http::header::HOST)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            self.metrics.unrouted();
+            let error = ProxyError::DuplicateHost;
+            return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
+        }
         if request.method() == Method::CONNECT {
             let error = ProxyError::UnsupportedMethod {
                 method: Method::CONNECT,

@@ -177,10 +177,7 @@ impl DeadLetters {
                 upstream: upstream.clone(),
                 source: sink.source.clone(),
                 method: head.method.to_string(),
-                uri: head
-                    .uri
-                    .path_and_query()
-                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                uri: redacted_target(&head.uri),
                 headers: sink.kept_headers(&head.headers),
                 body,
                 body_truncated: truncated,
@@ -221,6 +218,40 @@ impl DeadLetters {
     }
 }
 
+/// Query parameters whose values are credentials, left out of letters.
+const SECRET_PARAMS: [&str; 8] = [
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "key",
+    "sig",
+    "signature",
+    "password",
+];
+
+/// A request's path and query as a letter keeps it: the values of
+/// credential parameters (`?api_key=`, `?token=`, ...) replaced by
+/// `redacted`.
+fn redacted_target(uri: &Uri) -> String {
+    let Some(target) = uri.path_and_query() else {
+        return "/".to_owned();
+    };
+    let Some(query) = target.query() else {
+        return target.as_str().to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _)) if SECRET_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(name)) => {
+                format!("{name}=redacted")
+            }
+            _ => param.to_owned(),
+        })
+        .collect();
+    format!("{}?{}", target.path(), params.join("&"))
+}
+
 /// A request's method, target and headers, as a letter keeps them.
 #[derive(Debug)]
 pub struct Head {
@@ -238,4 +269,20 @@ pub struct Failed {
     pub attempts: u32,
     /// Whether it was a gRPC call.
     pub grpc: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credential_parameters_are_left_out_of_the_target() {
+        let uri: http::Uri = "/v1/x?batch=7&api_key=abc&TOKEN=t&keyword=k&sig"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            super::redacted_target(&uri),
+            "/v1/x?batch=7&api_key=redacted&TOKEN=redacted&keyword=k&sig"
+        );
+        let plain: http::Uri = "/orders?batch=7".parse().unwrap();
+        assert_eq!(super::redacted_target(&plain), "/orders?batch=7");
+    }
 }
