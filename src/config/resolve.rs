@@ -275,39 +275,8 @@ fn resolve_upstream(
         );
     }
     let criticality = up.criticality.as_ref().map(|c| c.value).unwrap_or_default();
-    let fallback = match (&up.fallback, criticality) {
-        (Some(block), Criticality::Critical) => {
-            check.error(
-                block,
-                format!("{prefix}.fallback"),
-                "a critical upstream never degrades: set criticality: optional to use a fallback",
-            );
-            None
-        }
-        (Some(block), Criticality::Optional) => {
-            resolve_fallback(check, file, &block.value, &format!("{prefix}.fallback"))
-        }
-        (None, Criticality::Optional) => Some(Fallback::default()),
-        (None, Criticality::Critical) => None,
-    };
-    let dead_letter = match &up.dead_letter {
-        Some(d) if d.value.enabled => {
-            if raw.control_plane.is_none() {
-                check.error(
-                    d,
-                    format!("{prefix}.dead_letter"),
-                    "dead letters go to the control plane: set control_plane.url",
-                );
-            }
-            Some(DeadLetterPolicy {
-                max_body: d
-                    .value
-                    .max_body
-                    .map_or(super::DEFAULT_DEAD_LETTER_MAX_BODY, |b| b.0),
-            })
-        }
-        _ => None,
-    };
+    let fallback = resolve_degradation(check, file, up, criticality, &prefix);
+    let dead_letter = resolve_dead_letter(check, raw, up, &prefix);
     if let Some(faults) = &up.faults
         && let Err(errors) = faults.value.resolve()
     {
@@ -340,6 +309,55 @@ fn resolve_upstream(
         fallback: fallback.map(Arc::new),
         name,
     }
+}
+
+/// An upstream's fallback: only an optional upstream has one (empty when
+/// it declares none).
+fn resolve_degradation(
+    check: &mut Checker,
+    file: &str,
+    up: &super::raw::RawUpstream,
+    criticality: Criticality,
+    prefix: &str,
+) -> Option<Fallback> {
+    match (&up.fallback, criticality) {
+        (Some(block), Criticality::Critical) => {
+            check.error(
+                block,
+                format!("{prefix}.fallback"),
+                "a critical upstream never degrades: set criticality: optional to use a fallback",
+            );
+            None
+        }
+        (Some(block), Criticality::Optional) => {
+            resolve_fallback(check, file, &block.value, &format!("{prefix}.fallback"))
+        }
+        (None, Criticality::Optional) => Some(Fallback::default()),
+        (None, Criticality::Critical) => None,
+    }
+}
+
+/// An upstream's `dead_letter` block; it needs the control plane.
+fn resolve_dead_letter(
+    check: &mut Checker,
+    raw: &RawConfig,
+    up: &super::raw::RawUpstream,
+    prefix: &str,
+) -> Option<DeadLetterPolicy> {
+    let d = up.dead_letter.as_ref().filter(|d| d.value.enabled)?;
+    if raw.control_plane.is_none() {
+        check.error(
+            d,
+            format!("{prefix}.dead_letter"),
+            "dead letters go to the control plane: set control_plane.url",
+        );
+    }
+    Some(DeadLetterPolicy {
+        max_body: d
+            .value
+            .max_body
+            .map_or(super::DEFAULT_DEAD_LETTER_MAX_BODY, |b| b.0),
+    })
 }
 
 /// Checks a `fallback` block and reads its `body_file` (relative to the
