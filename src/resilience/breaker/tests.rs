@@ -220,3 +220,47 @@ async fn successes_counted_without_the_lock_still_fill_the_window() {
         "the window holds its last calls"
     );
 }
+
+#[test]
+fn concurrent_records_keep_the_window_consistent() {
+    // Successes on the lock-free path race failures on the locked one; the
+    // window's counts must stay within the window (a miscount would
+    // underflow and panic) and a failure burst must still trip.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut p = params();
+    p.consecutive_failures = 0;
+    p.open_for = Duration::from_secs(3600);
+    let (b, _m) = breaker(p);
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let b = b.clone();
+            let handle = rt.handle().clone();
+            scope.spawn(move || {
+                let _guard = handle.enter();
+                for i in 0..5_000 {
+                    let failure = (t == 0 && i % 7 == 0).then_some(Failure::Http(503));
+                    if let Ok(admission) = b.admit() {
+                        b.record(admission, failure, MS);
+                    }
+                }
+            });
+        }
+    });
+    let snapshot = b.snapshot();
+    assert!(snapshot.window_calls <= 10, "{snapshot:?}");
+    assert!(
+        snapshot.window_failures <= snapshot.window_calls,
+        "{snapshot:?}"
+    );
+    assert_eq!(b.state(), State::Closed, "1 in 28 failing is far under 50%");
+    for _ in 0..10 {
+        if let Ok(admission) = b.admit() {
+            b.record(admission, FAIL, MS);
+        }
+    }
+    assert_eq!(b.state(), State::Open, "a burst still trips it");
+}
