@@ -73,7 +73,7 @@ impl Pki {
         signed
     }
 
-    /// A server config presenting `signed`; with `client_ca`, clients must
+    /// A server config presenting `signed`; with `require_client`, clients must
     /// show a certificate signed by this CA.
     pub fn server_config(&self, signed: &Signed, require_client: bool) -> rustls::ServerConfig {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
