@@ -122,18 +122,19 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
     check_listens(&mut check, &listens);
     let control_plane = raw.control_plane.as_ref().and_then(|c| {
         let url = &c.value.url;
-        match url.value.parse::<http::Uri>() {
-            Ok(uri) if crate::api::check_url(&url.value).is_err() && uri.authority().is_some() => {
-                let why = crate::api::check_url(&url.value).unwrap_err();
+        let has_authority = url
+            .value
+            .parse::<http::Uri>()
+            .is_ok_and(|uri| uri.authority().is_some());
+        match crate::api::check_url(&url.value) {
+            Err(why) if has_authority => {
                 check.error(url, "control_plane.url", why);
                 None
             }
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
-                Some(ControlPlaneConfig {
-                    url: url.value.clone(),
-                    token_file: c.value.token_file.as_ref().map(|f| relative_to(file, f)),
-                })
-            }
+            Ok(()) if has_authority => Some(ControlPlaneConfig {
+                url: url.value.clone(),
+                token_file: c.value.token_file.as_ref().map(|f| relative_to(file, f)),
+            }),
             _ => {
                 check.error(
                     url,

@@ -234,7 +234,12 @@ impl Stack {
                 }
             },
         };
-        if admission.is_none() && span.is_none() && self.hold.is_none() {
+        // A hold can only start on a rate limit: a 429, or a gRPC answer
+        // (whose status needs classifying); other answers skip the work
+        // when nothing else needs the verdict.
+        let may_hold = self.hold.is_some()
+            && matches!(&result, Ok(response) if grpc || response.status() == 429);
+        if admission.is_none() && span.is_none() && !may_hold {
             return result;
         }
         let failure = classify::classify(&result, grpc);
