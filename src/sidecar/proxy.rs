@@ -188,7 +188,9 @@ async fn forward(
     let result = if failover.is_empty() {
         upstream.call(request, grpc, observe).await
     } else {
-        fail_over(&upstream, &failover, request, grpc, observe).await
+        // Boxed: its future holds several calls, and inline it would make
+        // every request's future that large (moving it costs memcpy).
+        Box::pin(fail_over(&upstream, &failover, request, grpc, observe)).await
     };
     let failure = if upstream.config.fallback.is_some() || capture.is_some() {
         fallback::reason(&result, grpc)
