@@ -119,7 +119,10 @@ impl H2Client {
         if let Some(cached) = self.cached() {
             return Ok(cached);
         }
-        let sender = self.connect().await.map_err(H2Error::Connect)?;
+        // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is rare, and
+        // its future, inline, would make every request's future kilobytes
+        // larger (moving it costs memcpy on every call).
+        let sender = Box::pin(self.connect()).await.map_err(H2Error::Connect)?;
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
