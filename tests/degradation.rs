@@ -238,6 +238,87 @@ async fn a_failed_call_fails_over_to_the_next_upstream_with_its_body() {
 }
 
 #[tokio::test]
+async fn a_failover_target_gets_the_request_rewritten_and_counts_the_call() {
+    let down =
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(429, &[], "slow down") })
+            .await;
+    let second = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  primary:\n    address: '{}'\n    retry: {{max_attempts: 1}}\n    failover:\n      - upstream: second\n        rewrite:\n          headers: {{anthropic-version: '2023-06-01'}}\n          json_body: {{model: small, max_tokens: 64}}\n  second:\n    address: '{}'\n",
+        down.addr, second.addr
+    ))
+    .await;
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/v1/messages", sidecar.proxy_addr))
+        .header("host", "primary")
+        .header("content-type", "application/json")
+        .body(breakwater::body::full(
+            r#"{"model": "big", "messages": [{"role": "user", "content": "0.10"}], "temperature":0.30000000000000004}"#,
+        ))
+        .unwrap();
+    let (parts, body) = read_body(http1_client().request(request).await.unwrap()).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(
+        body,
+        r#"{"model":"small","messages":[{"role": "user", "content": "0.10"}],"temperature":0.30000000000000004,"max_tokens":64}"#,
+        "the model set, a field added, every other field kept byte for byte in its place"
+    );
+    let seen = second.last_seen();
+    assert_eq!(seen.headers["anthropic-version"], "2023-06-01");
+    assert_eq!(
+        seen.headers["content-length"],
+        body.len().to_string().as_str()
+    );
+    assert_eq!(parts.headers["x-breakwater-failover"], "second");
+    let second_calls = "breakwater_requests_total{upstream=\"second\",outcome=\"success\"}";
+    assert_eq!(metric_value(sidecar.admin_addr, second_calls).await, 1.0);
+
+    // A body that is not a JSON object goes as it was.
+    let (parts, body) = call(
+        sidecar.proxy_addr,
+        "primary",
+        Method::POST,
+        "/",
+        "plain text",
+    )
+    .await;
+    assert_eq!(
+        (parts.status, body),
+        (StatusCode::OK, Bytes::from("plain text"))
+    );
+}
+
+#[test]
+fn failover_rewrites_are_checked_with_their_position() {
+    let error = breakwater::config::parse(
+        "p.yaml",
+        "upstreams:\n  a:\n    address: 'a:1'\n    failover:\n      - upstream: b\n        rewrite: {headers: {host: x, 'bad name': y}}\n      - upstream: g\n        rewrite: {json_body: {model: m}}\n  b: {address: 'b:1'}\n  g: {address: 'g:1', protocol: grpc}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "p.yaml:6:",
+        "upstreams.a.failover[0].rewrite.headers.host: this header is set by the sidecar itself",
+        "upstreams.a.failover[0].rewrite.headers.bad name: \"bad name\" is not a valid header name",
+        "p.yaml:8:",
+        "upstreams.a.failover[1].rewrite.json_body.model: a gRPC upstream's requests have no JSON body to rewrite",
+    ] {
+        assert!(error.contains(expected), "{expected:?} in:\n{error}");
+    }
+    let error = breakwater::config::parse(
+        "p.yaml",
+        "upstreams:\n  a:\n    address: 'a:1'\n    failover:\n      - {upstream: b, rewrites: {}}\n  b: {address: 'b:1'}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("p.yaml:5:23: upstreams.a.failover[0].rewrites: unknown field \"rewrites\""),
+        "a misspelt key inside the block keeps its position: {error}"
+    );
+}
+
+#[tokio::test]
 async fn an_answer_about_the_request_does_not_fail_over() {
     let refusing =
         HttpUpstream::start(|_req: Request<Incoming>| async { answer(404, &[], "no such model") })

@@ -2,8 +2,9 @@
 //! OpenAI-compatible upstream on loopback: a completion, a streamed one
 //! (chunks arrive one by one), a 429 the sidecar retries after the time the
 //! provider asked for (the SDK's own retries are off), and a stream that
-//! stalls, cut by `stream_idle_timeout`. The agent's key is replaced by
-//! the sidecar's.
+//! stalls, cut by `stream_idle_timeout`; a dead provider failed over to a
+//! second one with another model. The agent's key is replaced by the
+//! sidecar's.
 //!
 //! The SDK lives in the virtualenv `.ci/run` makes (`target/pyenv`, or
 //! `BREAKWATER_PYTHON`). Without it the tests say so and skip, unless
@@ -231,4 +232,33 @@ async fn a_stalled_stream_reaches_the_sdk_as_an_error_within_the_idle_timeout() 
     )
     .await;
     assert_eq!(cut, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_fails_over_from_a_dead_provider_to_a_second_model() {
+    let Some(python) = python() else { return };
+    let seen = Seen::default();
+    let backup = provider(seen.clone()).await;
+    let dead = closed_port().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  openai:\n    address: '{dead}'\n    listen: 127.0.0.1:0\n    retry: {{max_attempts: 2, backoff: {{base: 1ms, max: 5ms}}}}\n    failover:\n      - upstream: backup\n        rewrite: {{json_body: {{model: small-model}}}}\n  backup:\n    address: '{}'\n    request_headers: {{authorization: 'Bearer sk-backup'}}\n",
+        backup.addr
+    ))
+    .await;
+    let base_url = format!("http://{}/v1", sidecar.upstream_addrs["openai"]);
+    let answer = sdk(python, base_url, "failover").await;
+    assert_eq!(answer["content"], "1200 EUR", "{answer}");
+    assert_eq!(answer["model"], "small-model", "{answer}");
+    assert_eq!(answer["failover"], "backup", "{answer}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [("small-model".to_owned(), "Bearer sk-backup".to_owned())],
+        "the second provider got the rewritten model with its own key"
+    );
+    let moved = metric_value(
+        sidecar.admin_addr,
+        "breakwater_failovers_total{upstream=\"openai\",to=\"backup\"}",
+    )
+    .await;
+    assert_eq!(moved, 1.0);
 }

@@ -13,6 +13,8 @@ mod raw;
 mod resolve;
 mod upstream;
 
+pub(crate) use raw::Entries;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -150,7 +152,36 @@ pub struct UpstreamConfig {
     pub request_headers: Vec<InjectedHeader>,
     /// The upstreams a call goes to, in order, when it finally fails here
     /// before any answer byte went to the caller.
-    pub failover: Vec<Arc<str>>,
+    pub failover: Vec<FailoverTarget>,
+}
+
+/// One upstream of a failover list, and how a request is changed for it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FailoverTarget {
+    /// The upstream's name.
+    pub upstream: Arc<str>,
+    /// What changes in the request sent to it, if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Arc<Rewrite>>,
+}
+
+/// How a request is changed for a failover target: enough to switch
+/// models (another provider's version header, another model's name).
+#[derive(Debug, PartialEq, Serialize)]
+pub struct Rewrite {
+    /// Headers set, replacing the caller's (shown by `/config` by name).
+    #[serde(serialize_with = "header_names")]
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Top-level fields set on a JSON object request body, each value as
+    /// JSON text.
+    pub json_body: Vec<(String, String)>,
+}
+
+fn header_names<S: Serializer>(
+    headers: &[(http::HeaderName, http::HeaderValue)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(headers.iter().map(|(name, _)| name.as_str()))
 }
 
 /// A header the sidecar sets on every request to an upstream, read when

@@ -69,7 +69,7 @@ pub(crate) struct RawUpstream {
     #[serde(default)]
     pub request_headers: Entries<String, Spanned<RawInjected>>,
     #[serde(default)]
-    pub failover: Vec<Spanned<String>>,
+    pub failover: Vec<Spanned<RawFailover>>,
     // The policy fields, as in `defaults` (see `policy()`). They are
     // listed here rather than flattened: serde's `flatten` loses source
     // positions and cannot deny unknown fields.
@@ -168,6 +168,61 @@ impl<'de> Deserialize<'de> for RawDeadLetter {
                 },
             },
         )
+    }
+}
+
+/// One `failover` entry: an upstream's name, or
+/// `{upstream: name, rewrite: {...}}`.
+#[derive(Debug)]
+pub(crate) struct RawFailover {
+    pub upstream: String,
+    pub rewrite: Option<RawRewrite>,
+}
+
+/// How a request is changed for a failover target.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRewrite {
+    #[serde(default)]
+    pub headers: Entries<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    pub json_body: Entries<Spanned<String>, serde_json::Value>,
+}
+
+impl<'de> Deserialize<'de> for RawFailover {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Block {
+            upstream: String,
+            rewrite: Option<RawRewrite>,
+        }
+        struct FailoverVisitor;
+        impl<'de> Visitor<'de> for FailoverVisitor {
+            type Value = RawFailover;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an upstream's name, or {upstream: name, rewrite: {...}}")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+                Ok(RawFailover {
+                    upstream: name.to_owned(),
+                    rewrite: None,
+                })
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                // Read in place (not buffered as `untagged` would), so an
+                // error inside the block keeps its own position.
+                let block = Block::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawFailover {
+                    upstream: block.upstream,
+                    rewrite: block.rewrite,
+                })
+            }
+        }
+        deserializer.deserialize_any(FailoverVisitor)
     }
 }
 

@@ -16,7 +16,7 @@ use super::check::{
     Checker, check_listens, parse_address, parse_host, relative_to, unit, valid_name,
 };
 use super::raw::{RawConfig, RawFallback, RawKeyPositions};
-use super::upstream::{check_failover, resolve_injected, resolve_tls};
+use super::upstream::{resolve_failover, resolve_injected, resolve_tls};
 use super::{
     Config, ConfigError, ControlPlaneConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN,
     DeadLetterPolicy, DeadLettersConfig, Diagnostic, ListenConfig, UpstreamConfig,
@@ -102,7 +102,6 @@ struct Pending {
     dead_letter: Option<DeadLetterPolicy>,
     tls: Option<crate::transport::tls::UpstreamTls>,
     request_headers: Vec<super::InjectedHeader>,
-    failover: Vec<Arc<str>>,
 }
 
 /// Validates the raw model and resolves it into the runtime [`Config`].
@@ -147,7 +146,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
     });
     let dead_letters = resolve_dead_letters(&mut check, file, raw.dead_letters.as_ref());
     check_claims(&mut check, &raw, &pending);
-    check_failover(&mut check, &raw);
+    let failovers = resolve_failover(&mut check, &raw);
     let implicit = implicit_hosts(&pending);
 
     if !check.diagnostics.is_empty() {
@@ -160,7 +159,8 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
     let mut upstreams: Vec<Arc<UpstreamConfig>> = pending
         .into_iter()
         .zip(implicit)
-        .map(|(mut p, mut extra)| {
+        .zip(failovers)
+        .map(|((mut p, mut extra), failover)| {
             extra.sort();
             p.hosts.extend(extra);
             Arc::new(UpstreamConfig {
@@ -176,7 +176,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 dead_letter: p.dead_letter,
                 tls: p.tls,
                 request_headers: p.request_headers,
-                failover: p.failover,
+                failover,
             })
         })
         .collect();
@@ -292,11 +292,6 @@ fn resolve_upstream(
     };
     let request_headers = resolve_injected(check, file, &up.request_headers, &prefix);
     Pending {
-        failover: up
-            .failover
-            .iter()
-            .map(|f| Arc::from(f.value.as_str()))
-            .collect(),
         request_headers,
         tls,
         dead_letter,

@@ -66,14 +66,10 @@ pub(super) fn resolve_injected(
     let mut headers = Vec::new();
     for (name, value) in &raw.0 {
         let field = format!("{prefix}.request_headers.{name}");
-        let header = match HeaderName::from_bytes(name.as_bytes()) {
-            Ok(h) if !crate::transport::headers::is_hop_by_hop(&h) && h != http::header::HOST => h,
-            Ok(_) => {
-                check.error(value, field, "this header is set by the sidecar itself");
-                continue;
-            }
-            Err(_) => {
-                check.error(value, field, format!("{name:?} is not a valid header name"));
+        let header = match settable_header(name) {
+            Ok(h) => h,
+            Err(message) => {
+                check.error(value, field, message);
                 continue;
             }
         };
@@ -109,9 +105,23 @@ pub(super) fn resolve_injected(
     headers
 }
 
-/// Failover targets must be other upstreams of the file, and no chain may
-/// come back to where it started.
-pub(super) fn check_failover(check: &mut Checker, raw: &RawConfig) {
+/// A header name the policy may set on requests: valid, and not one the
+/// sidecar sets itself (hop-by-hop headers, `host`).
+fn settable_header(name: &str) -> Result<HeaderName, String> {
+    match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) if !crate::transport::headers::is_hop_by_hop(&h) && h != http::header::HOST => Ok(h),
+        Ok(_) => Err("this header is set by the sidecar itself".to_owned()),
+        Err(_) => Err(format!("{name:?} is not a valid header name")),
+    }
+}
+
+/// Each upstream's failover list, in the order of `raw.upstreams`.
+/// Targets must be other upstreams of the file, no chain may come back to
+/// where it started, and a rewrite must be one that can be applied.
+pub(super) fn resolve_failover(
+    check: &mut Checker,
+    raw: &RawConfig,
+) -> Vec<Vec<super::FailoverTarget>> {
     let names: HashMap<&str, usize> = raw
         .upstreams
         .0
@@ -119,29 +129,83 @@ pub(super) fn check_failover(check: &mut Checker, raw: &RawConfig) {
         .enumerate()
         .map(|(i, (name, _))| (name.as_str(), i))
         .collect();
+    let mut lists = Vec::with_capacity(raw.upstreams.0.len());
     for (name, up) in &raw.upstreams.0 {
-        for (j, target) in up.failover.iter().enumerate() {
+        let mut list = Vec::new();
+        for (j, entry) in up.failover.iter().enumerate() {
             let field = format!("upstreams.{name}.failover[{j}]");
-            if target.value == *name {
-                check.error(target, field, "an upstream cannot fail over to itself");
-            } else if !names.contains_key(target.value.as_str()) {
+            let target = &entry.value.upstream;
+            let Some(&i) = names.get(target.as_str()) else {
                 check.error(
-                    target,
+                    entry,
                     field,
-                    format!("there is no upstream {:?} to fail over to", target.value),
+                    format!("there is no upstream {target:?} to fail over to"),
                 );
-            } else if leads_back(raw, &names, &target.value, name) {
-                check.error(
-                    target,
-                    field,
-                    format!(
-                        "failing over to {:?} comes back to {name:?}: a failover cycle",
-                        target.value
-                    ),
-                );
+                continue;
+            };
+            if target == name.as_str() {
+                check.error(entry, field, "an upstream cannot fail over to itself");
+                continue;
             }
+            if leads_back(raw, &names, target, name) {
+                check.error(
+                    entry,
+                    field,
+                    format!("failing over to {target:?} comes back to {name:?}: a failover cycle"),
+                );
+                continue;
+            }
+            let grpc = raw.upstreams.0[i].1.protocol == Some(super::Protocol::Grpc);
+            let rewrite = entry
+                .value
+                .rewrite
+                .as_ref()
+                .and_then(|r| resolve_rewrite(check, r, grpc, &field));
+            list.push(super::FailoverTarget {
+                upstream: target.as_str().into(),
+                rewrite,
+            });
+        }
+        lists.push(list);
+    }
+    lists
+}
+
+/// Checks a failover target's `rewrite`: settable headers with valid
+/// values; body fields only for a target that speaks JSON (not gRPC).
+fn resolve_rewrite(
+    check: &mut Checker,
+    raw: &super::raw::RawRewrite,
+    grpc: bool,
+    field: &str,
+) -> Option<std::sync::Arc<super::Rewrite>> {
+    let before = check.diagnostics.len();
+    let mut headers = Vec::new();
+    for (name, value) in &raw.headers.0 {
+        let at = format!("{field}.rewrite.headers.{}", name.value);
+        match settable_header(&name.value) {
+            Ok(header) => match HeaderValue::from_str(&value.value) {
+                Ok(v) => headers.push((header, v)),
+                Err(_) => check.error(value, at, "not a valid header value"),
+            },
+            Err(message) => check.error(name, at, message),
         }
     }
+    let mut json_body = Vec::new();
+    for (key, value) in &raw.json_body.0 {
+        let at = format!("{field}.rewrite.json_body.{}", key.value);
+        if grpc {
+            check.error(
+                key,
+                at,
+                "a gRPC upstream's requests have no JSON body to rewrite",
+            );
+        } else {
+            json_body.push((key.value.clone(), value.to_string()));
+        }
+    }
+    (check.diagnostics.len() == before && !(headers.is_empty() && json_body.is_empty()))
+        .then(|| std::sync::Arc::new(super::Rewrite { headers, json_body }))
 }
 
 /// Whether the failover chains from `from` reach `to`.
@@ -161,7 +225,7 @@ fn leads_back(raw: &RawConfig, names: &HashMap<&str, usize>, from: &str, to: &st
                     .1
                     .failover
                     .iter()
-                    .map(|t| t.value.clone()),
+                    .map(|t| t.value.upstream.clone()),
             );
         }
     }

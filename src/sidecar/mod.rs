@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod dead_letter;
+mod failover;
 mod live;
 mod proxy;
 mod route;

@@ -7,16 +7,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::dead_letter::{Capture, DeadLetters, Failed};
+use super::failover;
 use super::live::LiveCell;
 use crate::body::Body;
 use crate::classify;
+use crate::config::Rewrite;
 use crate::edge;
 use crate::error::ProxyError;
 use crate::resilience::fallback;
@@ -134,7 +135,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 .config
                 .failover
                 .iter()
-                .filter_map(|name| live.upstream(name).cloned())
+                .filter_map(|t| Some((live.upstream(&t.upstream)?.clone(), t.rewrite.clone())))
                 .collect()
         };
         Box::pin(forward(
@@ -153,7 +154,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 /// request that finally failed).
 async fn forward(
     upstream: Arc<Upstream>,
-    failover: Vec<Arc<Upstream>>,
+    failover: Vec<(Arc<Upstream>, Option<Arc<Rewrite>>)>,
     request: Request<Incoming>,
     grpc: bool,
     tracing: Option<Tracing>,
@@ -190,7 +191,7 @@ async fn forward(
     } else {
         // Boxed: its future holds several calls, and inline it would make
         // every request's future that large (moving it costs memcpy).
-        Box::pin(fail_over(&upstream, &failover, request, grpc, observe)).await
+        Box::pin(failover::call(&upstream, &failover, request, grpc, observe)).await
     };
     let failure = if upstream.config.fallback.is_some() || capture.is_some() {
         fallback::reason(&result, grpc)
@@ -239,65 +240,4 @@ async fn forward(
             span.end_with(response)
         }
     })
-}
-
-/// The largest request body kept to send again to a failover upstream.
-const FAILOVER_BODY_LIMIT: usize = 32 << 20;
-/// The header naming the failover upstream that answered.
-pub const FAILOVER_HEADER: &str = "x-breakwater-failover";
-
-/// Calls `upstream`, then each of `failover` in order while the call
-/// fails as a fallback would replace it (no answer, or a server-side
-/// failure answer: nothing of it has gone to the caller yet), each under
-/// its own policy, with the request body kept and sent again. The answer
-/// of a failover upstream names it in `x-breakwater-failover`.
-async fn fail_over(
-    upstream: &Upstream,
-    failover: &[Arc<Upstream>],
-    request: Request<Body>,
-    grpc: bool,
-    observe: Observe<'_>,
-) -> Result<Response<Body>, ProxyError> {
-    let (parts, body) = request.into_parts();
-    let bytes = match http_body_util::Limited::new(body, FAILOVER_BODY_LIMIT)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
-            return Err(ProxyError::RequestBody {
-                reason: if error.is::<http_body_util::LengthLimitError>() {
-                    format!(
-                        "over {} MiB, the most kept for failover",
-                        FAILOVER_BODY_LIMIT >> 20
-                    )
-                } else {
-                    crate::error::error_text(&*error)
-                },
-            });
-        }
-    };
-    let copy = || {
-        let mut request = Request::new(crate::body::full(bytes.clone()));
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = parts.uri.clone();
-        *request.version_mut() = parts.version;
-        *request.headers_mut() = parts.headers.clone();
-        request
-    };
-    let mut result = upstream.call(copy(), grpc, observe).await;
-    for next in failover {
-        if fallback::reason(&result, grpc).is_none() {
-            break;
-        }
-        upstream.metrics.failover(&next.config.name);
-        tracing::debug!(upstream = %upstream.config.name, to = %next.config.name, "failing over");
-        result = next.call(copy(), grpc, observe).await.map(|mut response| {
-            if let Ok(name) = http::HeaderValue::from_str(&next.config.name) {
-                response.headers_mut().insert(FAILOVER_HEADER, name);
-            }
-            response
-        });
-    }
-    result
 }

@@ -20,6 +20,12 @@ try:
     if scenario in ("plain", "limited"):
         answer = client.chat.completions.create(model=scenario, messages=messages)
         result["content"] = answer.choices[0].message.content
+    elif scenario == "failover":
+        raw = client.chat.completions.with_raw_response.create(model="big", messages=messages)
+        answer = raw.parse()
+        result["content"] = answer.choices[0].message.content
+        result["model"] = answer.model
+        result["failover"] = raw.headers.get("x-breakwater-failover")
     else:
         chunks = []
         stream = client.chat.completions.create(model=scenario, messages=messages, stream=True)
