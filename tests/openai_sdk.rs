@@ -6,9 +6,8 @@
 //! second one with another model. The agent's key is replaced by the
 //! sidecar's.
 //!
-//! The SDK lives in the virtualenv `.ci/run` makes (`target/pyenv`, or
-//! `BREAKWATER_PYTHON`). Without it the tests say so and skip, unless
-//! `BREAKWATER_REQUIRE_PEERS=1` (set by `.ci/run`), where they fail.
+//! The SDK lives in the virtualenv `.ci/run` makes (see
+//! `tests/support/python.rs`).
 
 mod support;
 
@@ -25,46 +24,11 @@ use serde_json::{Value, json};
 use support::*;
 
 fn python() -> Option<PathBuf> {
-    let python = std::env::var_os("BREAKWATER_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python")
-        });
-    if python.exists() {
-        return Some(python);
-    }
-    assert!(
-        std::env::var_os("BREAKWATER_REQUIRE_PEERS").is_none(),
-        "the OpenAI SDK's virtualenv is missing at {}",
-        python.display()
-    );
-    eprintln!(
-        "SKIPPED: no Python with the openai SDK at {} (run .ci/run, or set BREAKWATER_PYTHON)",
-        python.display()
-    );
-    None
+    support::python::python("openai")
 }
 
-/// Runs one scenario of `tests/python/openai_calls.py` against `base_url`.
 async fn sdk(python: PathBuf, base_url: String, scenario: &'static str) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_calls.py");
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .arg(base_url)
-            .arg(scenario)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{scenario}: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap()
+    support::python::sdk(python, "openai", base_url, scenario).await
 }
 
 /// What the provider saw: each request's model and authorization.
@@ -168,15 +132,7 @@ async fn the_openai_sdk_completes_and_streams_through_the_sidecar_with_its_key()
     let plain = sdk(python.clone(), base_url.clone(), "plain").await;
     assert_eq!(plain["content"], "1200 EUR", "{plain}");
     let streamed = sdk(python, base_url, "stream").await;
-    let chunks = streamed["chunks"].as_array().unwrap();
-    let text: String = chunks.iter().map(|c| c[0].as_str().unwrap()).collect();
-    assert_eq!(text, "1200 EUR", "{streamed}");
-    let first = chunks[0][1].as_f64().unwrap();
-    let last = chunks[2][1].as_f64().unwrap();
-    assert!(
-        last - first >= 0.09,
-        "chunks arrive as they are sent, not buffered: {streamed}"
-    );
+    support::python::assert_streamed(&streamed, "1200 EUR", 0.09);
     for (model, auth) in seen.lock().unwrap().iter() {
         assert_eq!(
             auth, "Bearer sk-the-sidecars",
@@ -216,16 +172,7 @@ async fn a_stalled_stream_reaches_the_sdk_as_an_error_within_the_idle_timeout() 
     let seen = Seen::default();
     let (_upstream, sidecar, base_url) = through_breakwater(&seen).await;
     let stalled = sdk(python, base_url, "stall").await;
-    assert!(
-        stalled["error"].is_string(),
-        "the SDK sees the stream fail: {stalled}"
-    );
-    assert_eq!(stalled["chunks_before_error"][0][0], "12", "{stalled}");
-    let seconds = stalled["seconds"].as_f64().unwrap();
-    assert!(
-        (0.5..5.0).contains(&seconds),
-        "cut after 500 ms, not 10 s: {stalled}"
-    );
+    support::python::assert_cut(&stalled, "12", 0.5);
     let cut = metric_value(
         sidecar.admin_addr,
         "breakwater_timeouts_total{upstream=\"openai\",kind=\"stream-idle\"}",

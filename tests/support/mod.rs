@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod python;
 pub mod tls;
 
 use std::convert::Infallible;
