@@ -639,3 +639,81 @@ async fn a_stream_that_stalls_is_cut_after_its_idle_timeout() {
     assert!(matches!(body.frame().await, Some(Err(_))), "reset");
     assert_eq!(metric_value(sidecar.admin_addr, series).await, 2.0);
 }
+
+#[tokio::test]
+async fn a_grpc_stream_that_stalls_ends_with_deadline_exceeded() {
+    let upstream = GrpcUpstream::start().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  echo:\n    address: '{}'\n    protocol: grpc\n    listen: 127.0.0.1:0\n    stream_idle_timeout: 200ms\n",
+        upstream.addr
+    ))
+    .await;
+    let mut client = grpc_client(sidecar.upstream_addrs["echo"]).await;
+    let started = Instant::now();
+    let request = breakwater::echo::EchoRequest {
+        payload: Bytes::from_static(b"token"),
+        repeat: 3,
+        interval_ms: 10_000,
+    };
+    let mut stream = client.server_stream(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.count, 1, "the first message passes at once");
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        tonic::Code::DeadlineExceeded,
+        "a status in the trailers, not a reset: {status:?}"
+    );
+    assert!(status.message().contains("stalled"), "{status:?}");
+    assert_eq!(
+        status.metadata().get("x-breakwater-error").unwrap(),
+        "stream-idle-timeout"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let series = "breakwater_timeouts_total{upstream=\"echo\",kind=\"stream-idle\"}";
+    assert_eq!(metric_value(sidecar.admin_addr, series).await, 1.0);
+}
+
+#[tokio::test]
+async fn a_slow_first_byte_has_its_own_timeout() {
+    // The first event comes after 300 ms, then one every 100 ms: allowed by
+    // `first_byte_timeout: 1s` though `stream_idle_timeout` is 200 ms.
+    let upstream = HttpUpstream::start(|_req: Request<Incoming>| async {
+        let stream = futures_util::stream::unfold(0u32, |i| async move {
+            if i == 3 {
+                return None;
+            }
+            let gap = if i == 0 { 300 } else { 100 };
+            tokio::time::sleep(Duration::from_millis(gap)).await;
+            let frame = hyper::body::Frame::data(Bytes::from(format!("data: {i}\n\n")));
+            Some((Ok::<_, breakwater::body::BoxError>(frame), i + 1))
+        });
+        http::Response::new(body::boxed(http_body_util::StreamBody::new(stream)))
+    })
+    .await;
+    let yaml = |first_byte: &str| {
+        format!(
+            "upstreams:\n  llm:\n    address: '{}'\n    stream_idle_timeout: 200ms\n    first_byte_timeout: {first_byte}\n",
+            upstream.addr
+        )
+    };
+    let sidecar = sidecar(&yaml("1s")).await;
+    let request = request_to(sidecar.proxy_addr, "llm", Method::POST, "/v1/chat", "{}");
+    let response = http1_client().request(request).await.unwrap();
+    let (_, body) = read_body(response).await;
+    assert_eq!(body, "data: 0\n\ndata: 1\n\ndata: 2\n\n");
+
+    let strict = support::sidecar(&yaml("100ms")).await;
+    let request = request_to(strict.proxy_addr, "llm", Method::POST, "/v1/chat", "{}");
+    let response = http1_client().request(request).await.unwrap();
+    let cut = response.into_body().collect().await;
+    assert!(cut.is_err(), "no first byte within 100 ms: cut");
+    let series = "breakwater_timeouts_total{upstream=\"llm\",kind=\"first-byte\"}";
+    assert_eq!(metric_value(strict.admin_addr, series).await, 1.0);
+    let idle = "breakwater_timeouts_total{upstream=\"llm\",kind=\"stream-idle\"}";
+    assert_eq!(metric_value(strict.admin_addr, idle).await, 0.0);
+}

@@ -399,3 +399,20 @@ fn dead_letters_need_a_control_plane_and_resolve_their_spool() {
     assert_eq!(max_body("b"), Some(DEFAULT_DEAD_LETTER_MAX_BODY));
     assert_eq!(max_body("c"), None);
 }
+
+#[test]
+fn streams_are_cut_after_five_idle_minutes_unless_turned_off() {
+    let config = parse(
+        "p.yaml",
+        "defaults: {first_byte_timeout: 2m}\nupstreams:\n  a: {address: 'a:1'}\n  b: {address: 'b:1', stream_idle_timeout: 0s, first_byte_timeout: 0s}\n  c: {address: 'c:1', stream_idle_timeout: 20s}\n",
+    )
+    .unwrap();
+    let timeouts = |name: &str| {
+        let p = &config.upstream(name).unwrap().policy;
+        (p.stream_idle_timeout, p.first_byte_timeout)
+    };
+    let s = std::time::Duration::from_secs;
+    assert_eq!(timeouts("a"), (Some(s(300)), Some(s(120))));
+    assert_eq!(timeouts("b"), (None, None), "0s turns each off");
+    assert_eq!(timeouts("c"), (Some(s(20)), Some(s(120))));
+}

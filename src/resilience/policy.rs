@@ -16,6 +16,11 @@ use crate::values::{
     ByteSize, HumanDuration, Ratio, merge_fields, serialize_duration, serialize_opt_duration,
 };
 
+/// How long a streamed answer may stall by default: Envoy's default, long
+/// enough for any live stream, short enough that a stalled one does not
+/// hold its concurrency slot for ever.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// The policy fields of an upstream or of `defaults`, as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,13 +28,14 @@ pub(crate) struct RawPolicy {
     pub timeout: Option<HumanDuration>,
     pub per_try_timeout: Option<HumanDuration>,
     pub stream_idle_timeout: Option<HumanDuration>,
+    pub first_byte_timeout: Option<HumanDuration>,
     pub retry: Option<RawRetry>,
     pub hedge: Option<RawHedge>,
     pub circuit_breaker: Option<RawBreaker>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_pending: Option<u32>,
 }
-merge_fields!(RawPolicy { timeout, per_try_timeout, stream_idle_timeout, max_concurrent_requests, max_pending } nested { retry, hedge, circuit_breaker });
+merge_fields!(RawPolicy { timeout, per_try_timeout, stream_idle_timeout, first_byte_timeout, max_concurrent_requests, max_pending } nested { retry, hedge, circuit_breaker });
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,9 +118,13 @@ pub struct Policy {
     #[serde(serialize_with = "serialize_opt_duration")]
     pub per_try_timeout: Option<Duration>,
     /// The longest gap between two frames of an answer's body before the
-    /// stream is cut (default: none).
+    /// stream is cut (default 5 minutes, as Envoy's; `0s`: none).
     #[serde(serialize_with = "serialize_opt_duration")]
     pub stream_idle_timeout: Option<Duration>,
+    /// The longest wait from an answer's headers to its first body frame
+    /// (default: the idle timeout).
+    #[serde(serialize_with = "serialize_opt_duration")]
+    pub first_byte_timeout: Option<Duration>,
     /// Retries.
     pub retry: RetryParams,
     /// Hedged requests, if configured.
@@ -244,7 +254,14 @@ impl RawPolicy {
         Policy {
             timeout: d(&self.timeout, Duration::from_secs(30)),
             per_try_timeout: self.per_try_timeout.map(|h| h.0),
-            stream_idle_timeout: self.stream_idle_timeout.map(|h| h.0),
+            stream_idle_timeout: match self.stream_idle_timeout {
+                None => Some(DEFAULT_STREAM_IDLE_TIMEOUT),
+                Some(h) => Some(h.0).filter(|d| !d.is_zero()),
+            },
+            first_byte_timeout: self
+                .first_byte_timeout
+                .map(|h| h.0)
+                .filter(|d| !d.is_zero()),
             retry: RetryParams {
                 max_attempts: retry.max_attempts.map_or(3, NonZeroU32::get),
                 backoff_base: d(&backoff.base, Duration::from_millis(100)),

@@ -38,7 +38,7 @@ use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
 use super::hold::Hold;
 use super::policy::Policy;
 use super::retry::{Attempt, Cause, Retry};
-use super::stream;
+use super::stream::{self, StreamTimeouts};
 use crate::body::Body;
 use crate::body::Completion;
 use crate::classify::{self, Failure};
@@ -62,7 +62,7 @@ pub struct Stack {
     name: Arc<str>,
     timeout: Duration,
     per_try_timeout: Option<Duration>,
-    stream_idle_timeout: Option<Duration>,
+    stream_timeouts: Option<StreamTimeouts>,
     limiter: Limiter,
     retry: Retry,
     breaker: Option<Arc<Breaker>>,
@@ -88,7 +88,10 @@ impl Stack {
         Self {
             timeout: policy.timeout,
             per_try_timeout: policy.per_try_timeout,
-            stream_idle_timeout: policy.stream_idle_timeout,
+            stream_timeouts: StreamTimeouts::new(
+                policy.first_byte_timeout,
+                policy.stream_idle_timeout,
+            ),
             limiter: Limiter::new(
                 name.clone(),
                 policy.max_concurrent_requests,
@@ -143,9 +146,9 @@ impl Stack {
             Ok(response.map(|b| b.with_permit(permit)))
         };
         match tokio::time::timeout_at(deadline.at, call).await {
-            Ok(Ok(response)) => Ok(match self.stream_idle_timeout {
+            Ok(Ok(response)) => Ok(match self.stream_timeouts {
                 None => response,
-                Some(idle) => response.map(|b| self.idle_cut(b, idle)),
+                Some(timeouts) => response.map(|b| self.stall_cut(b, timeouts, grpc)),
             }),
             Ok(result) => result,
             Err(_) => {
@@ -255,17 +258,22 @@ impl Stack {
         result
     }
 
-    /// The answer's body, cut when it stalls for `idle`: counted, and
-    /// reported to the breaker as a reset.
-    fn idle_cut(&self, body: Body, idle: Duration) -> Body {
+    /// The answer's body, cut when it stalls longer than `timeouts` allow:
+    /// counted, and reported to the breaker as a reset. An empty body
+    /// (a trailers-only gRPC answer, a 204) cannot stall.
+    fn stall_cut(&self, body: Body, timeouts: StreamTimeouts, grpc: bool) -> Body {
+        if http_body::Body::is_end_stream(&body) {
+            return body;
+        }
         let metrics = self.metrics.clone();
         let breaker = self.breaker.clone();
         let started = Instant::now();
-        stream::idle_timeout(
+        stream::cut_when_stalled(
             body,
-            idle,
-            Box::new(move || {
-                metrics.stream_idle_timeout();
+            timeouts,
+            grpc,
+            Box::new(move |cut| {
+                metrics.stream_cut(cut == stream::Cut::FirstByte);
                 if let Some(breaker) = breaker {
                     breaker.record(Admission::Normal, Some(Failure::Reset), started.elapsed());
                 }

@@ -327,6 +327,7 @@ impl Metrics {
             deadline_timeouts: timeout("deadline"),
             per_try_timeouts: timeout("per-try"),
             stream_idle_timeouts: timeout("stream-idle"),
+            first_byte_timeouts: timeout("first-byte"),
             hedges: self.hedges.get_or_create_owned(&labels),
             fallbacks: self.fallbacks.clone(),
             failovers: self.failovers.clone(),
@@ -415,6 +416,7 @@ struct Handles {
     deadline_timeouts: Counter,
     per_try_timeouts: Counter,
     stream_idle_timeouts: Counter,
+    first_byte_timeouts: Counter,
     hedges: Counter,
     fallbacks: Family<ReasonLabels, Counter>,
     failovers: Family<FailoverLabels, Counter>,
@@ -523,9 +525,14 @@ impl UpstreamMetrics {
         }
     }
 
-    /// Counts a stream cut for idling (`stream_idle_timeout`).
-    pub fn stream_idle_timeout(&self) {
-        self.0.stream_idle_timeouts.inc();
+    /// Counts a stream cut for stalling after its first frame
+    /// (`stream_idle_timeout`), or before it (`first_byte_timeout`).
+    pub fn stream_cut(&self, before_first_frame: bool) {
+        if before_first_frame {
+            self.0.first_byte_timeouts.inc();
+        } else {
+            self.0.stream_idle_timeouts.inc();
+        }
     }
 
     /// Counts a hedged attempt.
