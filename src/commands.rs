@@ -65,6 +65,8 @@ pub struct ControlPlaneRun {
     pub options: control::ControlOptions,
     /// The bearer token's file.
     pub token_file: Option<PathBuf>,
+    /// The certificate and key to serve TLS with.
+    pub tls: Option<inject::server::TlsFiles>,
     /// The upstreams' policy file.
     pub policies: Option<PathBuf>,
     /// Worker threads.
@@ -84,6 +86,12 @@ pub fn control_plane(run: ControlPlaneRun) -> ExitCode {
         });
         match auth {
             Ok(auth) => options.auth = auth,
+            Err(error) => return config_error(error),
+        }
+    }
+    if let Some(files) = run.tls {
+        match crate::transport::tls::server::ServerTls::load(files) {
+            Ok(tls) => options.tls = Some(tls),
             Err(error) => return config_error(error),
         }
     }

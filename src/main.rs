@@ -60,6 +60,13 @@ enum Command {
         /// A file holding the bearer token every call must carry.
         #[arg(long, env = "BREAKWATER_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// Serve gRPC and JSON over TLS with this certificate chain (PEM),
+        /// read again when it changes. The admin port stays plaintext.
+        #[arg(long, env = "BREAKWATER_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The TLS private key (PEM).
+        #[arg(long, env = "BREAKWATER_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Largest checkpoint state (and dead-letter body) accepted.
         #[arg(long, default_value = "4MiB", value_parser = parse_size)]
         max_state: u64,
@@ -187,6 +194,10 @@ struct RemoteArgs {
     /// A file holding the bearer token.
     #[arg(long, env = "BREAKWATER_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// The CA (PEM) to trust for an https:// control plane (default:
+    /// Mozilla's roots).
+    #[arg(long, env = "BREAKWATER_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Print JSON, for scripts.
     #[arg(long, global = true)]
     json: bool,
@@ -379,6 +390,8 @@ fn main() -> ExitCode {
             http_listen,
             admin_listen,
             token_file,
+            tls_cert,
+            tls_key,
             max_state,
             config,
             saga_workers,
@@ -393,6 +406,9 @@ fn main() -> ExitCode {
             commands::control_plane(commands::ControlPlaneRun {
                 options,
                 token_file,
+                tls: tls_cert
+                    .zip(tls_key)
+                    .map(|(cert, key)| inject::server::TlsFiles { cert, key }),
                 policies: config,
                 threads,
             })
@@ -501,6 +517,7 @@ impl From<RemoteArgs> for cli::Remote {
         Self {
             url: args.control_plane,
             token_file: args.token_file,
+            ca_file: args.ca_file,
             json: args.json,
         }
     }

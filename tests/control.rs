@@ -494,30 +494,3 @@ async fn an_expired_workflow_vanishes() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(200));
     running.shutdown().await;
 }
-
-#[tokio::test]
-async fn an_https_control_plane_url_is_refused_before_any_token_is_sent() {
-    // Nothing listens there: the refusal comes before any connection.
-    let remote = breakwater::cli::Remote {
-        url: "https://127.0.0.1:9".into(),
-        token_file: None,
-        json: false,
-    };
-    let error = breakwater::cli::get(&remote, "inv-1".into(), 0)
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(error.contains("https is not supported yet"), "{error}");
-    let config = breakwater::config::parse(
-        "p.yaml",
-        "control_plane: {url: 'https://cp:7070'}\nupstreams:\n  a: {address: 'a:1'}\n",
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        config.contains("p.yaml:1:")
-            && config.contains("control_plane.url")
-            && config.contains("https is not supported yet"),
-        "{config}"
-    );
-}

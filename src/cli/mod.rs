@@ -10,11 +10,15 @@ pub mod saga;
 use std::path::PathBuf;
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::api::checkpoints_client::CheckpointsClient;
 use crate::api::dead_letters_client::DeadLettersClient;
 use crate::api::token::Authorization;
+use crate::transport::channel::ControlChannel;
+
+/// How long the CLI waits for a connection to the control plane.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub use checkpoint::{PutArgs, delete, get, list, prune, put};
 pub use dlq::{Selection, dlq_list, dlq_purge, dlq_replay, dlq_show};
@@ -26,6 +30,8 @@ pub struct Remote {
     pub url: String,
     /// A file holding the bearer token.
     pub token_file: Option<PathBuf>,
+    /// The CA to trust for an `https://` URL (default: Mozilla's roots).
+    pub ca_file: Option<PathBuf>,
     /// Print JSON instead of text.
     pub json: bool,
 }
@@ -67,16 +73,15 @@ impl Remote {
     async fn channel(&self) -> Result<(Channel, Authorization), CliError> {
         let token =
             Authorization::from_token_file(self.token_file.as_deref()).map_err(CliError::Usage)?;
-        crate::api::check_url(&self.url).map_err(CliError::Usage)?;
-        let connect_error = |message: String| CliError::Connect {
-            url: self.url.clone(),
-            message,
-        };
-        let channel = Endpoint::from_shared(self.url.clone())
-            .map_err(|e| connect_error(e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| connect_error(crate::error::error_text(&e)))?;
+        let channel =
+            ControlChannel::new(&self.url, self.ca_file.as_deref(), CONNECT_TIMEOUT, None)
+                .map_err(CliError::Usage)?
+                .connect()
+                .await
+                .map_err(|message| CliError::Connect {
+                    url: self.url.clone(),
+                    message,
+                })?;
         Ok((channel, token))
     }
 

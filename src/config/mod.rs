@@ -87,6 +87,8 @@ pub struct ControlPlaneConfig {
     pub url: String,
     /// A file holding its bearer token.
     pub token_file: Option<PathBuf>,
+    /// The CA to trust for an `https://` URL (default: Mozilla's roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `dead_letters`.

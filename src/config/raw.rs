@@ -116,6 +116,7 @@ pub(crate) struct RawTls {
 pub(crate) struct RawControlPlane {
     pub url: Spanned<String>,
     pub token_file: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 /// `dead_letters`: the sidecar's local spool.

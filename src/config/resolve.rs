@@ -130,10 +130,27 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 check.error(url, "control_plane.url", why);
                 None
             }
-            Ok(()) if has_authority => Some(ControlPlaneConfig {
-                url: url.value.clone(),
-                token_file: c.value.token_file.as_ref().map(|f| relative_to(file, f)),
-            }),
+            Ok(()) if has_authority => {
+                let ca_file = c.value.ca_file.as_ref().map(|f| relative_to(file, f));
+                // Reads the CA file: a bad one is an error of the file.
+                let channel = crate::transport::channel::ControlChannel::new(
+                    &url.value,
+                    ca_file.as_deref(),
+                    std::time::Duration::from_secs(5),
+                    None,
+                );
+                match channel {
+                    Ok(_) => Some(ControlPlaneConfig {
+                        url: url.value.clone(),
+                        token_file: c.value.token_file.as_ref().map(|f| relative_to(file, f)),
+                        ca_file,
+                    }),
+                    Err(why) => {
+                        check.error(url, "control_plane.ca_file", why);
+                        None
+                    }
+                }
+            }
             _ => {
                 check.error(
                     url,

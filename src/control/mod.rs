@@ -57,6 +57,9 @@ pub struct ControlOptions {
     pub policies: Option<crate::config::Config>,
     /// How many sagas run at once.
     pub saga_workers: usize,
+    /// The certificate the gRPC and JSON listeners serve TLS with, if any
+    /// (the admin port stays plaintext, for probes and scrapes).
+    pub tls: Option<crate::transport::tls::server::ServerTls>,
 }
 
 impl ControlOptions {
@@ -73,6 +76,7 @@ impl ControlOptions {
             sweep_interval: Duration::from_secs(10),
             policies: None,
             saga_workers: saga::DEFAULT_WORKERS,
+            tls: None,
         }
     }
 }
@@ -185,23 +189,37 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         );
     }
 
+    if let Some(tls) = &options.tls {
+        tls.keep_fresh();
+    }
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let routes = grpc::router(control.clone(), options.auth.clone());
-    tasks.spawn(serve_grpc(grpc_listener, routes, stop_rx.clone()));
+    tasks.spawn(serve_grpc(
+        grpc_listener,
+        routes,
+        options.tls.clone(),
+        stop_rx.clone(),
+    ));
     if let Some(listener) = http_listener {
         let api = http::HttpApi::new(control.clone(), options.auth.clone());
-        tasks.spawn(serve_http(listener, stop_rx.clone(), move |request| {
+        let tls = options.tls.clone();
+        tasks.spawn(serve_http(listener, stop_rx.clone(), tls, move |request| {
             let api = api.clone();
             async move { api.handle(request).await }
         }));
     }
     if let Some(listener) = admin_listener {
         let (metrics, admin_control) = (metrics.clone(), control.clone());
-        tasks.spawn(serve_http(listener, stop_rx.clone(), move |request| {
-            let (metrics, control) = (metrics.clone(), admin_control.clone());
-            async move { Ok::<_, Infallible>(admin(&metrics, &control, request.uri().path())) }
-        }));
+        tasks.spawn(serve_http(
+            listener,
+            stop_rx.clone(),
+            None,
+            move |request| {
+                let (metrics, control) = (metrics.clone(), admin_control.clone());
+                async move { Ok::<_, Infallible>(admin(&metrics, &control, request.uri().path())) }
+            },
+        ));
     }
     tasks.spawn(sweep(
         control.clone(),
@@ -225,6 +243,7 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         admin = %or_off(admin_addr),
         data_dir = %options.data_dir.display(),
         resumed_sagas = resumed,
+        tls = options.tls.is_some(),
         "control plane ready"
     );
     Ok(Running {
@@ -238,24 +257,53 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
     })
 }
 
-/// Serves the gRPC services until `stop`.
+/// Serves the gRPC services until `stop`, over TLS with `tls`.
 async fn serve_grpc(
     listener: TcpListener,
     routes: tonic::service::Routes,
-    mut stop: watch::Receiver<bool>,
+    tls: Option<crate::transport::tls::server::ServerTls>,
+    stop: watch::Receiver<bool>,
 ) {
-    // Without TCP_NODELAY a small answer can wait out the peer's delayed
-    // ACK: 40 ms on Linux.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    let result = match tls {
+        Some(tls) => {
+            let incoming = crate::transport::server::tls_incoming(listener, tls);
+            serve_grpc_on(incoming, routes, stop).await
+        }
+        None => {
+            // Without TCP_NODELAY a small answer can wait out the peer's
+            // delayed ACK: 40 ms on Linux.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            serve_grpc_on(incoming, routes, stop).await
+        }
+    };
+    if let Err(error) = result {
+        tracing::error!(%error, "the gRPC server failed");
+    }
+}
+
+async fn serve_grpc_on<I, IO, IE>(
+    incoming: I,
+    routes: tonic::service::Routes,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tonic::transport::Server::builder()
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
-        .await;
-    if let Err(error) = result {
-        tracing::error!(%error, "the gRPC server failed");
-    }
+        .await
 }
 
 /// Deletes expired workflows every `interval`, until `stop`.
@@ -302,15 +350,19 @@ fn admin(metrics: &ControlMetrics, control: &ControlPlane, path: &str) -> Respon
 
 /// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop`, then
 /// lets open connections finish (up to 10 s).
-async fn serve_http<F, Fut>(listener: TcpListener, stop: watch::Receiver<bool>, handle: F)
-where
+async fn serve_http<F, Fut>(
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+    tls: Option<crate::transport::tls::server::ServerTls>,
+    handle: F,
+) where
     F: Fn(::http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let service = hyper::service::service_fn(handle);
-    crate::transport::server::serve(listener, service, builder, graceful.clone(), stop).await;
+    crate::transport::server::serve(listener, service, builder, graceful.clone(), stop, tls).await;
     if let Ok(graceful) = Arc::try_unwrap(graceful) {
         let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
     }

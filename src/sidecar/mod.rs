@@ -186,6 +186,7 @@ impl Control {
             self.builder.clone(),
             graceful.clone(),
             stop_rx,
+            None,
         ));
         Ok(Listener {
             configured: addr,

@@ -4,9 +4,12 @@
 //! upstream's one HTTP/2 connection, [`h2`]), over TLS where the upstream
 //! speaks it ([`tls`]); [`headers`] knows which
 //! headers are hop-by-hop; [`server`] is the accept loop every listener of
-//! the sidecar and the control plane runs. Nothing here decides whether an
+//! the sidecar and the control plane runs (over TLS for the control plane
+//! when it has a certificate, [`tls::server`]); [`channel`] is the gRPC
+//! channel to the control plane, for the sidecar and the CLI. Nothing here decides whether an
 //! answer failed or what to do about it: that is `resilience`.
 
+pub mod channel;
 pub mod client;
 pub mod h2;
 pub mod headers;

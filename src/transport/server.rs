@@ -10,7 +10,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use std::convert::Infallible;
@@ -18,6 +18,7 @@ use std::convert::Infallible;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use super::tls::server::{Accepted, ServerTls};
 use crate::body::Body;
 
 /// Largest request head (request line and headers) accepted over HTTP/1.1,
@@ -51,13 +52,15 @@ pub fn builder() -> auto::Builder<TokioExecutor> {
 
 /// Serves `listener` until `stop` turns true, then closes the listener so
 /// new connections are refused. Connections already accepted keep going
-/// until `graceful` drains them.
+/// until `graceful` drains them. With `tls`, each connection's handshake
+/// runs in its own task before it is served.
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     builder: auto::Builder<TokioExecutor>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
+    tls: Option<ServerTls>,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Clone
@@ -66,30 +69,92 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     loop {
-        let accepted = tokio::select! {
+        let stream = tokio::select! {
             biased;
             _ = stop.wait_for(|stop| *stop) => break,
-            accepted = listener.accept() => accepted,
+            stream = accept(&listener) => stream,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let Some(tls) = &tls else {
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service.clone())
+                .into_owned();
+            tokio::spawn(drive(graceful.watch(connection)));
+            continue;
+        };
+        let (tls, builder, service, graceful) = (
+            tls.clone(),
+            builder.clone(),
+            service.clone(),
+            graceful.clone(),
+        );
+        tokio::spawn(async move {
+            let stream = match tls.accept(stream).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::debug!(%error, "TLS handshake failed");
+                    return;
+                }
+            };
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            drive(graceful.watch(connection)).await;
+        });
+    }
+}
+
+/// The connections of `listener`, each handshaken in its own task, as a
+/// stream for tonic's server. The accept loop ends when the stream is
+/// dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
+    tls: ServerTls,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Accepted>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                () = tx.closed() => break,
+                stream = accept(&listener) => stream,
+            };
+            let (tls, tx) = (tls.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tls.accept(stream).await {
+                    Ok(accepted) => {
+                        let _ = tx.send(Ok(accepted)).await;
+                    }
+                    Err(error) => tracing::debug!(%error, "TLS handshake failed"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The next connection of `listener`, with `TCP_NODELAY`. A failed accept
+/// (out of file descriptors, a connection reset before it was accepted)
+/// is logged and retried after a short pause instead of spinning.
+async fn accept(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                return stream;
+            }
             Err(error) => {
-                // Out of file descriptors or a connection reset before
-                // accept: back off briefly instead of spinning.
                 tracing::warn!(%error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        let _ = stream.set_nodelay(true);
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service.clone())
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
-            }
-        });
+        }
+    }
+}
+
+async fn drive<C, E>(connection: C)
+where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "connection ended with an error");
     }
 }

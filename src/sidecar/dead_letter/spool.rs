@@ -22,11 +22,14 @@ pub(super) type Client = DeadLettersClient<
 pub(super) fn client(config: &ControlPlaneConfig) -> Result<Client, SpoolError> {
     let token = crate::api::token::Authorization::from_token_file(config.token_file.as_deref())
         .map_err(SpoolError::ControlPlane)?;
-    let channel = tonic::transport::Endpoint::from_shared(config.url.clone())
-        .map_err(|e| SpoolError::ControlPlane(e.to_string()))?
-        .connect_timeout(DELIVERY_TIMEOUT)
-        .timeout(DELIVERY_TIMEOUT)
-        .connect_lazy();
+    let channel = crate::transport::channel::ControlChannel::new(
+        &config.url,
+        config.ca_file.as_deref(),
+        DELIVERY_TIMEOUT,
+        Some(DELIVERY_TIMEOUT),
+    )
+    .map_err(SpoolError::ControlPlane)?
+    .connect_lazy();
     Ok(DeadLettersClient::with_interceptor(channel, token))
 }
 

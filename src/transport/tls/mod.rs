@@ -1,4 +1,6 @@
-//! TLS to upstreams: the client side of an upstream's `tls` block.
+//! TLS to upstreams: the client side of an upstream's `tls` block (and of
+//! an `https://` control plane URL); [`server`] is the control plane's
+//! side.
 //!
 //! Verification is on unless `insecure_skip_verify` says otherwise (and
 //! that is logged at every load). The trust is Mozilla's roots, embedded
@@ -37,6 +39,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::body::BoxError;
+
+pub mod server;
 
 /// An upstream's TLS client beside the block it was built from: equal when
 /// the blocks are, shown as the block.
@@ -167,51 +171,100 @@ fn certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// Why a connection's TLS handshake failed, in words, if that is what
-/// `error` (or one of its causes) is.
+/// Who is on the other side of a handshake, for the words of its failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// An upstream (its `tls` block).
+    Upstream,
+    /// The control plane (an `https://` URL).
+    ControlPlane,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Upstream => "upstream",
+            Peer::ControlPlane => "control plane",
+        }
+    }
+
+    fn ca_hint(self) -> &'static str {
+        match self {
+            Peer::Upstream => "set tls.ca_file",
+            Peer::ControlPlane => "give its CA with --ca-file, or control_plane.ca_file",
+        }
+    }
+}
+
+/// Why a connection's TLS handshake with an upstream failed, in words, if
+/// that is what `error` (or one of its causes) is.
 pub fn handshake_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    handshake_failure_with(error, Peer::Upstream)
+}
+
+/// [`handshake_failure`], for any peer.
+pub fn handshake_failure_with(
+    error: &(dyn std::error::Error + 'static),
+    peer: Peer,
+) -> Option<String> {
     let mut source = Some(error);
     while let Some(e) = source {
         let tls = e
             .downcast_ref::<rustls::Error>()
             .or_else(|| e.downcast_ref::<io::Error>()?.get_ref()?.downcast_ref());
         if let Some(tls) = tls {
-            return Some(describe(tls));
+            return Some(describe(tls, peer));
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && io.kind() == io::ErrorKind::UnexpectedEof
+            && io.to_string().contains("handshake")
+        {
+            return Some(format!(
+                "the {} closed the connection during the TLS handshake: does its port speak \
+                 plaintext (http://)?",
+                peer.name()
+            ));
         }
         source = e.source();
     }
     None
 }
 
-fn describe(error: &rustls::Error) -> String {
+fn describe(error: &rustls::Error, peer: Peer) -> String {
     use rustls::AlertDescription as Alert;
+    let who = peer.name();
     match error {
         rustls::Error::InvalidCertificate(cert) => match cert {
-            CertificateError::UnknownIssuer => {
-                "the upstream's certificate is not signed by a trusted CA (set tls.ca_file)".into()
-            }
-            CertificateError::BadSignature => "the upstream's certificate is not signed by a \
-                 trusted CA: its signature does not verify against the trusted CA of that name"
-                .into(),
+            CertificateError::UnknownIssuer => format!(
+                "the {who}'s certificate is not signed by a trusted CA ({})",
+                peer.ca_hint()
+            ),
+            CertificateError::BadSignature => format!(
+                "the {who}'s certificate is not signed by a trusted CA: its signature does not \
+                 verify against the trusted CA of that name"
+            ),
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                format!("the upstream's certificate is not valid for its name ({error})")
+                format!("the {who}'s certificate is not valid for its name ({error})")
             }
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                format!("the upstream's certificate has expired ({error})")
+                format!("the {who}'s certificate has expired ({error})")
             }
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                format!("the upstream's certificate is not valid yet ({error})")
+                format!("the {who}'s certificate is not valid yet ({error})")
             }
-            _ => format!("the upstream's certificate is invalid: {error}"),
+            _ => format!("the {who}'s certificate is invalid: {error}"),
         },
         rustls::Error::AlertReceived(Alert::CertificateRequired | Alert::HandshakeFailure) => {
             format!(
-                "the upstream refused the handshake ({error}); does it require a client certificate?"
+                "the {who} refused the handshake ({error}); does it require a client certificate?"
             )
         }
         rustls::Error::AlertReceived(Alert::UnknownCA | Alert::BadCertificate) => {
-            format!("the upstream refused the client certificate ({error})")
+            format!("the {who} refused the client certificate ({error})")
         }
+        rustls::Error::InvalidMessage(_) => format!(
+            "the {who} did not answer in TLS ({error}): does its port speak plaintext (http://)?"
+        ),
         other => format!("TLS handshake failed: {other}"),
     }
 }
