@@ -283,3 +283,79 @@ async fn a_port_that_cannot_be_bound_refuses_the_reload() {
     assert_eq!(status_of(&sidecar, "b").await, StatusCode::NOT_FOUND);
     assert!(!sidecar.listener_addrs().await.contains_key("upstream b"));
 }
+
+#[tokio::test]
+async fn a_rotated_credential_file_is_followed_without_touching_the_policy() {
+    let upstream = HttpUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("authorization");
+    write(&secret, "Bearer sk-first\n");
+    let path = dir.path().join("policy.yaml");
+    write(
+        &path,
+        &policy(&format!(
+            "upstreams:\n  llm:\n    address: '{}'\n    request_headers: {{authorization: {{from_file: authorization}}}}\n",
+            upstream.addr
+        )),
+    );
+    let sidecar = watching(&path).await;
+    assert_eq!(status_of(&sidecar, "llm").await, StatusCode::OK);
+    assert_eq!(
+        upstream.last_seen().headers["authorization"],
+        "Bearer sk-first"
+    );
+
+    write(&secret, "Bearer sk-rotated\n");
+    let status = reloaded(&sidecar, |s| s.generation == 2).await;
+    assert_eq!(status.failures, 0, "{status:?}");
+    assert_eq!(status_of(&sidecar, "llm").await, StatusCode::OK);
+    assert_eq!(
+        upstream.last_seen().headers["authorization"],
+        "Bearer sk-rotated"
+    );
+
+    // A Secret caught missing is a refused reload: the old key stays.
+    std::fs::remove_file(&secret).unwrap();
+    let status = reloaded(&sidecar, |s| s.failures == 1).await;
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("authorization"),
+        "{status:?}"
+    );
+    assert_eq!(status_of(&sidecar, "llm").await, StatusCode::OK);
+    assert_eq!(
+        upstream.last_seen().headers["authorization"],
+        "Bearer sk-rotated"
+    );
+}
+
+#[tokio::test]
+async fn a_replaced_ca_file_rebuilds_the_tls_client() {
+    let pki = support::tls::Pki::new();
+    let server = pki.sign("server", &["localhost"], false);
+    let tls_upstream = support::tls::TlsUpstream::start(pki.server_config(&server, false)).await;
+    let other = support::tls::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    // First the wrong CA: every call is a handshake failure.
+    std::fs::copy(&other.ca_file, &ca).unwrap();
+    let path = dir.path().join("policy.yaml");
+    write(
+        &path,
+        &policy(&format!(
+            "upstreams:\n  llm:\n    address: 'localhost:{}'\n    retry: {{max_attempts: 1}}\n    tls: {{ca_file: ca.pem}}\n",
+            tls_upstream.addr.port()
+        )),
+    );
+    let sidecar = watching(&path).await;
+    let (parts, _) = call(sidecar.proxy_addr, "llm", Method::GET, "/", "").await;
+    assert_eq!(parts.headers["x-breakwater-error"], "tls-handshake");
+
+    write(&ca, &std::fs::read_to_string(&pki.ca_file).unwrap());
+    let status = reloaded(&sidecar, |s| s.generation == 2).await;
+    assert_eq!(status.failures, 0, "{status:?}");
+    assert_eq!(status_of(&sidecar, "llm").await, StatusCode::OK);
+}

@@ -197,6 +197,8 @@ pub struct InjectedHeader {
     pub value: http::HeaderValue,
     /// Where it came from: `value`, `from_file: <path>` or `from_env: <name>`.
     pub source: String,
+    /// The file it was read from, which the sidecar follows.
+    pub file: Option<PathBuf>,
 }
 
 impl Serialize for InjectedHeader {
@@ -214,6 +216,33 @@ fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok
 }
 
 impl Config {
+    /// The files the policy names and the sidecar reads when it loads
+    /// (upstreams' TLS certificates and keys, credentials from files): a
+    /// change of any is a change of the policy.
+    pub fn named_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for upstream in &self.upstreams {
+            if let Some(tls) = &upstream.tls {
+                let p = &tls.params;
+                files.extend(
+                    [&p.ca_file, &p.client_cert_file, &p.client_key_file]
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+            files.extend(
+                upstream
+                    .request_headers
+                    .iter()
+                    .filter_map(|h| h.file.clone()),
+            );
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+
     /// Finds an upstream by name.
     pub fn upstream(&self, name: &str) -> Option<&Arc<UpstreamConfig>> {
         self.upstreams.iter().find(|u| &*u.name == name)

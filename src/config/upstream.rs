@@ -45,7 +45,7 @@ pub(super) fn resolve_tls(
         tracing::warn!(field = %format!("{prefix}.tls"), "insecure_skip_verify: the upstream's certificate is not verified");
     }
     match Tls::new(&params, address.host(), protocol.is_http2()) {
-        Ok(client) => Some(UpstreamTls { params, client }),
+        Ok(client) => Some(UpstreamTls::new(params, client)),
         Err(message) => {
             check.error(block, format!("{prefix}.tls"), message);
             None
@@ -73,19 +73,19 @@ pub(super) fn resolve_injected(
                 continue;
             }
         };
-        let (text, source) = match &value.value {
-            RawInjected::Value(text) => (Ok(text.clone()), "value".to_owned()),
+        let (text, source, path) = match &value.value {
+            RawInjected::Value(text) => (Ok(text.clone()), "value".to_owned(), None),
             RawInjected::FromFile { from_file } => {
                 let full = relative_to(file, from_file);
                 let text = std::fs::read_to_string(&full)
                     .map(|t| t.trim().to_owned())
                     .map_err(|e| format!("cannot read {}: {e}", full.display()));
-                (text, format!("from_file: {}", full.display()))
+                (text, format!("from_file: {}", full.display()), Some(full))
             }
             RawInjected::FromEnv { from_env } => {
                 let text = std::env::var(from_env)
                     .map_err(|_| format!("the environment variable {from_env} is not set"));
-                (text, format!("from_env: {from_env}"))
+                (text, format!("from_env: {from_env}"), None)
             }
         };
         match text.and_then(|t| {
@@ -97,6 +97,7 @@ pub(super) fn resolve_injected(
                     name: header,
                     value,
                     source,
+                    file: path,
                 });
             }
             Err(message) => check.error(value, field, message),

@@ -416,8 +416,9 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
     ));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let watcher = options.watch.map(|watch| {
-        let control = control.clone();
-        tokio::spawn(watch::run(watch, stop_rx.clone(), move |path| {
+        let (control, live) = (control.clone(), live.clone());
+        let named = move || live.load().config.named_files();
+        tokio::spawn(watch::run(watch, stop_rx.clone(), named, move |path| {
             let control = control.clone();
             async move {
                 let _ = reload_file(&control, &path).await;

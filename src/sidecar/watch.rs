@@ -1,5 +1,6 @@
-//! Following the policy file: reload when its content changes, and on
-//! SIGHUP.
+//! Following the policy file: reload when its content changes, or the
+//! content of a file it names (a TLS certificate or key, a credential read
+//! from a Secret), and on SIGHUP.
 //!
 //! The file is polled, not watched with inotify. Kubernetes updates a
 //! mounted ConfigMap by writing a new timestamped directory and swapping a
@@ -31,30 +32,36 @@ pub struct WatchOptions {
     pub interval: Duration,
 }
 
-/// Calls `reload` with the file's path when its content changes or the
-/// process gets SIGHUP, until `stop` turns true. The file's content at the
-/// time of the call is the baseline: call it right after loading the file.
-pub fn run<F, Fut>(
+/// Calls `reload` with the file's path when its content changes, or that
+/// of a file `named` lists (the files the config in force names), or the
+/// process gets SIGHUP, until `stop` turns true. The files' content when
+/// the future is first polled is the baseline: spawn it right after
+/// loading the file.
+pub fn run<F, Fut, N>(
     options: WatchOptions,
     stop: watch::Receiver<bool>,
+    named: N,
     reload: F,
 ) -> impl Future<Output = ()>
 where
     F: Fn(PathBuf) -> Fut,
     Fut: Future<Output = ()>,
+    N: Fn() -> Vec<PathBuf>,
 {
-    let baseline = std::fs::read(&options.path).ok().map(|bytes| hash(&bytes));
-    follow(options, stop, reload, baseline)
+    let baseline = content_hash(&options.path, &named());
+    follow(options, stop, named, reload, baseline)
 }
 
-async fn follow<F, Fut>(
+async fn follow<F, Fut, N>(
     options: WatchOptions,
     mut stop: watch::Receiver<bool>,
+    named: N,
     reload: F,
     mut last: Option<u64>,
 ) where
     F: Fn(PathBuf) -> Fut,
     Fut: Future<Output = ()>,
+    N: Fn() -> Vec<PathBuf>,
 {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = match signal(SignalKind::hangup()) {
@@ -76,21 +83,23 @@ async fn follow<F, Fut>(
             () = async { let _ = stop.wait_for(|stop| *stop).await; } => break,
             Some(()) = async { hangup.as_mut()?.recv().await } => {
                 tracing::info!(file = %options.path.display(), "SIGHUP: reloading");
-                last = content_hash(&options.path).await;
+                last = content_hash(&options.path, &named());
                 reload(options.path.clone()).await;
             }
             _ = ticker.tick(), if polling => {
-                let now = content_hash(&options.path).await;
+                let files = named();
+                let now = content_hash(&options.path, &files);
                 if now == last || now.is_none() {
                     continue;
                 }
                 tokio::time::sleep(settle_time(options.interval)).await;
-                if content_hash(&options.path).await != now {
+                if content_hash(&options.path, &files) != now {
                     continue;
                 }
-                last = now;
-                tracing::info!(file = %options.path.display(), "policy file changed: reloading");
+                tracing::info!(file = %options.path.display(), "policy file or a file it names changed: reloading");
                 reload(options.path.clone()).await;
+                // The baseline is what the config now in force names.
+                last = content_hash(&options.path, &named());
             }
         }
     }
@@ -102,15 +111,16 @@ fn settle_time(interval: Duration) -> Duration {
     (interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(250))
 }
 
-/// A hash of the file's content, following symlinks; `None` while it
-/// cannot be read (between a delete and a create, say).
-async fn content_hash(path: &std::path::Path) -> Option<u64> {
-    let bytes = tokio::fs::read(path).await.ok()?;
-    Some(hash(&bytes))
-}
-
-fn hash(bytes: &[u8]) -> u64 {
+/// A hash of the policy file's content and of the files it names,
+/// following symlinks; `None` while the policy file cannot be read
+/// (between a delete and a create, say). A named file that cannot be read
+/// counts as a content of its own: its return is a change too. The files
+/// are small (a policy, PEM files, tokens) and read in place.
+fn content_hash(path: &std::path::Path, named: &[PathBuf]) -> Option<u64> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
+    std::fs::read(path).ok()?.hash(&mut hasher);
+    for file in named {
+        std::fs::read(file).ok().hash(&mut hasher);
+    }
+    Some(hasher.finish())
 }

@@ -43,18 +43,44 @@ use crate::body::BoxError;
 pub mod server;
 
 /// An upstream's TLS client beside the block it was built from: equal when
-/// the blocks are, shown as the block.
+/// the blocks and the content of the files they name are (a rotated
+/// certificate is a new client), shown as the block.
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     /// The block.
     pub params: TlsParams,
     /// The client built from it when the config loaded.
     pub client: Tls,
+    /// A hash of the files' content when the client was built.
+    files: u64,
+}
+
+impl UpstreamTls {
+    /// The client `client`, built from `params` just now.
+    pub fn new(params: TlsParams, client: Tls) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for file in [
+            &params.ca_file,
+            &params.client_cert_file,
+            &params.client_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            std::fs::read(file).ok().hash(&mut hasher);
+        }
+        Self {
+            files: hasher.finish(),
+            params,
+            client,
+        }
+    }
 }
 
 impl PartialEq for UpstreamTls {
     fn eq(&self, other: &Self) -> bool {
-        self.params == other.params
+        self.params == other.params && self.files == other.files
     }
 }
 
