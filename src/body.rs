@@ -11,9 +11,11 @@
 //! per request body and one or two per response body were a measurable
 //! share of the sidecar's allocations.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -22,6 +24,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
 
 /// The error type carried by bodies and services.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -180,6 +183,13 @@ impl http_body::Body for Body {
 // Attempts read one after another (a retry starts after the previous
 // attempt ended). Hedged attempts run at the same time, so hedging waits
 // until the whole body is in the copy ([`ReplayBody::is_complete`]).
+//
+// The source is the caller's body, so its failures are the caller's: a
+// body that broke off (a malformed chunk, an upload the caller aborted)
+// or stalled longer than the idle timeout is recorded, and the attempt
+// that was sending it reports the caller's fault, not the upstream's
+// ([`Completion::source_failure`]). The idle timer is armed only when
+// the source makes a reader wait, as for answers (`resilience::stream`).
 
 #[derive(Debug)]
 struct Shared {
@@ -196,6 +206,20 @@ struct Shared {
     trailers: Option<HeaderMap>,
     /// The original length, when the caller declared it.
     exact: Option<u64>,
+    /// How long the source may keep a reader waiting.
+    idle: Option<Duration>,
+    timer: WaitTimer,
+    /// How the source failed, if it did.
+    failure: Option<SourceFailure>,
+}
+
+/// How the caller's request body failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceFailure {
+    /// It broke off, for this reason.
+    Broke(String),
+    /// No frame came for this long.
+    Stalled(Duration),
 }
 
 /// One attempt's view of a replayable body.
@@ -208,8 +232,9 @@ pub struct ReplayBody {
 }
 
 impl ReplayBody {
-    /// Wraps `body`, keeping a copy of at most `limit` bytes.
-    pub fn new(body: Body, limit: u64) -> Self {
+    /// Wraps `body`, keeping a copy of at most `limit` bytes, and failing
+    /// it when it keeps a reader waiting longer than `idle`.
+    pub fn new(body: Body, limit: u64, idle: Option<Duration>) -> Self {
         let done = body.is_end_stream();
         let exact = body.size_hint().exact();
         Self {
@@ -222,6 +247,9 @@ impl ReplayBody {
                 done,
                 trailers: None,
                 exact,
+                idle,
+                timer: WaitTimer::default(),
+                failure: None,
             })),
             position: 0,
             trailers_sent: false,
@@ -277,6 +305,14 @@ impl Completion {
         let shared = shared.lock().unwrap_or_else(|e| e.into_inner());
         shared.done && !shared.overflowed
     }
+
+    /// How the caller's body failed, if it did: an attempt that failed
+    /// while sending it failed because of the caller.
+    pub fn source_failure(&self) -> Option<SourceFailure> {
+        let shared = self.0.as_ref()?;
+        let shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.failure.clone()
+    }
 }
 
 impl http_body::Body for ReplayBody {
@@ -300,12 +336,18 @@ impl http_body::Body for ReplayBody {
             this.trailers_sent = true;
             return Poll::Ready(shared.trailers.clone().map(|t| Ok(Frame::trailers(t))));
         }
+        if let Some(failure) = &shared.failure {
+            return Poll::Ready(Some(Err(failure.to_string().into())));
+        }
         let Some(source) = shared.source.as_mut() else {
             return Poll::Ready(None);
         };
         let polled = Pin::new(source).poll_frame(cx);
+        if !matches!(polled, Poll::Pending) {
+            shared.timer.stop();
+        }
         match polled {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => wait(&mut shared, cx),
             Poll::Ready(None) => {
                 shared.done = true;
                 shared.source = None;
@@ -315,6 +357,8 @@ impl http_body::Body for ReplayBody {
             Poll::Ready(Some(Err(error))) => {
                 shared.overflowed = true;
                 shared.chunks.clear();
+                shared.source = None;
+                shared.failure = Some(SourceFailure::Broke(crate::error::error_text(&*error)));
                 Poll::Ready(Some(Err(error)))
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -350,6 +394,72 @@ impl http_body::Body for ReplayBody {
         match self.lock().exact {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
+        }
+    }
+}
+
+/// The source made a reader wait: fails the body when it waited longer
+/// than the idle timeout.
+fn wait(shared: &mut Shared, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    let Some(idle) = shared.idle else {
+        return Poll::Pending;
+    };
+    if shared.timer.poll_wait(idle, cx).is_pending() {
+        return Poll::Pending;
+    }
+    let failure = SourceFailure::Stalled(idle);
+    let error = failure.to_string().into();
+    shared.failure = Some(failure);
+    shared.overflowed = true;
+    shared.chunks.clear();
+    shared.source = None;
+    Poll::Ready(Some(Err(error)))
+}
+
+/// Times how long a body keeps its reader waiting: armed when a wait
+/// starts (no clock read while frames are ready), stopped when a frame
+/// comes. The timer is made at the first wait and reused after.
+#[derive(Debug, Default)]
+pub(crate) struct WaitTimer {
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Armed for the current wait.
+    waiting: bool,
+}
+
+impl WaitTimer {
+    /// The body has nothing yet: ready once this wait has lasted `limit`.
+    pub(crate) fn poll_wait(&mut self, limit: Duration, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.waiting {
+            let at = Instant::now() + limit;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.waiting = true;
+        }
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    /// A frame came: the wait is over.
+    pub(crate) fn stop(&mut self) {
+        self.waiting = false;
+    }
+}
+
+impl std::fmt::Display for SourceFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceFailure::Broke(reason) => {
+                write!(f, "the caller's request body broke off: {reason}")
+            }
+            SourceFailure::Stalled(after) => write!(
+                f,
+                "the caller's request body stalled: no data for {}",
+                humantime::format_duration(*after)
+            ),
         }
     }
 }
@@ -410,7 +520,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_reader_replays_everything_the_first_read() {
-        let first = ReplayBody::new(streamed(&[b"abc", b"def"], true), 1024);
+        let first = ReplayBody::new(streamed(&[b"abc", b"def"], true), 1024, None);
         let second = first.replay();
         let got = first.collect().await.unwrap();
         assert_eq!(got.trailers().unwrap()["x-sum"], "9");
@@ -423,7 +533,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_after_a_partial_read_continues_from_the_source() {
-        let mut first = ReplayBody::new(streamed(&[b"ab", b"cd", b"ef"], false), 1024);
+        let mut first = ReplayBody::new(streamed(&[b"ab", b"cd", b"ef"], false), 1024, None);
         let second = first.replay();
         let frame = first.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "ab");
@@ -435,11 +545,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_limit_streams_but_cannot_be_replayed() {
-        let first = ReplayBody::new(streamed(&[b"0123", b"4567", b"89"], false), 6);
+        let first = ReplayBody::new(streamed(&[b"0123", b"4567", b"89"], false), 6, None);
         let handle = first.replay();
         assert_eq!(first.collect().await.unwrap().to_bytes(), "0123456789");
         assert!(!handle.can_replay());
-        let declared = ReplayBody::new(full(vec![0u8; 100]), 10);
+        let declared = ReplayBody::new(full(vec![0u8; 100]), 10, None);
         assert!(
             !declared.can_replay(),
             "a declared length over the limit is known at once"
@@ -448,7 +558,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_end_is_noticed_with_the_last_frame() {
-        let mut reader = ReplayBody::new(full("all of it"), 64);
+        let mut reader = ReplayBody::new(full("all of it"), 64, None);
         let frame = reader.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "all of it");
         assert!(
@@ -460,10 +570,49 @@ mod tests {
 
     #[tokio::test]
     async fn empty_bodies_are_complete_at_once_and_keep_their_length() {
-        let empty = ReplayBody::new(empty(), 10);
+        let empty = ReplayBody::new(empty(), 10, None);
         assert!(empty.is_complete());
         assert!(empty.is_end_stream());
-        let full = ReplayBody::new(full("12345"), 10);
+        let full = ReplayBody::new(full("12345"), 10, None);
         assert_eq!(full.size_hint().exact(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_source_that_breaks_is_the_callers_failure() {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err("bad chunk".into()),
+        ];
+        let reader = ReplayBody::new(boxed(StreamBody::new(tokio_stream::iter(frames))), 64, None);
+        let completion = reader.completion();
+        assert_eq!(completion.source_failure(), None);
+        assert!(reader.collect().await.is_err());
+        assert_eq!(
+            completion.source_failure(),
+            Some(SourceFailure::Broke("bad chunk".into()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_that_stalls_past_the_idle_timeout_fails() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))))
+            .await
+            .unwrap();
+        let source = boxed(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let mut reader = ReplayBody::new(source, 64, Some(Duration::from_millis(200)));
+        let completion = reader.completion();
+        assert!(reader.frame().await.unwrap().is_ok());
+        let started = Instant::now();
+        let error = reader.frame().await.unwrap().unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        assert!(error.to_string().contains("stalled"), "{error}");
+        assert_eq!(
+            completion.source_failure(),
+            Some(SourceFailure::Stalled(Duration::from_millis(200)))
+        );
+        drop(tx);
     }
 }

@@ -179,6 +179,9 @@ pub fn config_check(file: &Path) -> ExitCode {
         Ok(config) => config,
         Err(error) => return config_error(error),
     };
+    for warning in config.warning_lines() {
+        eprintln!("{warning}");
+    }
     println!("{}: ok", config.source);
     println!("  admin  {}", config.admin.listen);
     println!("  proxy  {}", config.proxy.listen);

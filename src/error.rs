@@ -59,6 +59,13 @@ pub enum ProxyError {
         /// Why.
         reason: String,
     },
+    /// The caller's request body stalled longer than the upstream's
+    /// `stream_idle_timeout`.
+    #[error("the request body stalled: no data for {}", humantime::format_duration(*after))]
+    RequestIdle {
+        /// The idle timeout.
+        after: Duration,
+    },
     /// No connection to the upstream could be made.
     #[error("cannot connect to upstream {upstream}: {source}")]
     Connect {
@@ -131,6 +138,21 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Whether the caller caused it (its request could not be routed or
+    /// used): answered as a client error, never counted against the
+    /// upstream, never degraded, failed over or dead-lettered.
+    pub fn is_callers(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UnknownHost { .. }
+                | ProxyError::NoHost
+                | ProxyError::DuplicateHost
+                | ProxyError::UnsupportedMethod { .. }
+                | ProxyError::RequestBody { .. }
+                | ProxyError::RequestIdle { .. }
+        )
+    }
+
     /// The machine-readable reason sent in `x-breakwater-error`.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -139,6 +161,7 @@ impl ProxyError {
             ProxyError::DuplicateHost => "duplicate-host",
             ProxyError::UnsupportedMethod { .. } => "unsupported-method",
             ProxyError::RequestBody { .. } => "request-body",
+            ProxyError::RequestIdle { .. } => "request-idle-timeout",
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::TlsHandshake { .. } => "tls-handshake",
             ProxyError::Upstream { .. } => "upstream-reset",
@@ -159,6 +182,7 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::UnsupportedMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::RequestIdle { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Connect { .. }
             | ProxyError::TlsHandshake { .. }
             | ProxyError::Upstream { .. }
@@ -187,9 +211,9 @@ impl ProxyError {
             | ProxyError::Upstream { .. }
             | ProxyError::RefusedStream { .. }
             | ProxyError::CircuitOpen { .. } => grpc::UNAVAILABLE,
-            ProxyError::PerTryTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
-                grpc::DEADLINE_EXCEEDED
-            }
+            ProxyError::PerTryTimeout { .. }
+            | ProxyError::DeadlineExceeded { .. }
+            | ProxyError::RequestIdle { .. } => grpc::DEADLINE_EXCEEDED,
             ProxyError::Overloaded { .. } | ProxyError::Pushback { .. } => grpc::RESOURCE_EXHAUSTED,
         }
     }

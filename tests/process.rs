@@ -38,6 +38,23 @@ fn config_check_prints_a_summary_or_positioned_errors() {
         stdout.contains("upstream ocr -> ocr-agent:8080 (grpc)"),
         "{stdout}"
     );
+    assert!(out.stderr.is_empty(), "no warnings");
+
+    let doubtful =
+        write_config("upstreams:\n  llm:\n    address: llm:443\n    retry: {on: [400]}\n");
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(doubtful.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a warning is not an error");
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap().trim(),
+        format!(
+            "{}:2:3: upstreams.llm.retry.on: warning: 400 never applies: an answer below 500 other than 429 is not a failure (it is the caller's)",
+            doubtful.path().display()
+        )
+    );
 
     let bad = write_config("upstreams:\n  ocr:\n    address: ocr-agent:8080\n    protocol: grcp\n");
     let out = Command::new(BIN)

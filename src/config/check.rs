@@ -8,13 +8,17 @@ use std::path::Path;
 use http::uri::Authority;
 use serde_saphyr::Spanned;
 
-use super::Diagnostic;
 use super::raw::RawListen;
+use super::{Diagnostic, Protocol};
+use crate::classify::Condition;
+use crate::resilience::policy::{Policy, RawPolicy};
 
 /// Collects diagnostics while resolving, so that one run reports them all.
 #[derive(Default)]
 pub(super) struct Checker {
     pub(super) diagnostics: Vec<Diagnostic>,
+    /// What is valid but cannot do what the user meant.
+    pub(super) warnings: Vec<Diagnostic>,
 }
 
 impl Checker {
@@ -24,12 +28,16 @@ impl Checker {
         field: impl Into<String>,
         message: impl Into<String>,
     ) {
-        self.diagnostics.push(Diagnostic {
-            line: at.referenced.line(),
-            column: at.referenced.column(),
-            field: field.into(),
-            message: message.into(),
-        });
+        self.diagnostics.push(diagnostic(at, field, message));
+    }
+
+    pub(super) fn warn<T>(
+        &mut self,
+        at: &Spanned<T>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        self.warnings.push(diagnostic(at, field, message));
     }
 
     pub(super) fn listen(
@@ -59,6 +67,19 @@ impl Checker {
                 None
             }
         }
+    }
+}
+
+fn diagnostic<T>(
+    at: &Spanned<T>,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> Diagnostic {
+    Diagnostic {
+        line: at.referenced.line(),
+        column: at.referenced.column(),
+        field: field.into(),
+        message: message.into(),
     }
 }
 
@@ -146,4 +167,79 @@ pub(super) fn parse_host(text: &str) -> Result<String, String> {
 /// A path from the policy file, relative to the file's directory.
 pub(super) fn relative_to(file: &str, path: &str) -> std::path::PathBuf {
     Path::new(file).parent().unwrap_or(Path::new("")).join(path)
+}
+
+/// Warns of policy settings that are valid but can never take effect:
+/// retry and breaker conditions no answer of this upstream can match, a
+/// per-try timeout the overall timeout always beats.
+pub(super) fn policy_warnings<T>(
+    check: &mut Checker,
+    at: &Spanned<T>,
+    prefix: &str,
+    written: &RawPolicy,
+    policy: &Policy,
+    protocol: Protocol,
+) {
+    let per_try = policy
+        .per_try_timeout
+        .filter(|per_try| *per_try < policy.timeout);
+    if let Some(per_try) = policy.per_try_timeout
+        && per_try >= policy.timeout
+    {
+        check.warn(
+            at,
+            format!("{prefix}.per_try_timeout"),
+            format!(
+                "per_try_timeout ({}) is not shorter than timeout ({}): the overall timeout always ends the call first",
+                humantime::format_duration(per_try),
+                humantime::format_duration(policy.timeout),
+            ),
+        );
+    }
+    let retry_on = written.retry.as_ref().and_then(|r| r.on.as_ref());
+    if retry_on.is_some_and(|on| !on.0.is_empty()) && policy.retry.max_attempts == 1 {
+        check.warn(
+            at,
+            format!("{prefix}.retry.on"),
+            "never applies: max_attempts is 1, so nothing is retried",
+        );
+    }
+    let failure_on = written
+        .circuit_breaker
+        .as_ref()
+        .and_then(|b| b.failure_on.as_ref());
+    for (field, conditions) in [
+        ("retry.on", retry_on),
+        ("circuit_breaker.failure_on", failure_on),
+    ] {
+        for condition in conditions.map(|c| c.0.as_slice()).unwrap_or_default() {
+            if let Some(why) = never_matches(*condition, protocol, per_try.is_some()) {
+                check.warn(
+                    at,
+                    format!("{prefix}.{field}"),
+                    format!("{condition} never applies: {why}"),
+                );
+            }
+        }
+    }
+}
+
+/// Why no failure of an upstream speaking `protocol` can match
+/// `condition`, if none can.
+fn never_matches(condition: Condition, protocol: Protocol, per_try: bool) -> Option<String> {
+    let client_error = "an answer below 500 other than 429 is not a failure (it is the caller's)";
+    match condition {
+        Condition::Status(code) if code < 500 && code != 429 => Some(client_error.into()),
+        Condition::Class(4) => Some(format!(
+            "only 429 of the 4xx answers is a failure; write 429 ({client_error})"
+        )),
+        Condition::Class(class) if class < 4 => Some(client_error.into()),
+        Condition::Grpc(_) if protocol != Protocol::Grpc => Some(format!(
+            "a gRPC code, and this upstream speaks {protocol}, whose answers carry none"
+        )),
+        Condition::PerTryTimeout if !per_try => {
+            Some("no per_try_timeout shorter than timeout is set".into())
+        }
+        _ => None,
+    }
 }

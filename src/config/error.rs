@@ -37,20 +37,29 @@ impl ConfigError {
     }
 }
 
+/// `file:line:column: field: {kind}message`, leaving out what is unknown.
+pub(super) fn located(file: &str, d: &Diagnostic, kind: &str) -> String {
+    let mut line = file.to_owned();
+    if d.line > 0 {
+        line.push_str(&format!(":{}:{}", d.line, d.column));
+    }
+    if !d.field.is_empty() {
+        line.push_str(": ");
+        line.push_str(&d.field);
+    }
+    line.push_str(": ");
+    line.push_str(kind);
+    line.push_str(&d.message);
+    line
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, d) in self.diagnostics.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}", self.file)?;
-            if d.line > 0 {
-                write!(f, ":{}:{}", d.line, d.column)?;
-            }
-            if !d.field.is_empty() {
-                write!(f, ": {}", d.field)?;
-            }
-            write!(f, ": {}", d.message)?;
+            f.write_str(&located(&self.file, d, ""))?;
         }
         Ok(())
     }

@@ -78,6 +78,11 @@ pub struct Config {
     pub control_plane: Option<ControlPlaneConfig>,
     /// The local spool of dead letters on their way.
     pub dead_letters: DeadLettersConfig,
+    /// Settings that are valid but cannot take effect as written, in file
+    /// order: `config check` prints them, the sidecar logs them at every
+    /// load.
+    #[serde(skip)]
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// `control_plane`.
@@ -241,6 +246,13 @@ impl Config {
         files.sort();
         files.dedup();
         files
+    }
+
+    /// Each warning as `file:line:column: field: warning: message`.
+    pub fn warning_lines(&self) -> impl Iterator<Item = String> + '_ {
+        self.warnings
+            .iter()
+            .map(|d| error::located(&self.source, d, "warning: "))
     }
 
     /// Finds an upstream by name.

@@ -209,6 +209,10 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         upstreams,
         control_plane,
         dead_letters,
+        warnings: {
+            check.warnings.sort_by_key(|d| (d.line, d.column));
+            check.warnings
+        },
     })
 }
 
@@ -303,6 +307,8 @@ fn resolve_upstream(
         }
     }
     let protocol = up.protocol.unwrap_or_default();
+    let resolved = policy.resolve();
+    super::check::policy_warnings(check, &name, &prefix, &policy, &resolved, protocol);
     let tls = match (&up.tls, &address) {
         (Some(block), Some(address)) => resolve_tls(check, file, block, address, protocol, &prefix),
         _ => None,
@@ -317,7 +323,7 @@ fn resolve_upstream(
         protocol,
         listen,
         hosts,
-        policy: policy.resolve(),
+        policy: resolved,
         criticality,
         fallback: fallback.map(Arc::new),
         name,

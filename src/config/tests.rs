@@ -416,3 +416,33 @@ fn streams_are_cut_after_five_idle_minutes_unless_turned_off() {
     assert_eq!(timeouts("b"), (None, None), "0s turns each off");
     assert_eq!(timeouts("c"), (Some(s(20)), Some(s(120))));
 }
+
+#[test]
+fn settings_that_can_never_apply_are_warned_of_with_their_position() {
+    let text = "defaults:\n  retry: {on: [connect-failure]}\nupstreams:\n  web:\n    address: web:80\n    timeout: 2s\n    per_try_timeout: 5s\n    retry: {on: [404, 4xx, 503, unavailable, per-try-timeout]}\n    circuit_breaker: {failure_on: [3xx, 500]}\n  once:\n    address: once:80\n    retry: {max_attempts: 1}\n  grpc:\n    address: grpc:80\n    protocol: grpc\n    retry: {on: [unavailable, 503]}\n";
+    let config = parse("p.yaml", text).unwrap();
+    let lines: Vec<String> = config.warning_lines().collect();
+    let client = "an answer below 500 other than 429 is not a failure (it is the caller's)";
+    assert_eq!(
+        lines,
+        [
+            "p.yaml:4:3: upstreams.web.per_try_timeout: warning: per_try_timeout (5s) is not shorter than timeout (2s): the overall timeout always ends the call first".to_owned(),
+            format!("p.yaml:4:3: upstreams.web.retry.on: warning: 404 never applies: {client}"),
+            format!("p.yaml:4:3: upstreams.web.retry.on: warning: 4xx never applies: only 429 of the 4xx answers is a failure; write 429 ({client})"),
+            "p.yaml:4:3: upstreams.web.retry.on: warning: unavailable never applies: a gRPC code, and this upstream speaks http1, whose answers carry none".to_owned(),
+            "p.yaml:4:3: upstreams.web.retry.on: warning: per-try-timeout never applies: no per_try_timeout shorter than timeout is set".to_owned(),
+            format!("p.yaml:4:3: upstreams.web.circuit_breaker.failure_on: warning: 3xx never applies: {client}"),
+            "p.yaml:10:3: upstreams.once.retry.on: warning: never applies: max_attempts is 1, so nothing is retried".to_owned(),
+        ]
+    );
+}
+
+#[test]
+fn built_in_defaults_warn_of_nothing() {
+    let config = parse(
+        "p.yaml",
+        "upstreams:\n  web: {address: 'web:80'}\n  rpc: {address: 'rpc:80', protocol: grpc}\n",
+    )
+    .unwrap();
+    assert_eq!(config.warning_lines().count(), 0);
+}

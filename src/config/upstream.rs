@@ -42,7 +42,11 @@ pub(super) fn resolve_tls(
         return None;
     }
     if params.insecure_skip_verify {
-        tracing::warn!(field = %format!("{prefix}.tls"), "insecure_skip_verify: the upstream's certificate is not verified");
+        check.warn(
+            block,
+            format!("{prefix}.tls.insecure_skip_verify"),
+            "the upstream's certificate is not verified: for development only",
+        );
     }
     match Tls::new(&params, address.host(), protocol.is_http2()) {
         Ok(client) => Some(UpstreamTls::new(params, client)),

@@ -140,6 +140,7 @@ pub fn reason(
     grpc: bool,
 ) -> Option<Cow<'static, str>> {
     match result {
+        Err(error) if error.is_callers() => None,
         Err(error) => Some(Cow::Borrowed(error.reason())),
         Ok(response) => classify::classify_response(response, grpc)
             .filter(|f| f.is_server_side())

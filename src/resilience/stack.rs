@@ -98,7 +98,12 @@ impl Stack {
                 policy.max_pending,
                 metrics.clone(),
             ),
-            retry: Retry::new(policy.retry.clone(), policy.hedge.clone(), metrics.clone()),
+            retry: Retry::new(
+                policy.retry.clone(),
+                policy.hedge.clone(),
+                policy.stream_idle_timeout,
+                metrics.clone(),
+            ),
             breaker,
             hold: policy
                 .retry
@@ -249,7 +254,10 @@ impl Stack {
         if let (Some(hold), Ok(response)) = (&self.hold, &result) {
             hold.observe(response, failure);
         }
-        if let (Some(breaker), Some(admission)) = (&self.breaker, admission) {
+        // The caller's fault says nothing of the upstream: not recorded
+        // (a probe's slot is given back).
+        let callers = matches!(&result, Err(e) if e.is_callers());
+        if let (Some(breaker), Some(admission), false) = (&self.breaker, admission, callers) {
             breaker.record(admission, failure, started.elapsed());
         }
         if let Some(span) = span {

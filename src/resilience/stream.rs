@@ -23,7 +23,6 @@
 //! clock nor arms a timer, and a caller that reads slowly is not taken for
 //! an upstream that stalls.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,9 +30,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
 
-use crate::body::{self, Body, BoxError};
+use crate::body::{self, Body, BoxError, WaitTimer};
 use crate::grpc;
 
 /// An upstream's timeouts for the body of its answers.
@@ -88,8 +86,7 @@ pub fn cut_when_stalled(body: Body, timeouts: StreamTimeouts, grpc: bool, on_cut
     body::boxed(Stalls {
         inner: body,
         timeouts,
-        timer: None,
-        waiting: false,
+        timer: WaitTimer::default(),
         started: false,
         grpc,
         on_cut: Some(on_cut),
@@ -100,9 +97,7 @@ pub fn cut_when_stalled(body: Body, timeouts: StreamTimeouts, grpc: bool, on_cut
 struct Stalls {
     inner: Body,
     timeouts: StreamTimeouts,
-    timer: Option<Pin<Box<Sleep>>>,
-    /// The timer is armed for the current wait.
-    waiting: bool,
+    timer: WaitTimer,
     /// A first frame came.
     started: bool,
     grpc: bool,
@@ -162,7 +157,7 @@ impl http_body::Body for Stalls {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.started = true;
-                self.waiting = false;
+                self.timer.stop();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(other) => {
@@ -170,24 +165,16 @@ impl http_body::Body for Stalls {
                 Poll::Ready(other)
             }
             Poll::Pending => {
-                if !self.waiting {
-                    let limit = match self.started {
-                        false => self.timeouts.first_byte.or(self.timeouts.idle),
-                        true => self.timeouts.idle,
-                    };
-                    let Some(limit) = limit else {
-                        return Poll::Pending;
-                    };
-                    let at = Instant::now() + limit;
-                    match &mut self.timer {
-                        Some(timer) => timer.as_mut().reset(at),
-                        None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
-                    }
-                    self.waiting = true;
-                }
-                match self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-                    Some(Poll::Ready(())) => Poll::Ready(Some(self.cut())),
-                    _ => Poll::Pending,
+                let limit = match self.started {
+                    false => self.timeouts.first_byte.or(self.timeouts.idle),
+                    true => self.timeouts.idle,
+                };
+                let Some(limit) = limit else {
+                    return Poll::Pending;
+                };
+                match self.timer.poll_wait(limit, cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(self.cut())),
+                    Poll::Pending => Poll::Pending,
                 }
             }
         }
@@ -207,6 +194,7 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
     use std::sync::{Arc, Mutex};
+    use tokio::time::Instant;
 
     /// A body sending frame `i` after `gaps[i]` milliseconds.
     fn frames(gaps: &'static [u64]) -> Body {

@@ -38,21 +38,8 @@ pub async fn call(
     observe: Observe<'_>,
 ) -> Result<Response<Body>, ProxyError> {
     let (parts, body) = request.into_parts();
-    let bytes = match http_body_util::Limited::new(body, BODY_LIMIT)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
-            return Err(ProxyError::RequestBody {
-                reason: if error.is::<http_body_util::LengthLimitError>() {
-                    format!("over {} MiB, the most kept for failover", BODY_LIMIT >> 20)
-                } else {
-                    crate::error::error_text(&*error)
-                },
-            });
-        }
-    };
+    let idle = upstream.config.policy.stream_idle_timeout;
+    let bytes = collect(body, idle).await?;
     let copy = |rewrite: Option<&Rewrite>| {
         let mut headers = parts.headers.clone();
         let body = match rewrite {
@@ -97,6 +84,34 @@ pub async fn call(
         }
     }
     result
+}
+
+/// Reads the caller's whole body, to send again: failing when it is over
+/// the limit, breaks off, or stalls longer than `idle` between frames.
+async fn collect(mut body: Body, idle: Option<std::time::Duration>) -> Result<Bytes, ProxyError> {
+    let mut bytes = bytes::BytesMut::new();
+    loop {
+        let frame = match idle {
+            None => body.frame().await,
+            Some(after) => tokio::time::timeout(after, body.frame())
+                .await
+                .map_err(|_| ProxyError::RequestIdle { after })?,
+        };
+        let Some(frame) = frame else {
+            return Ok(bytes.freeze());
+        };
+        let frame = frame.map_err(|error| ProxyError::RequestBody {
+            reason: crate::error::error_text(&*error),
+        })?;
+        if let Some(data) = frame.data_ref() {
+            if bytes.len() + data.len() > BODY_LIMIT {
+                return Err(ProxyError::RequestBody {
+                    reason: format!("over {} MiB, the most kept for failover", BODY_LIMIT >> 20),
+                });
+            }
+            bytes.extend_from_slice(data);
+        }
+    }
 }
 
 /// The body with `fields` set at its top level, when it is a JSON object

@@ -270,6 +270,7 @@ impl Control {
         self.metrics.config_loaded(generation);
         self.status.send_modify(|s| s.generation = generation);
         tracing::info!(generation, config = %source, "config reloaded");
+        log_warnings(&self.live.load().config);
         Ok(generation)
     }
 
@@ -354,6 +355,13 @@ async fn reload_file(control: &Control, path: &std::path::Path) -> Result<u64, R
     result
 }
 
+/// Logs what `config check` would warn of, at every load.
+fn log_warnings(config: &Config) {
+    for warning in config.warning_lines() {
+        tracing::warn!("{warning}");
+    }
+}
+
 async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr).await.map_err(|source| BindError {
         what: what.into(),
@@ -365,6 +373,7 @@ async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, 
 /// Binds every listener and starts serving. Returns once all listeners are
 /// bound, so the returned addresses accept connections at once.
 pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartError> {
+    log_warnings(&config);
     let metrics = Arc::new(Metrics::new());
     let (stop_letters, stop_letters_rx) = signal::channel(false);
     let dead_letters = DeadLetters::start(&config, metrics.clone(), stop_letters_rx)?;

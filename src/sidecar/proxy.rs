@@ -227,7 +227,11 @@ async fn forward(
         (_, _, Err(error)) => {
             tracing::debug!(upstream = %upstream.config.name, %error, "upstream call failed");
             let response = edge::error_response(&error, grpc);
-            (Outcome::Failure, response, Some(error.reason()), None)
+            let outcome = match error.is_callers() {
+                true => Outcome::Rejected,
+                false => Outcome::Failure,
+            };
+            (outcome, response, Some(error.reason()), None)
         }
     };
     upstream

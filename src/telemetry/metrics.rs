@@ -34,6 +34,10 @@ pub enum Outcome {
     Failure,
     /// The upstream failed and its fallback answered, marked as degraded.
     Degraded,
+    /// The caller's request could not be used (its body broke off or
+    /// stalled): the sidecar answered a client error, and the upstream
+    /// was not at fault.
+    Rejected,
 }
 
 impl Outcome {
@@ -43,6 +47,7 @@ impl Outcome {
             Outcome::Error => "error",
             Outcome::Failure => "failure",
             Outcome::Degraded => "degraded",
+            Outcome::Rejected => "rejected",
         }
     }
 }
@@ -313,6 +318,7 @@ impl Metrics {
             error: outcome(Outcome::Error),
             failure: outcome(Outcome::Failure),
             degraded: outcome(Outcome::Degraded),
+            rejected: outcome(Outcome::Rejected),
             duration: self.duration.get_or_create_owned(&labels),
             in_flight: self.in_flight.get_or_create_owned(&labels),
             retries: self.retries.clone(),
@@ -406,6 +412,7 @@ struct Handles {
     error: Counter,
     failure: Counter,
     degraded: Counter,
+    rejected: Counter,
     duration: Histogram,
     in_flight: Gauge,
     retries: Family<ReasonLabels, Counter>,
@@ -448,6 +455,7 @@ impl UpstreamMetrics {
             Outcome::Error => self.0.error.inc(),
             Outcome::Failure => self.0.failure.inc(),
             Outcome::Degraded => self.0.degraded.inc(),
+            Outcome::Rejected => self.0.rejected.inc(),
         };
         self.0.duration.observe(seconds);
     }

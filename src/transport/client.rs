@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::h2::{H2Client, H2Error};
 use super::headers::strip_hop_by_hop;
 use super::tls::{HttpsConnector, Tls, handshake_failure};
-use crate::body::{self, Body, BoxError, Completion};
+use crate::body::{self, Body, BoxError, Completion, SourceFailure};
 use crate::error::ProxyError;
 use crate::grpc::{self, TrailerStatus};
 
@@ -153,14 +153,16 @@ impl UpstreamClient {
             Connections::Http1(client) => client
                 .request(request)
                 .await
-                .map_err(|e| self.http1_error(&e))?,
+                .map_err(|e| self.http1_error(&e)),
             Connections::Https1(client) => client
                 .request(request)
                 .await
-                .map_err(|e| self.http1_error(&e))?,
-            Connections::Http2(client) => {
-                client.send(request).await.map_err(|e| self.h2_error(e))?
-            }
+                .map_err(|e| self.http1_error(&e)),
+            Connections::Http2(client) => client.send(request).await.map_err(|e| self.h2_error(e)),
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => return Err(callers_fault(completion.as_ref()).unwrap_or(error)),
         };
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -224,6 +226,16 @@ impl UpstreamClient {
             },
         }
     }
+}
+
+/// The caller's fault, when its request body failed while the attempt
+/// was sending it: the attempt failed because of the caller, not the
+/// upstream.
+fn callers_fault(completion: Option<&Completion>) -> Option<ProxyError> {
+    Some(match completion?.source_failure()? {
+        SourceFailure::Broke(reason) => ProxyError::RequestBody { reason },
+        SourceFailure::Stalled(after) => ProxyError::RequestIdle { after },
+    })
 }
 
 /// A gRPC answer whose status is not in its headers.

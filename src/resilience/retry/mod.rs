@@ -96,6 +96,8 @@ impl Cause {
 pub struct Retry {
     params: RetryParams,
     hedge: Option<HedgeParams>,
+    /// How long the caller's body may stall (`stream_idle_timeout`).
+    request_idle: Option<Duration>,
     budget: TpsBudget,
     metrics: UpstreamMetrics,
 }
@@ -117,9 +119,9 @@ struct Template {
 }
 
 impl Template {
-    fn new(parts: http::request::Parts, body: Body, limit: u64) -> Self {
+    fn new(parts: http::request::Parts, body: Body, limit: u64, idle: Option<Duration>) -> Self {
         use http_body::Body as _;
-        let body = (!body.is_end_stream()).then(|| ReplayBody::new(body, limit));
+        let body = (!body.is_end_stream()).then(|| ReplayBody::new(body, limit, idle));
         Self { parts, body }
     }
 
@@ -185,8 +187,14 @@ fn safe_to_repeat(parts: &http::request::Parts, params: &RetryParams, grpc: bool
 }
 
 impl Retry {
-    /// A policy with its own budget.
-    pub fn new(params: RetryParams, hedge: Option<HedgeParams>, metrics: UpstreamMetrics) -> Self {
+    /// A policy with its own budget; the caller's body may stall for
+    /// `request_idle` at most.
+    pub fn new(
+        params: RetryParams,
+        hedge: Option<HedgeParams>,
+        request_idle: Option<Duration>,
+        metrics: UpstreamMetrics,
+    ) -> Self {
         let budget = TpsBudget::new(
             BUDGET_WINDOW,
             params.budget_min_per_second,
@@ -195,6 +203,7 @@ impl Retry {
         Self {
             params,
             hedge,
+            request_idle,
             budget,
             metrics,
         }
@@ -215,9 +224,20 @@ impl Retry {
         Fut: Future<Output = Result<Response<Body>, ProxyError>>,
     {
         if self.params.max_attempts <= 1 && self.hedge.is_none() {
+            // No copy is kept, but the body is watched all the same: its
+            // failures are the caller's, and it may not stall for ever.
+            let mut completion = None;
+            let request = request.map(|body| {
+                if http_body::Body::is_end_stream(&body) {
+                    return body;
+                }
+                let watched = ReplayBody::new(body, 0, self.request_idle);
+                completion = Some(watched.completion());
+                Body::replay(watched)
+            });
             let first = Attempt {
                 number: 1,
-                completion: None,
+                completion,
                 cause: None,
             };
             // Boxed: an attempt's future is a few KiB (client, timeouts,
@@ -230,7 +250,7 @@ impl Retry {
         self.budget.deposit();
         let (parts, body) = request.into_parts();
         let safe = safe_to_repeat(&parts, &self.params, grpc);
-        let template = Template::new(parts, body, self.params.buffer_limit);
+        let template = Template::new(parts, body, self.params.buffer_limit, self.request_idle);
         if let Some(hedge) = self.hedge.clone().filter(|_| safe) {
             // Boxed: the rare path should not grow every call's future.
             return Box::pin(self.hedged(template, hedge, grpc, deadline, &attempt)).await;

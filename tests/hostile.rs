@@ -1,0 +1,159 @@
+//! Hostile and broken callers: what the caller breaks is answered to the
+//! caller, and never counted against the upstream. Raw sockets send what
+//! no well-behaved client library would.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use breakwater::body;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An upstream that reads each request's body whole (whatever becomes
+/// of it) and answers 200 with the bytes it got.
+async fn reader() -> HttpUpstream {
+    HttpUpstream::start(|request: Request<Incoming>| async move {
+        let got = match request.into_body().collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(_) => Bytes::from_static(b"broken"),
+        };
+        Response::new(body::full(got))
+    })
+    .await
+}
+
+const POLICY: &str = "    listen: 127.0.0.1:0\n    circuit_breaker: {consecutive_failures: 2, failure_rate: {min_calls: 2, window: 4}}\n";
+
+/// A chunked body whose second chunk size is not a number.
+const MALFORMED: &[u8] =
+    b"POST /upload HTTP/1.1\r\nHost: u\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+/// A body of 10 bytes that declares 100.
+const SHORT: &[u8] = b"POST /upload HTTP/1.1\r\nHost: u\r\nContent-Length: 100\r\n\r\nonly ten b";
+
+/// Writes `request` on a new connection to `addr` (then, if
+/// `close_write`, ends the caller's side) and reads the answer until the
+/// sidecar closes the connection, for 10 s at most.
+async fn raw(addr: SocketAddr, request: &[u8], close_write: bool) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    if close_write {
+        stream.shutdown().await.unwrap();
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+async fn circuit(sidecar: &breakwater::sidecar::Sidecar) -> serde_json::Value {
+    admin_json(sidecar.admin_addr, "/circuits").await["u"].clone()
+}
+
+#[tokio::test]
+async fn a_callers_broken_body_is_answered_400_and_never_counted_against_the_upstream() {
+    let upstream = reader().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n{POLICY}",
+        upstream.addr
+    ))
+    .await;
+    let addr = sidecar.upstream_addrs["u"];
+    // A malformed chunk size, four times: twice the breaker's limit.
+    for _ in 0..4 {
+        let answer = raw(addr, MALFORMED, false).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(
+            answer.contains("x-breakwater-error: request-body"),
+            "{answer}"
+        );
+    }
+    // An upload the caller gave up on: fewer bytes than it declared.
+    for _ in 0..4 {
+        raw(addr, SHORT, true).await;
+    }
+    let circuit = circuit(&sidecar).await;
+    assert_eq!(circuit["state"], "closed", "{circuit}");
+    assert_eq!(circuit["consecutive_failures"], 0, "{circuit}");
+    assert_eq!(circuit["window_failures"], 0, "{circuit}");
+    let rejected = "breakwater_requests_total{upstream=\"u\",outcome=\"rejected\"}";
+    let failed = "breakwater_requests_total{upstream=\"u\",outcome=\"failure\"}";
+    let rejected = metric_value(sidecar.admin_addr, rejected).await;
+    assert!(
+        (4.0..=8.0).contains(&rejected),
+        "the malformed bodies, and the aborted ones still waited for: {rejected}"
+    );
+    assert_eq!(metric_value(sidecar.admin_addr, failed).await, 0.0);
+    let (parts, body) = call(addr, "u", http::Method::POST, "/ok", "whole").await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"whole"[..]));
+}
+
+#[tokio::test]
+async fn a_request_body_that_stalls_is_cut_with_408_and_not_counted() {
+    let upstream = reader().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n    stream_idle_timeout: 200ms\n{POLICY}",
+        upstream.addr
+    ))
+    .await;
+    let addr = sidecar.upstream_addrs["u"];
+    for _ in 0..3 {
+        let started = tokio::time::Instant::now();
+        let answer = raw(
+            addr,
+            b"POST /upload HTTP/1.1\r\nHost: u\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            false,
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            answer.contains("x-breakwater-error: request-idle-timeout"),
+            "{answer}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "cut by the idle timeout, not by the call's"
+        );
+    }
+    let circuit = circuit(&sidecar).await;
+    assert_eq!(circuit["consecutive_failures"], 0, "{circuit}");
+    assert_eq!(circuit["window_failures"], 0, "{circuit}");
+    let rejected = "breakwater_requests_total{upstream=\"u\",outcome=\"rejected\"}";
+    assert_eq!(metric_value(sidecar.admin_addr, rejected).await, 3.0);
+}
+
+#[tokio::test]
+async fn a_broken_body_is_not_degraded_nor_failed_over() {
+    let upstream = reader().await;
+    let other = reader().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n    failover: [v]\n    criticality: optional\n    fallback: {{body: 'fallback'}}\n    stream_idle_timeout: 200ms\n{POLICY}  v:\n    address: '{}'\n",
+        upstream.addr, other.addr
+    ))
+    .await;
+    let addr = sidecar.upstream_addrs["u"];
+    let broken = raw(addr, MALFORMED, false).await;
+    assert!(broken.starts_with("HTTP/1.1 400"), "{broken}");
+    let stalled = raw(addr, SHORT, false).await;
+    assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+    assert_eq!(
+        upstream.requests() + other.requests(),
+        0,
+        "the body is read whole before any upstream"
+    );
+    let admin = sidecar.admin_addr;
+    let rejected = "breakwater_requests_total{upstream=\"u\",outcome=\"rejected\"}";
+    assert_eq!(metric_value(admin, rejected).await, 2.0);
+    let degraded = "breakwater_requests_total{upstream=\"u\",outcome=\"degraded\"}";
+    assert_eq!(metric_value(admin, degraded).await, 0.0);
+    assert_eq!(
+        metric(admin, "breakwater_failovers_total{upstream=\"u\",to=\"v\"}").await,
+        None,
+        "no failover was tried"
+    );
+}
