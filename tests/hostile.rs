@@ -157,3 +157,49 @@ async fn a_broken_body_is_not_degraded_nor_failed_over() {
         "no failover was tried"
     );
 }
+
+/// An upstream that accepts connections and never answers.
+async fn hung() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_opens_the_circuit_on_the_calls_timeout() {
+    let (addr, _hung) = hung().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{addr}'\n    timeout: 100ms\n    retry: {{max_attempts: 1}}\n    circuit_breaker: {{consecutive_failures: 3}}\n    listen: 127.0.0.1:0\n"
+    ))
+    .await;
+    let port = sidecar.upstream_addrs["u"];
+    // The caller's own deadline, shorter than the policy's, is the
+    // caller's business: it never counts against the upstream.
+    for _ in 0..3 {
+        let request = Request::get(format!("http://{port}/"))
+            .header("x-breakwater-deadline-ms", "20")
+            .body(body::empty())
+            .unwrap();
+        let (parts, _) = read_body(http1_client().request(request).await.unwrap()).await;
+        assert_eq!(parts.status, 504);
+        assert_eq!(parts.headers["x-breakwater-error"], "deadline-exceeded");
+    }
+    assert_eq!(circuit(&sidecar).await["consecutive_failures"], 0);
+    for i in 1..=3 {
+        let (parts, _) = call(port, "u", http::Method::GET, "/", "").await;
+        assert_eq!(parts.status, 504);
+        if i < 3 {
+            assert_eq!(circuit(&sidecar).await["consecutive_failures"], i);
+        }
+    }
+    let circuit = circuit(&sidecar).await;
+    assert_eq!(circuit["state"], "open", "{circuit}");
+    let (parts, _) = call(port, "u", http::Method::GET, "/", "").await;
+    assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
+}

@@ -221,6 +221,14 @@ impl Stack {
         let budget = self.per_try_timeout.map_or(left, |t| t.min(left));
         deadline::set_header(request.headers_mut(), budget, grpc);
         let started = Instant::now();
+        let mut unanswered = Unanswered {
+            // A deadline the caller set may be shorter than any upstream
+            // could meet: its expiry says nothing of the upstream.
+            breaker: self.breaker.as_deref().filter(|_| deadline.by == "policy"),
+            admission,
+            deadline: deadline.at,
+            started,
+        };
         let send = async {
             let Some(injection) = injection else {
                 return self.client.send(request, completion).await;
@@ -242,6 +250,7 @@ impl Stack {
                 }
             },
         };
+        let admission = unanswered.admission.take();
         // A hold can only start on a rate limit: a 429, or a gRPC answer
         // (whose status needs classifying); other answers skip the work
         // when nothing else needs the verdict.
@@ -326,5 +335,33 @@ impl Stack {
             Some(after) => response.map(|b| faults::truncate(b, after, self.metrics.clone())),
             None => response,
         })
+    }
+}
+
+/// An attempt's admission while it waits for its answer. An attempt
+/// dropped unanswered because the call's deadline passed (the overall
+/// timeout, with no `per_try_timeout` shorter) counts for the breaker as
+/// a timed-out attempt: an upstream that accepts calls and never answers
+/// must open the circuit. Dropped for another reason (the caller went
+/// away, another hedged attempt won, the caller's own deadline passed),
+/// it counts for nothing.
+struct Unanswered<'a> {
+    breaker: Option<&'a Breaker>,
+    admission: Option<Admission>,
+    deadline: Instant,
+    started: Instant,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let (Some(breaker), Some(admission)) = (self.breaker, self.admission.take())
+            && Instant::now() >= self.deadline
+        {
+            breaker.record(
+                admission,
+                Some(Failure::PerTryTimeout),
+                self.started.elapsed(),
+            );
+        }
     }
 }
