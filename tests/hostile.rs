@@ -5,13 +5,14 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use breakwater::body;
+use breakwater::body::{self, BoxError};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -202,4 +203,164 @@ async fn an_upstream_that_never_answers_opens_the_circuit_on_the_calls_timeout()
     assert_eq!(circuit["state"], "open", "{circuit}");
     let (parts, _) = call(port, "u", http::Method::GET, "/", "").await;
     assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
+}
+
+/// An HTTP/1.1 upstream that promises 100 bytes, sends 10 and closes.
+async fn short_answers() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    head.push(byte[0]);
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_answer_shorter_than_declared_is_a_broken_stream_for_the_breaker() {
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n{POLICY}",
+        short_answers().await
+    ))
+    .await;
+    let port = sidecar.upstream_addrs["u"];
+    for i in 1..=2 {
+        let response = get(port, "u", "/").await;
+        assert_eq!(response.status(), 200, "the headers went before the cut");
+        assert!(
+            response.into_body().collect().await.is_err(),
+            "the caller sees the body cut short, never a complete one"
+        );
+        let series = "breakwater_broken_streams_total{upstream=\"u\",kind=\"truncated\"}";
+        assert_eq!(metric_value(sidecar.admin_addr, series).await, f64::from(i));
+    }
+    let circuit = circuit(&sidecar).await;
+    assert_eq!(circuit["state"], "open", "{circuit}");
+}
+
+/// A gRPC answer of `messages` frames and no status.
+fn grpc_answer(messages: usize) -> Response<body::Body> {
+    let frames: Vec<Result<Frame<Bytes>, BoxError>> = (0..messages)
+        .map(|_| Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))))
+        .collect();
+    let mut response = Response::new(body::boxed(http_body_util::StreamBody::new(
+        tokio_stream::iter(frames),
+    )));
+    response
+        .headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    response
+}
+
+/// The frames of a gRPC call through the sidecar's port for `u`: data
+/// frames counted, then the trailers.
+async fn grpc_call(port: SocketAddr) -> (usize, http::HeaderMap) {
+    let mut sender = h2_connect(port).await;
+    let request = Request::post("http://u/echo.v1.Echo/Stream")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body::full(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .unwrap();
+    let mut body = sender.send_request(request).await.unwrap().into_body();
+    let mut messages = 0;
+    loop {
+        let frame = body
+            .frame()
+            .await
+            .expect("trailers before the end")
+            .unwrap();
+        match frame.into_trailers() {
+            Ok(trailers) => return (messages, trailers),
+            Err(_) => messages += 1,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_grpc_stream_the_upstream_broke_or_left_without_status_ends_unavailable() {
+    // The reset waits until the caller has read the messages before it:
+    // a reset stream's unread data is dropped.
+    let fail = Arc::new(tokio::sync::Notify::new());
+    let notified = fail.clone();
+    let upstream = HttpUpstream::start(move |request: Request<Incoming>| {
+        let fail = notified.clone();
+        async move {
+            if request.uri().query() != Some("reset") {
+                return grpc_answer(2);
+            }
+            let messages = futures_util::stream::unfold(0, move |i| {
+                let fail = fail.clone();
+                async move {
+                    if i == 3 {
+                        fail.notified().await;
+                        return Some((
+                            Err::<Frame<Bytes>, BoxError>("the server fell over".into()),
+                            4,
+                        ));
+                    }
+                    (i < 3).then(|| {
+                        (
+                            Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+                            i + 1,
+                        )
+                    })
+                }
+            });
+            let mut response = grpc_answer(0);
+            *response.body_mut() = body::boxed(http_body_util::StreamBody::new(messages));
+            response
+        }
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n    protocol: grpc\n    retry: {{max_attempts: 1}}\n    listen: 127.0.0.1:0\n",
+        upstream.addr
+    ))
+    .await;
+    let port = sidecar.upstream_addrs["u"];
+    let mut sender = h2_connect(port).await;
+    let request = Request::post("http://u/echo.v1.Echo/Stream?reset")
+        .header("content-type", "application/grpc")
+        .body(body::full(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .unwrap();
+    let mut answer = sender.send_request(request).await.unwrap().into_body();
+    let mut messages = 0;
+    let trailers = loop {
+        if messages == 3 {
+            fail.notify_one();
+        }
+        match answer
+            .frame()
+            .await
+            .expect("trailers")
+            .unwrap()
+            .into_trailers()
+        {
+            Ok(trailers) => break trailers,
+            Err(_) => messages += 1,
+        }
+    };
+    assert_eq!(messages, 3, "what came before the break is passed on");
+    assert_eq!(trailers["grpc-status"], "14", "{trailers:?}");
+    assert_eq!(trailers["x-breakwater-error"], "truncated");
+    let (messages, trailers) = grpc_call(port).await;
+    assert_eq!(messages, 2);
+    assert_eq!(trailers["grpc-status"], "14", "{trailers:?}");
+    let admin = sidecar.admin_addr;
+    for kind in ["truncated", "no-status"] {
+        let series = format!("breakwater_broken_streams_total{{upstream=\"u\",kind=\"{kind}\"}}");
+        assert_eq!(metric_value(admin, &series).await, 1.0, "{kind}");
+    }
+    assert_eq!(circuit(&sidecar).await["consecutive_failures"], 2);
 }

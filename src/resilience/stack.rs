@@ -151,10 +151,6 @@ impl Stack {
             Ok(response.map(|b| b.with_permit(permit)))
         };
         match tokio::time::timeout_at(deadline.at, call).await {
-            Ok(Ok(response)) => Ok(match self.stream_timeouts {
-                None => response,
-                Some(timeouts) => response.map(|b| self.stall_cut(b, timeouts, grpc)),
-            }),
             Ok(result) => result,
             Err(_) => {
                 self.metrics.timeout(false);
@@ -257,45 +253,73 @@ impl Stack {
         let may_hold = self.hold.is_some()
             && matches!(&result, Ok(response) if grpc || response.status() == 429);
         if admission.is_none() && span.is_none() && !may_hold {
-            return result;
+            return result.map(|response| self.watch(response, grpc, None));
         }
         let failure = classify::classify(&result, grpc);
         if let (Some(hold), Ok(response)) = (&self.hold, &result) {
             hold.observe(response, failure);
         }
         // The caller's fault says nothing of the upstream: not recorded
-        // (a probe's slot is given back).
+        // (a probe's slot is given back). A good answer still streaming is
+        // recorded when its body ends, so that one the upstream breaks off
+        // counts as a failure, not a success and then a failure; a probe
+        // is recorded at once, not to hold the half-open circuit for as
+        // long as its stream lasts.
         let callers = matches!(&result, Err(e) if e.is_callers());
+        let streaming = matches!(&result, Ok(r) if !http_body::Body::is_end_stream(r.body()));
+        let mut deferred = None;
         if let (Some(breaker), Some(admission), false) = (&self.breaker, admission, callers) {
-            breaker.record(admission, failure, started.elapsed());
+            match admission {
+                Admission::Normal if failure.is_none() && streaming => {
+                    deferred = Some(started.elapsed());
+                }
+                admission => breaker.record(admission, failure, started.elapsed()),
+            }
         }
         if let Some(span) = span {
             span.finish(&result, failure);
         }
-        result
+        result.map(|response| self.watch(response, grpc, deferred))
     }
 
-    /// The answer's body, cut when it stalls longer than `timeouts` allow:
-    /// counted, and reported to the breaker as a reset. An empty body
-    /// (a trailers-only gRPC answer, a 204) cannot stall.
-    fn stall_cut(&self, body: Body, timeouts: StreamTimeouts, grpc: bool) -> Body {
-        if http_body::Body::is_end_stream(&body) {
-            return body;
+    /// The answer, its body watched (`stream`): cut when it stalls longer
+    /// than the stream timeouts allow, reported when it breaks off; each
+    /// counted, and reported to the breaker as a reset. `deferred`: the
+    /// breaker has not heard of this answer yet (it took that long to
+    /// start), and hears of its success when the body ends whole. An empty
+    /// body (a trailers-only gRPC answer, a 204) can neither stall nor
+    /// break.
+    fn watch(
+        &self,
+        response: Response<Body>,
+        grpc: bool,
+        deferred: Option<Duration>,
+    ) -> Response<Body> {
+        if http_body::Body::is_end_stream(response.body()) {
+            return response;
         }
+        let status_seen = grpc && response.headers().contains_key(crate::grpc::STATUS);
         let metrics = self.metrics.clone();
         let breaker = self.breaker.clone();
         let started = Instant::now();
-        stream::cut_when_stalled(
-            body,
-            timeouts,
-            grpc,
-            Box::new(move |cut| {
-                metrics.stream_cut(cut == stream::Cut::FirstByte);
-                if let Some(breaker) = breaker {
-                    breaker.record(Admission::Normal, Some(Failure::Reset), started.elapsed());
+        let on_end: stream::OnEnd = Box::new(move |cut| {
+            let Some(breaker) = breaker else {
+                if let Some(cut) = cut {
+                    count(&metrics, cut);
                 }
-            }),
-        )
+                return;
+            };
+            match (cut, deferred) {
+                (Some(cut), headers) => {
+                    count(&metrics, cut);
+                    let elapsed = headers.unwrap_or_default() + started.elapsed();
+                    breaker.record(Admission::Normal, Some(Failure::Reset), elapsed);
+                }
+                (None, Some(headers)) => breaker.record(Admission::Normal, None, headers),
+                (None, None) => {}
+            }
+        });
+        response.map(|body| stream::watch(body, self.stream_timeouts, grpc, status_seen, on_end))
     }
 
     /// What an attempt's span starts with.
@@ -335,6 +359,15 @@ impl Stack {
             Some(after) => response.map(|b| faults::truncate(b, after, self.metrics.clone())),
             None => response,
         })
+    }
+}
+
+/// Counts a stream that was cut.
+fn count(metrics: &UpstreamMetrics, cut: stream::Cut) {
+    match cut {
+        stream::Cut::FirstByte => metrics.stream_cut(true),
+        stream::Cut::Idle => metrics.stream_cut(false),
+        broken => metrics.broken_stream(broken.label()),
     }
 }
 

@@ -1,21 +1,30 @@
-//! Timeouts for streamed answers. `first_byte_timeout` bounds the wait
-//! from an answer's headers to its first body frame (a model still
-//! reading its prompt); `stream_idle_timeout` bounds the gap between two
-//! frames after that (an LLM's server-sent events, a gRPC server stream).
-//! A stream that stalls is cut, and the caller sees it end at once instead
-//! of waiting for its own timeout:
+//! What an answer's stream may do after its headers: stall (bounded by
+//! `first_byte_timeout` and `stream_idle_timeout`) or break off (the
+//! upstream reset it, closed its connection, or sent less than it
+//! declared). Either way the caller sees the stream end at once, with
+//! what happened, and the upstream is held to account: a cut or broken
+//! stream is counted and reported to the circuit breaker as a reset, so an
+//! upstream that always truncates its answers does not look healthy.
 //!
-//! - gRPC: the answer ends with trailers, `grpc-status: 4`
-//!   (`DEADLINE_EXCEEDED`), a `grpc-message` that says which timeout, and
+//! `first_byte_timeout` bounds the wait from an answer's headers to its
+//! first body frame (a model still reading its prompt);
+//! `stream_idle_timeout` bounds the gap between two frames after that (an
+//! LLM's server-sent events, a gRPC server stream).
+//!
+//! - gRPC: the answer ends with trailers, as a status and not a reset:
+//!   `grpc-status: 4` (`DEADLINE_EXCEEDED`) for a stall, `14`
+//!   (`UNAVAILABLE`) for a stream the upstream broke or ended without a
+//!   status; a `grpc-message` that says what happened, and
 //!   `x-breakwater-error`. The headers have gone, so the trailers are
-//!   where the status goes; the client reads a status, not a reset.
+//!   where the status goes.
 //! - Other HTTP: the body fails, which the caller sees as an HTTP/2
-//!   `RST_STREAM` or an HTTP/1.1 chunked body cut short.
+//!   `RST_STREAM` or an HTTP/1.1 body cut short.
 //!
-//! Each cut is counted (`breakwater_timeouts_total{kind="first-byte"}` or
-//! `{kind="stream-idle"}`) and reported to the circuit breaker as a reset.
-//! The idle timer restarts with every frame, so a long answer that keeps
-//! coming is never cut, whatever its length.
+//! Counted in `breakwater_timeouts_total{kind="first-byte"}` or
+//! `{kind="stream-idle"}`, and `breakwater_broken_streams_total{kind=
+//! "truncated"}` or `{kind="no-status"}`. The idle timer restarts with
+//! every frame, so a long answer that keeps coming is never cut, whatever
+//! its length.
 //!
 //! The timer starts when the upstream makes the stream wait (its body is
 //! polled and has nothing), not when a frame passes: a body that is ready
@@ -50,21 +59,28 @@ impl StreamTimeouts {
     }
 }
 
-/// Which timeout cut a stream.
+/// What ended a stream early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
     /// No first frame within `first_byte_timeout`.
     FirstByte,
     /// No next frame within `stream_idle_timeout`.
     Idle,
+    /// The upstream broke the stream off.
+    Truncated,
+    /// A gRPC answer ended without a status.
+    NoStatus,
 }
 
 impl Cut {
-    /// The `kind` label of `breakwater_timeouts_total`.
+    /// The `kind` label of `breakwater_timeouts_total` (a stall) or of
+    /// `breakwater_broken_streams_total`.
     pub fn label(self) -> &'static str {
         match self {
             Cut::FirstByte => "first-byte",
             Cut::Idle => "stream-idle",
+            Cut::Truncated => "truncated",
+            Cut::NoStatus => "no-status",
         }
     }
 
@@ -73,65 +89,94 @@ impl Cut {
         match self {
             Cut::FirstByte => "first-byte-timeout",
             Cut::Idle => "stream-idle-timeout",
+            Cut::Truncated | Cut::NoStatus => "truncated",
         }
+    }
+
+    /// Whether a timeout cut it (else the upstream broke it).
+    pub fn is_timeout(self) -> bool {
+        matches!(self, Cut::FirstByte | Cut::Idle)
     }
 }
 
-/// What happens when a stream is cut.
-pub type OnCut = Box<dyn FnOnce(Cut) + Send>;
+/// What happens when a stream ends: with the cut that ended it, or
+/// `None` when it ended whole or the caller dropped it.
+pub type OnEnd = Box<dyn FnOnce(Option<Cut>) + Send>;
 
-/// `body`, cut when it stalls longer than `timeouts` allow (`grpc`: end
-/// it with a `DEADLINE_EXCEEDED` status); `on_cut` runs when it is.
-pub fn cut_when_stalled(body: Body, timeouts: StreamTimeouts, grpc: bool, on_cut: OnCut) -> Body {
-    body::boxed(Stalls {
+/// `body`, watched: cut when it stalls longer than `timeouts` allow (if
+/// any), reported when it breaks off. `grpc`: the answer is gRPC, ended
+/// with a status rather than an error, and `status_seen` says its headers
+/// carried one already (a trailers-only answer), so that an end without
+/// trailers is not a broken stream. `on_end` runs once, when it ends.
+pub fn watch(
+    body: Body,
+    timeouts: Option<StreamTimeouts>,
+    grpc: bool,
+    status_seen: bool,
+    on_end: OnEnd,
+) -> Body {
+    body::boxed(Watched {
         inner: body,
-        timeouts,
+        timeouts: timeouts.unwrap_or(StreamTimeouts {
+            first_byte: None,
+            idle: None,
+        }),
         timer: WaitTimer::default(),
         started: false,
         grpc,
-        on_cut: Some(on_cut),
+        status_seen: status_seen || !grpc,
+        on_end: Some(on_end),
         ended: false,
     })
 }
 
-struct Stalls {
+struct Watched {
     inner: Body,
     timeouts: StreamTimeouts,
     timer: WaitTimer,
     /// A first frame came.
     started: bool,
     grpc: bool,
-    on_cut: Option<OnCut>,
+    /// A gRPC status came (always true for other answers).
+    status_seen: bool,
+    on_end: Option<OnEnd>,
     ended: bool,
 }
 
-impl Stalls {
-    fn cut(&mut self) -> Result<Frame<Bytes>, BoxError> {
+impl Watched {
+    fn cut(&mut self, cut: Cut, error: Option<BoxError>) -> Result<Frame<Bytes>, BoxError> {
         self.ended = true;
-        let (cut, after) = if self.started {
-            (Cut::Idle, self.timeouts.idle)
-        } else {
-            (
-                Cut::FirstByte,
-                self.timeouts.first_byte.or(self.timeouts.idle),
-            )
-        };
-        if let Some(on_cut) = self.on_cut.take() {
-            on_cut(cut);
+        if let Some(on_end) = self.on_end.take() {
+            on_end(Some(cut));
         }
-        let after = after.unwrap_or_default();
+        let after = |d: Option<Duration>| humantime::format_duration(d.unwrap_or_default());
         let message = match cut {
-            Cut::FirstByte => format!("the upstream's answer sent no data within {after:?}"),
-            Cut::Idle => format!("the upstream's answer stalled: no data for {after:?}"),
+            Cut::FirstByte => format!(
+                "the upstream's answer sent no data within {}",
+                after(self.timeouts.first_byte.or(self.timeouts.idle))
+            ),
+            Cut::Idle => format!(
+                "the upstream's answer stalled: no data for {}",
+                after(self.timeouts.idle)
+            ),
+            Cut::Truncated => format!(
+                "the upstream broke its answer off: {}",
+                error
+                    .as_deref()
+                    .map(|e| crate::error::error_text(e))
+                    .unwrap_or_default()
+            ),
+            Cut::NoStatus => "the upstream's answer ended without a gRPC status".to_owned(),
         };
         if !self.grpc {
-            return Err(message.into());
+            return Err(error.unwrap_or_else(|| message.into()));
         }
+        let code = match cut.is_timeout() {
+            true => grpc::DEADLINE_EXCEEDED,
+            false => grpc::UNAVAILABLE,
+        };
         let mut trailers = HeaderMap::new();
-        trailers.insert(
-            grpc::STATUS,
-            HeaderValue::from(u16::from(grpc::DEADLINE_EXCEEDED)),
-        );
+        trailers.insert(grpc::STATUS, HeaderValue::from(u16::from(code)));
         if let Ok(value) = HeaderValue::from_str(&grpc::percent_encode(&message)) {
             trailers.insert(grpc::MESSAGE, value);
         }
@@ -143,7 +188,15 @@ impl Stalls {
     }
 }
 
-impl http_body::Body for Stalls {
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(None);
+        }
+    }
+}
+
+impl http_body::Body for Watched {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -158,11 +211,23 @@ impl http_body::Body for Stalls {
             Poll::Ready(Some(Ok(frame))) => {
                 self.started = true;
                 self.timer.stop();
+                if frame.is_trailers() {
+                    self.status_seen = true;
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(other) => {
-                self.ended = other.is_none();
-                Poll::Ready(other)
+            Poll::Ready(Some(Err(error))) => {
+                Poll::Ready(Some(self.cut(Cut::Truncated, Some(error))))
+            }
+            Poll::Ready(None) if !self.status_seen => {
+                Poll::Ready(Some(self.cut(Cut::NoStatus, None)))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                if let Some(on_end) = self.on_end.take() {
+                    on_end(None);
+                }
+                Poll::Ready(None)
             }
             Poll::Pending => {
                 let limit = match self.started {
@@ -173,7 +238,13 @@ impl http_body::Body for Stalls {
                     return Poll::Pending;
                 };
                 match self.timer.poll_wait(limit, cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(self.cut())),
+                    Poll::Ready(()) => {
+                        let cut = match self.started {
+                            true => Cut::Idle,
+                            false => Cut::FirstByte,
+                        };
+                        Poll::Ready(Some(self.cut(cut, None)))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -181,7 +252,9 @@ impl http_body::Body for Stalls {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
+        // A gRPC answer without its status yet is not over: the end is
+        // read, so that a missing status can be put in.
+        self.ended || (self.status_seen && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -221,11 +294,12 @@ mod tests {
         let c = cuts.clone();
         let ms = |v: Option<u64>| v.map(Duration::from_millis);
         let timeouts = StreamTimeouts::new(ms(first_byte), ms(idle)).unwrap();
-        let body = cut_when_stalled(
+        let body = watch(
             frames(gaps),
-            timeouts,
+            Some(timeouts),
             grpc,
-            Box::new(move |cut| c.lock().unwrap().push(cut)),
+            true,
+            Box::new(move |cut| c.lock().unwrap().extend(cut)),
         );
         (body, cuts)
     }
@@ -303,5 +377,46 @@ mod tests {
         assert!(message.contains("no data for 100ms"), "{message}");
         assert!(body.frame().await.is_none());
         assert_eq!(*cuts.lock().unwrap(), [Cut::Idle]);
+    }
+
+    #[tokio::test]
+    async fn a_broken_or_statusless_grpc_answer_ends_unavailable_and_every_end_is_reported_once() {
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let watched = |frames: Vec<Result<Frame<Bytes>, BoxError>>, status_seen: bool| {
+            let ends = ends.clone();
+            watch(
+                body::boxed(StreamBody::new(tokio_stream::iter(frames))),
+                None,
+                true,
+                status_seen,
+                Box::new(move |cut| ends.lock().unwrap().push(cut)),
+            )
+        };
+        let message = || Ok(Frame::data(Bytes::from_static(b"m")));
+        let mut broken = watched(vec![message(), Err("reset".into())], false);
+        assert_eq!(data(&mut broken).await, "m");
+        let trailers = broken
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(trailers["grpc-status"], "14");
+        assert_eq!(trailers["x-breakwater-error"], "truncated");
+        let statusless = watched(vec![message()], false);
+        assert!(
+            !http_body::Body::is_end_stream(&statusless),
+            "the end is read, to add a status"
+        );
+        let got = statusless.collect().await.unwrap();
+        assert_eq!(got.trailers().unwrap()["grpc-status"], "14");
+        let whole = watched(vec![message()], true);
+        assert_eq!(whole.collect().await.unwrap().to_bytes(), "m");
+        drop(watched(vec![message()], true));
+        assert_eq!(
+            *ends.lock().unwrap(),
+            [Some(Cut::Truncated), Some(Cut::NoStatus), None, None]
+        );
     }
 }

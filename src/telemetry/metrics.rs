@@ -106,6 +106,7 @@ pub struct Metrics {
     circuit_transitions: Family<StateLabels, Counter>,
     shed: Family<UpstreamLabels, Counter>,
     timeouts: Family<KindLabels, Counter>,
+    broken_streams: Family<KindLabels, Counter>,
     hedges: Family<UpstreamLabels, Counter>,
     fallbacks: Family<ReasonLabels, Counter>,
     failovers: Family<FailoverLabels, Counter>,
@@ -194,8 +195,14 @@ impl Metrics {
         let timeouts = Family::<KindLabels, Counter>::default();
         registry.register(
             "timeouts",
-            "Timeouts, by kind: deadline (the call's) or per-try (one attempt's)",
+            "Timeouts, by kind: deadline (the call's), per-try (one attempt's), stream-idle or first-byte (an answer's stream cut)",
             timeouts.clone(),
+        );
+        let broken_streams = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "broken_streams",
+            "Answers the upstream broke off after their headers, by kind: truncated (reset, closed, shorter than declared) or no-status (a gRPC answer ended without one)",
+            broken_streams.clone(),
         );
         let hedges = Family::<UpstreamLabels, Counter>::default();
         registry.register(
@@ -275,6 +282,7 @@ impl Metrics {
             circuit_transitions,
             shed,
             timeouts,
+            broken_streams,
             hedges,
             fallbacks,
             failovers,
@@ -312,6 +320,12 @@ impl Metrics {
                 kind,
             })
         };
+        let broken = |kind: &'static str| {
+            self.broken_streams.get_or_create_owned(&KindLabels {
+                upstream: name.to_owned(),
+                kind,
+            })
+        };
         UpstreamMetrics(Arc::new(Handles {
             name: name.to_owned(),
             success: outcome(Outcome::Success),
@@ -334,6 +348,8 @@ impl Metrics {
             per_try_timeouts: timeout("per-try"),
             stream_idle_timeouts: timeout("stream-idle"),
             first_byte_timeouts: timeout("first-byte"),
+            truncated: broken("truncated"),
+            no_status: broken("no-status"),
             hedges: self.hedges.get_or_create_owned(&labels),
             fallbacks: self.fallbacks.clone(),
             failovers: self.failovers.clone(),
@@ -424,6 +440,8 @@ struct Handles {
     per_try_timeouts: Counter,
     stream_idle_timeouts: Counter,
     first_byte_timeouts: Counter,
+    truncated: Counter,
+    no_status: Counter,
     hedges: Counter,
     fallbacks: Family<ReasonLabels, Counter>,
     failovers: Family<FailoverLabels, Counter>,
@@ -541,6 +559,15 @@ impl UpstreamMetrics {
         } else {
             self.0.stream_idle_timeouts.inc();
         }
+    }
+
+    /// Counts an answer the upstream broke off after its headers
+    /// (`truncated`) or ended without a gRPC status (`no-status`).
+    pub fn broken_stream(&self, kind: &str) {
+        match kind {
+            "no-status" => self.0.no_status.inc(),
+            _ => self.0.truncated.inc(),
+        };
     }
 
     /// Counts a hedged attempt.
