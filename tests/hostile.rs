@@ -205,8 +205,9 @@ async fn an_upstream_that_never_answers_opens_the_circuit_on_the_calls_timeout()
     assert_eq!(parts.headers["x-breakwater-error"], "circuit-open");
 }
 
-/// An HTTP/1.1 upstream that promises 100 bytes, sends 10 and closes.
-async fn short_answers() -> SocketAddr {
+/// An HTTP/1.1 upstream that reads each request's head only, writes
+/// `answer` and closes the connection.
+async fn answers_at_once(answer: &'static [u8]) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -218,9 +219,7 @@ async fn short_answers() -> SocketAddr {
                 {
                     head.push(byte[0]);
                 }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
-                    .await;
+                let _ = stream.write_all(answer).await;
             });
         }
     });
@@ -231,7 +230,7 @@ async fn short_answers() -> SocketAddr {
 async fn an_answer_shorter_than_declared_is_a_broken_stream_for_the_breaker() {
     let sidecar = sidecar(&format!(
         "upstreams:\n  u:\n    address: '{}'\n{POLICY}",
-        short_answers().await
+        answers_at_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b").await
     ))
     .await;
     let port = sidecar.upstream_addrs["u"];
@@ -363,4 +362,28 @@ async fn a_grpc_stream_the_upstream_broke_or_left_without_status_ends_unavailabl
         assert_eq!(metric_value(admin, &series).await, 1.0, "{kind}");
     }
     assert_eq!(circuit(&sidecar).await["consecutive_failures"], 2);
+}
+
+#[tokio::test]
+async fn an_early_answer_before_the_body_was_read_reaches_the_caller() {
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n{POLICY}",
+        answers_at_once(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large").await
+    ))
+    .await;
+    let port = sidecar.upstream_addrs["u"];
+    for _ in 0..3 {
+        let (parts, body) = call(
+            port,
+            "u",
+            http::Method::POST,
+            "/upload",
+            vec![b'x'; 4 << 20],
+        )
+        .await;
+        assert_eq!((parts.status.as_u16(), &body[..]), (413, &b"too large"[..]));
+    }
+    let circuit = circuit(&sidecar).await;
+    assert_eq!(circuit["consecutive_failures"], 0, "{circuit}");
+    assert_eq!(circuit["window_failures"], 0, "{circuit}");
 }

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::h2::{H2Client, H2Error};
 use super::headers::strip_hop_by_hop;
+use super::linger::LingeringConnector;
 use super::tls::{HttpsConnector, Tls, handshake_failure};
 use crate::body::{self, Body, BoxError, Completion, SourceFailure};
 use crate::error::ProxyError;
@@ -36,9 +37,9 @@ const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 #[derive(Debug)]
 enum Connections {
     /// Pooled keep-alive connections.
-    Http1(Client<HttpConnector, Body>),
+    Http1(Client<LingeringConnector<HttpConnector>, Body>),
     /// Pooled keep-alive connections over TLS.
-    Https1(Client<HttpsConnector, Body>),
+    Https1(Client<LingeringConnector<HttpsConnector>, Body>),
     /// One multiplexed connection.
     Http2(H2Client),
 }
@@ -92,10 +93,10 @@ impl UpstreamClient {
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new());
             match endpoint.tls.clone() {
-                None => Connections::Http1(builder.build(connector)),
-                Some(tls) => {
-                    Connections::Https1(builder.build(HttpsConnector::new(connector, tls)))
-                }
+                None => Connections::Http1(builder.build(LingeringConnector(connector))),
+                Some(tls) => Connections::Https1(
+                    builder.build(LingeringConnector(HttpsConnector::new(connector, tls))),
+                ),
             }
         };
         Self {

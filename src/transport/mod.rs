@@ -2,7 +2,8 @@
 //!
 //! [`client`] puts one attempt on the wire (HTTP/1.1 pool or the
 //! upstream's one HTTP/2 connection, [`h2`]), over TLS where the upstream
-//! speaks it ([`tls`]); [`headers`] knows which
+//! speaks it ([`tls`]), keeping an HTTP/1.1 upstream's early answer
+//! ([`linger`]); [`headers`] knows which
 //! headers are hop-by-hop; [`server`] is the accept loop every listener of
 //! the sidecar and the control plane runs (over TLS for the control plane
 //! when it has a certificate, [`tls::server`]); [`channel`] is the gRPC
@@ -13,5 +14,6 @@ pub mod channel;
 pub mod client;
 pub mod h2;
 pub mod headers;
+pub mod linger;
 pub mod server;
 pub mod tls;
