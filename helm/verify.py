@@ -51,7 +51,8 @@ AGENTS_VALUES = {
 }
 EXPECTED_ALERTS = {
     "BreakwaterUpstreamErrorRate", "BreakwaterUpstreamLatencyHigh", "BreakwaterCircuitsOpen",
-    "BreakwaterDeadLettersPiling", "BreakwaterRetriesHigh", "BreakwaterSagaFailed",
+    "BreakwaterDeadLettersPiling", "BreakwaterDeadLettersDropped", "BreakwaterRetriesHigh",
+    "BreakwaterSagaFailed",
 }
 # Kinds the bundled schemas do not know (CRDs): checked here instead.
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "Certificate", "Issuer"}

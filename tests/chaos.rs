@@ -14,6 +14,8 @@
 //! 5. Control-plane crashes: `tests/saga_crash.rs` and
 //!    `tests/durability.rs` (SIGKILL during sagas and writes) and
 //!    `tests/dead_letters.rs` (letters wait in the spool across a restart).
+//! 6. A burst of dead letters, and the sidecar killed with SIGKILL in the
+//!    middle of it: nothing answered is lost, nothing stored twice.
 
 mod support;
 
@@ -505,12 +507,7 @@ async fn saturation(requests: usize, strict: bool) {
         ),
     )
     .unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"));
-    command
-        .args(["--log-format", "json", "sidecar", "--config"])
-        .arg(&file);
-    let (process, ready) = support::Logged::start(command, "sidecar ready");
-    let proxy: SocketAddr = ready["proxy"].as_str().unwrap().parse().unwrap();
+    let (process, proxy, _) = sidecar_process(&file);
     let pid = process.child.id();
 
     // Normal: half the limit's clients, back to back.
@@ -572,4 +569,183 @@ async fn saturation_is_shed_and_the_sidecar_stays_small_and_up() {
 #[ignore = "long: run with --ignored"]
 async fn saturation_long_keeps_the_admitted_p99_within_twice_normal() {
     saturation(500, true).await;
+}
+
+/// Every letter the control plane holds, paged, without bodies.
+async fn all_letters(control_plane: SocketAddr) -> Vec<breakwater::api::DeadLetter> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{control_plane}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = DeadLettersClient::new(channel);
+    let mut letters = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list(ListDeadLettersRequest {
+                page_size: 1000,
+                page_token: page_token.clone(),
+                without_bodies: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        letters.extend(page.letters);
+        if page.next_page_token.is_empty() {
+            return letters;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Sends `total` failing POSTs to `host` from `clients` concurrent clients, until
+/// done or until a call gets no answer (the sidecar is gone); calls
+/// `at_half` once half the answers are in. Returns the answers (all 502).
+async fn burst(
+    proxy: SocketAddr,
+    host: &'static str,
+    clients: usize,
+    total: usize,
+    at_half: Option<tokio::sync::oneshot::Sender<()>>,
+) -> usize {
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let at_half = Arc::new(Mutex::new(at_half));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (sent, answered, at_half) = (sent.clone(), answered.clone(), at_half.clone());
+        tasks.spawn(async move {
+            let client = support::http1_client();
+            while sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < total {
+                let request =
+                    support::request_to(proxy, host, http::Method::POST, "/orders", "{\"po\": 1}");
+                let Ok(response) = client.request(request).await else {
+                    return;
+                };
+                assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+                if response.into_body().collect().await.is_err() {
+                    return;
+                }
+                let n = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if n == total / 2
+                    && let Some(half) = at_half.lock().unwrap().take()
+                {
+                    let _ = half.send(());
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    answered.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// A sidecar process whose upstreams `orders` and `invoices` are down
+/// and dead-letter durably to `control_plane`, spooling in `dir`.
+fn letter_sidecar(
+    dir: &std::path::Path,
+    control_plane: SocketAddr,
+    upstream: SocketAddr,
+) -> (support::Logged, SocketAddr, SocketAddr) {
+    let file = dir.join("policies.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "admin: {{listen: 127.0.0.1:0}}\nproxy: {{listen: 127.0.0.1:0}}\ncontrol_plane: {{url: 'http://{control_plane}'}}\ndead_letters: {{spool_dir: '{}'}}\nupstreams:\n  orders:\n    address: '{upstream}'\n    dead_letter: {{durable: true}}\n    retry: {{max_attempts: 1}}\n    circuit_breaker: {{enabled: false}}\n  invoices:\n    address: '{upstream}'\n    dead_letter: true\n    retry: {{max_attempts: 1}}\n    circuit_breaker: {{enabled: false}}\n",
+            dir.join("spool").display()
+        ),
+    )
+    .unwrap();
+    sidecar_process(&file)
+}
+
+/// A sidecar process on the policy file `file`, once ready: it, its proxy
+/// and its admin address.
+fn sidecar_process(file: &std::path::Path) -> (support::Logged, SocketAddr, SocketAddr) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"));
+    command
+        .args(["--log-format", "json", "sidecar", "--config"])
+        .arg(file);
+    let (process, ready) = support::Logged::start(command, "sidecar ready");
+    let proxy = ready["proxy"].as_str().unwrap().parse().unwrap();
+    let admin = ready["admin"].as_str().unwrap().parse().unwrap();
+    (process, proxy, admin)
+}
+
+/// 6. Dead letters under a burst of failures, and a SIGKILL of the
+///    sidecar in the middle of it: no letter of an answered call is lost
+///    (`durable: true`), none is stored twice (capture ids), and a burst
+///    while the control plane is up drops nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_dead_letters_loses_none_and_a_sigkill_doubles_none() {
+    const CLIENTS: usize = 64;
+    const TOTAL: usize = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control_plane(control_options(&dir.path().join("control"))).await;
+    let upstream = support::closed_port().await;
+
+    let (mut first, proxy, _) = letter_sidecar(dir.path(), control.grpc_addr, upstream);
+    let (half, halfway) = tokio::sync::oneshot::channel();
+    let kill = tokio::spawn(async move {
+        let _ = halfway.await;
+        first.child.kill().unwrap();
+        first.child.wait().unwrap();
+    });
+    let started = Instant::now();
+    let answered = burst(proxy, "orders", CLIENTS, TOTAL, Some(half)).await;
+    let elapsed = started.elapsed();
+    kill.await.unwrap();
+    assert!(
+        (TOTAL / 2..TOTAL).contains(&answered),
+        "killed halfway: {answered} answered"
+    );
+
+    // The spool survives the kill; the restarted sidecar delivers it.
+    let (_second, proxy, admin) = letter_sidecar(dir.path(), control.grpc_addr, upstream);
+    let spooled = "breakwater_dead_letter_spool{upstream=\"orders\"}";
+    let letters = eventually(Duration::from_secs(60), "the spool delivered", || async {
+        let letters = all_letters(control.grpc_addr).await;
+        (support::metric(admin, spooled).await == Some(0.0) && letters.len() >= answered)
+            .then_some(letters)
+    })
+    .await;
+    let ids: BTreeSet<&str> = letters.iter().map(|l| l.capture_id.as_str()).collect();
+    assert_eq!(ids.len(), letters.len(), "capture ids are unique");
+    assert!(!ids.contains(""), "every letter has a capture id");
+    assert!(
+        letters.len() <= answered + CLIENTS,
+        "{} letters for {answered} answered calls and at most {CLIENTS} in flight: none stored twice",
+        letters.len()
+    );
+    eprintln!(
+        "dead letters: {answered} failing calls in {elapsed:?} ({:.0}/s) before the SIGKILL, {} letters kept",
+        answered as f64 / elapsed.as_secs_f64(),
+        letters.len()
+    );
+
+    // With the control plane up and the sidecar running, a burst loses
+    // nothing, durable or not.
+    let started = Instant::now();
+    assert_eq!(burst(proxy, "invoices", CLIENTS, TOTAL, None).await, TOTAL);
+    let elapsed = started.elapsed();
+    let spooled = "breakwater_dead_letter_spool{upstream=\"invoices\"}";
+    let invoices = |letters: Vec<breakwater::api::DeadLetter>| {
+        letters
+            .into_iter()
+            .filter(|l| l.upstream == "invoices")
+            .count()
+    };
+    let letters = eventually(Duration::from_secs(60), "the burst delivered", || async {
+        let letters = invoices(all_letters(control.grpc_addr).await);
+        (support::metric(admin, spooled).await == Some(0.0) && letters >= TOTAL).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters, TOTAL, "every letter, once");
+    let delivered = "breakwater_dead_letters_delivered_total{upstream=\"invoices\"}";
+    assert_eq!(metric_value(admin, delivered).await, TOTAL as f64);
+    eprintln!(
+        "dead letters: {TOTAL} failing calls in {elapsed:?} ({:.0}/s), every letter delivered",
+        TOTAL as f64 / elapsed.as_secs_f64()
+    );
 }

@@ -89,6 +89,9 @@ pub struct LetterJson {
     last_replay_error: String,
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     last_replay_at: Option<String>,
+    /// Made by whoever captured the letter: enqueued twice, stored once.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    capture_id: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,6 +128,7 @@ impl From<DeadLetter> for LetterJson {
             grpc: l.grpc,
             replays: l.replays,
             last_replay_error: l.last_replay_error,
+            capture_id: l.capture_id,
         }
     }
 }
@@ -161,6 +165,7 @@ impl LetterJson {
             attempts: self.attempts,
             grpc: self.grpc,
             failed_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            capture_id: self.capture_id,
             ..Default::default()
         })
     }

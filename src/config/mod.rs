@@ -114,6 +114,8 @@ pub struct DeadLetterPolicy {
     /// Request body bytes kept in a letter; more are cut and the letter
     /// marked truncated.
     pub max_body: u64,
+    /// The caller's answer waits until the letter is flushed to the spool.
+    pub durable: bool,
 }
 
 /// Default bound of a dead letter's body.

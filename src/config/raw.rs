@@ -134,6 +134,7 @@ pub(crate) struct RawDeadLetters {
 pub(crate) struct RawDeadLetter {
     pub enabled: bool,
     pub max_body: Option<ByteSize>,
+    pub durable: bool,
 }
 
 impl<'de> Deserialize<'de> for RawDeadLetter {
@@ -144,6 +145,8 @@ impl<'de> Deserialize<'de> for RawDeadLetter {
             #[serde(default = "yes")]
             enabled: bool,
             max_body: Option<ByteSize>,
+            #[serde(default)]
+            durable: bool,
         }
         fn yes() -> bool {
             true
@@ -157,16 +160,18 @@ impl<'de> Deserialize<'de> for RawDeadLetter {
         Ok(
             match Written::deserialize(deserializer).map_err(|_| {
                 serde::de::Error::custom(
-                    "expected true, false, or a block such as {max_body: 1MiB}",
+                    "expected true, false, or a block of enabled, max_body and durable, such as {max_body: 1MiB, durable: true}",
                 )
             })? {
                 Written::Flag(enabled) => Self {
                     enabled,
                     max_body: None,
+                    durable: false,
                 },
                 Written::Block(b) => Self {
                     enabled: b.enabled,
                     max_body: b.max_body,
+                    durable: b.durable,
                 },
             },
         )

@@ -376,6 +376,7 @@ fn resolve_dead_letter(
             .value
             .max_body
             .map_or(super::DEFAULT_DEAD_LETTER_MAX_BODY, |b| b.0),
+        durable: d.value.durable,
     })
 }
 

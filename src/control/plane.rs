@@ -305,6 +305,9 @@ impl ControlPlane {
         let _timer = self.timer("dead_letters.Enqueue");
         let letter = letter.ok_or_else(|| ApiError::Invalid("letter is missing".into()))?;
         check_id("upstream", &letter.upstream)?;
+        if !letter.capture_id.is_empty() {
+            check_id("capture_id", &letter.capture_id)?;
+        }
         if letter.method.is_empty() || http::Method::from_bytes(letter.method.as_bytes()).is_err() {
             return Err(ApiError::Invalid(format!(
                 "method {:?} is not an HTTP method",

@@ -204,7 +204,11 @@ async fn forward(
             attempts: attempts.load(Ordering::Relaxed),
             grpc,
         };
-        sink.submit(&upstream.config.name, head, capture, failed);
+        let durable = upstream.config.dead_letter.is_some_and(|d| d.durable);
+        if let Some(flushed) = sink.submit(&upstream.config.name, head, capture, failed, durable) {
+            // The answer waits for the letter to be safe on disk.
+            let _ = flushed.await;
+        }
     }
     let mut answered = None;
     let (outcome, response, error, degraded) = match (&upstream.config.fallback, failure, result) {

@@ -9,6 +9,7 @@
 //! | `expiry` | `expires_at_ms(u64 BE) workflow` | empty: the TTL sweep's index |
 //! | `dead_letters` | `id(u64 BE)` | a `DeadLetter` message |
 //! | `dead_letters_by_upstream` | `upstream 0x00 id(u64 BE)` | empty: the per-upstream index |
+//! | `dead_letters_by_capture` | capture id | `id(u64 BE)`: a letter enqueued twice is stored once |
 //! | `sagas` | `saga id` | the saga's record (JSON: definition and progress) |
 //! | `saga_states` | `state 0x00 saga id` | empty: the by-state index (resume, list) |
 //!

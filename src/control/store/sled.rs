@@ -18,10 +18,17 @@ pub struct SledStore {
     pub(super) expiry: sled::Tree,
     letters: sled::Tree,
     letters_by_upstream: sled::Tree,
+    letters_by_capture: sled::Tree,
     sagas: sled::Tree,
     saga_states: sled::Tree,
     /// The letter count, kept here: sled's `len` walks the tree.
     letter_count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Why storing a letter stopped.
+enum Enqueued {
+    /// A letter with its capture id is stored already, under this id.
+    Already(u64),
 }
 
 impl SledStore {
@@ -40,6 +47,7 @@ impl SledStore {
             checkpoints: db.open_tree("checkpoints")?,
             expiry: db.open_tree("expiry")?,
             letters_by_upstream: db.open_tree("dead_letters_by_upstream")?,
+            letters_by_capture: db.open_tree("dead_letters_by_capture")?,
             sagas: db.open_tree("sagas")?,
             saga_states: db.open_tree("saga_states")?,
             letters,
@@ -262,21 +270,36 @@ impl Store for SledStore {
         now: SystemTime,
     ) -> Result<DeadLetter, StoreError> {
         use sled::Transactional;
+        use sled::transaction::ConflictableTransactionError::Abort;
         let id = self.db.generate_id()?;
         letter.id = id.to_string();
         letter.enqueued_at = Some(timestamp(millis(now)));
         let bytes = letter.encode_to_vec();
         let index = upstream_key(&letter.upstream, id);
-        (&self.letters, &self.letters_by_upstream)
-            .transaction(|(letters, by_upstream)| {
+        let capture = letter.capture_id.as_bytes();
+        let stored = (
+            &self.letters,
+            &self.letters_by_upstream,
+            &self.letters_by_capture,
+        )
+            .transaction(|(letters, by_upstream, by_capture)| {
+                if !capture.is_empty() {
+                    if let Some(first) = by_capture.get(capture)? {
+                        return Err(Abort(Enqueued::Already(id_of(&first))));
+                    }
+                    by_capture.insert(capture, &id.to_be_bytes())?;
+                }
                 letters.insert(&id.to_be_bytes(), bytes.as_slice())?;
                 by_upstream.insert(index.as_slice(), &[])?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Abort(e) => e,
-                sled::transaction::TransactionError::Storage(e) => e.into(),
-            })?;
+                Ok(())
+            });
+        match stored {
+            Ok(()) => {}
+            Err(sled::transaction::TransactionError::Abort(Enqueued::Already(first))) => {
+                return self.get_letter(first);
+            }
+            Err(sled::transaction::TransactionError::Storage(e)) => return Err(e.into()),
+        }
         self.letter_count
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(letter)
@@ -356,6 +379,10 @@ impl Store for SledStore {
             if let Ok(letter) = decode_letter(&bytes) {
                 self.letters_by_upstream
                     .remove(upstream_key(&letter.upstream, *id))?;
+                if !letter.capture_id.is_empty() {
+                    self.letters_by_capture
+                        .remove(letter.capture_id.as_bytes())?;
+                }
             }
         }
         self.letter_count

@@ -220,6 +220,35 @@ fn letters_are_listed_oldest_first_by_upstream_and_removed() {
 }
 
 #[test]
+fn a_letter_enqueued_twice_under_its_capture_id_is_stored_once() {
+    let (_dir, store) = store();
+    let captured = DeadLetter {
+        capture_id: "c-1".into(),
+        ..letter("a", "r1")
+    };
+    let first = store.enqueue_letter(captured.clone(), at(1)).unwrap();
+    let again = store.enqueue_letter(captured.clone(), at(2)).unwrap();
+    assert_eq!(again.id, first.id, "the first is answered");
+    assert_eq!(again.enqueued_at, first.enqueued_at);
+    let other = DeadLetter {
+        capture_id: "c-2".into(),
+        ..letter("a", "r1")
+    };
+    let other = store.enqueue_letter(other, at(3)).unwrap();
+    assert_ne!(other.id, first.id);
+    // Letters without a capture id (enqueued by hand) are never merged.
+    store.enqueue_letter(letter("a", "r1"), at(4)).unwrap();
+    store.enqueue_letter(letter("a", "r1"), at(5)).unwrap();
+    assert_eq!(store.letter_count(), 4);
+    assert_eq!(store.list_letters(Some("a"), None, 10).unwrap().0.len(), 4);
+    // Once removed (replayed, purged), the capture id is free again.
+    store.remove_letters(&[first.id.parse().unwrap()]).unwrap();
+    let later = store.enqueue_letter(captured, at(6)).unwrap();
+    assert_ne!(later.id, first.id);
+    assert_eq!(store.letter_count(), 4);
+}
+
+#[test]
 fn an_expired_workflow_starts_over() {
     let (_dir, store) = store();
     put(&store, "w", "a", None, Some(10), 0).unwrap();

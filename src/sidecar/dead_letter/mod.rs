@@ -9,9 +9,18 @@
 //! never delayed by dead-lettering.
 //!
 //! Letters go through a bounded channel to one shipper task, which writes
-//! each to a sled spool (flushed, so a restart loses nothing) and sends the
-//! spool's oldest letters to the control plane, in order, backing off while
-//! it is unreachable. A full spool drops new letters, counted.
+//! each to a sled spool (flushed, so a restart loses nothing) as they come
+//! and, at the same time, sends the spool's oldest letters to the control
+//! plane, in order, backing off while it is unreachable. Only a full spool
+//! drops new letters, counted (and a queue full because the disk cannot
+//! keep up, counted the same way). Each letter gets a capture id when it
+//! is captured; the control plane stores a letter sent twice (after a
+//! crash between its delivery and its removal from the spool) once.
+//!
+//! With `dead_letter.durable: true`, the caller's answer waits until its
+//! letter is in the spool and flushed: a crash of the sidecar right after
+//! the answer loses nothing, at the cost of a disk flush (batched with the
+//! other letters of the moment) on the failing call's answer.
 
 mod capture;
 mod spool;
@@ -22,14 +31,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method, Uri};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::api::{DeadLetter, Header};
 use crate::config::Config;
 use crate::telemetry::metrics::Metrics;
 
 pub use capture::Capture;
-use spool::{Spool, client, ship};
+use spool::{Queued, Spool, client, ship};
 
 /// Headers never kept in a letter: the generic credentials, and the API
 /// keys of the model providers agents call (Anthropic and others'
@@ -81,7 +90,7 @@ pub type Started = (Arc<DeadLetters>, tokio::task::JoinHandle<()>);
 /// The sidecar's dead-letter sink: where captured letters go.
 #[derive(Debug)]
 pub struct DeadLetters {
-    queue: mpsc::Sender<DeadLetter>,
+    queue: mpsc::Sender<Queued>,
     redact: Vec<HeaderName>,
     source: String,
     metrics: Arc<Metrics>,
@@ -165,10 +174,25 @@ impl DeadLetters {
     }
 
     /// Finishes a failed call's letter (reading what is left of the body)
-    /// and queues it; runs in the background.
-    pub fn submit(self: &Arc<Self>, upstream: &str, head: Head, capture: Capture, failure: Failed) {
+    /// and queues it, in the background. `durable`: the returned receiver
+    /// answers once the letter is flushed to the spool (or dropped).
+    pub fn submit(
+        self: &Arc<Self>,
+        upstream: &str,
+        head: Head,
+        capture: Capture,
+        failure: Failed,
+        durable: bool,
+    ) -> Option<oneshot::Receiver<()>> {
         let sink = self.clone();
         let upstream = upstream.to_owned();
+        let (ack, flushed) = match durable {
+            true => {
+                let (ack, flushed) = oneshot::channel();
+                (Some(ack), Some(flushed))
+            }
+            false => (None, None),
+        };
         self.pending
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tokio::spawn(async move {
@@ -185,11 +209,15 @@ impl DeadLetters {
                 attempts: failure.attempts,
                 grpc: failure.grpc,
                 failed_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+                capture_id: capture_id(),
                 ..Default::default()
             };
             sink.metrics.dead_letter_captured(&upstream);
-            if sink.queue.try_send(letter).is_err() {
-                tracing::warn!(upstream, "dead-letter queue full: letter dropped");
+            if sink.queue.try_send((letter, ack)).is_err() {
+                tracing::warn!(
+                    upstream,
+                    "dead-letter queue full: the spool cannot keep up; letter dropped"
+                );
                 sink.metrics.dead_letter_dropped(&upstream);
             }
             if sink
@@ -200,6 +228,7 @@ impl DeadLetters {
                 sink.settled.notify_waiters();
             }
         });
+        flushed
     }
 
     /// Waits (up to `limit`) until every letter being finished is queued,
@@ -216,6 +245,11 @@ impl DeadLetters {
         })
         .await;
     }
+}
+
+/// A new capture id: 128 random bits, in hex.
+fn capture_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
 }
 
 /// Query parameters whose values are credentials, left out of letters.

@@ -1,10 +1,18 @@
 //! The local spool (sled, flushed) and the shipper that delivers it to the
 //! control plane, oldest first.
+//!
+//! The shipper does two things at once, in one task: it spools letters as
+//! they come (reading the queue whatever else it does, so a burst waits
+//! in the spool, not in the queue), and it delivers the spool, oldest
+//! first. A delivered letter's removal is not flushed: after a crash it
+//! may be sent again, and the control plane stores it once, by its
+//! capture id.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{BACKOFF_MAX, BACKOFF_MIN, DELIVERY_TIMEOUT, SpoolError};
 use crate::api::dead_letters_client::DeadLettersClient;
@@ -37,9 +45,11 @@ pub(super) fn client(config: &ControlPlaneConfig) -> Result<Client, SpoolError> 
 pub(super) struct Spool {
     db: sled::Db,
     tree: sled::Tree,
-    bytes: u64,
+    bytes: AtomicU64,
     max_bytes: u64,
     metrics: Arc<Metrics>,
+    /// A letter was spooled.
+    spooled: Notify,
 }
 
 impl Spool {
@@ -76,24 +86,27 @@ impl Spool {
         Ok(Self {
             db,
             tree,
-            bytes,
+            bytes: AtomicU64::new(bytes),
             max_bytes,
             metrics,
+            spooled: Notify::new(),
         })
     }
 
     /// Adds a letter, unless the spool is full.
-    fn push(&mut self, letter: &DeadLetter) -> Result<(), sled::Error> {
+    fn push(&self, letter: &DeadLetter) -> Result<(), sled::Error> {
         let encoded = letter.encode_to_vec();
-        if self.bytes + encoded.len() as u64 > self.max_bytes {
+        if self.bytes.load(Ordering::Relaxed) + encoded.len() as u64 > self.max_bytes {
             tracing::warn!(upstream = %letter.upstream, "dead-letter spool full: letter dropped");
             self.metrics.dead_letter_dropped(&letter.upstream);
             return Ok(());
         }
         let id = self.db.generate_id()?;
         self.tree.insert(id.to_be_bytes(), encoded.as_slice())?;
-        self.bytes += encoded.len() as u64;
+        self.bytes
+            .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.metrics.dead_letter_spooled(&letter.upstream, 1);
+        self.spooled.notify_one();
         Ok(())
     }
 
@@ -109,9 +122,9 @@ impl Spool {
         }
     }
 
-    fn remove(&mut self, key: &sled::IVec, letter: &DeadLetter) -> Result<(), sled::Error> {
+    fn remove(&self, key: &sled::IVec, letter: &DeadLetter) -> Result<(), sled::Error> {
         if let Some(value) = self.tree.remove(key)? {
-            self.bytes = self.bytes.saturating_sub(value.len() as u64);
+            self.bytes.fetch_sub(value.len() as u64, Ordering::Relaxed);
             self.metrics.dead_letter_spooled(&letter.upstream, -1);
         }
         Ok(())
@@ -125,70 +138,96 @@ impl Spool {
     }
 }
 
-/// Spools letters as they come and delivers the spool in order.
+/// Resolves once `stop` is true.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A letter for the spool, and who waits until it is flushed.
+pub(super) type Queued = (DeadLetter, Option<oneshot::Sender<()>>);
+
+/// Spools letters as they come and delivers the spool in order, until
+/// `stop` turns true; then spools what is queued and returns.
 pub(super) async fn ship(
-    mut spool: Spool,
-    mut letters: mpsc::Receiver<DeadLetter>,
-    mut client: Client,
+    spool: Spool,
+    letters: mpsc::Receiver<Queued>,
+    client: Client,
+    stop: watch::Receiver<bool>,
+) {
+    // Both end on stop, spooling once it has spooled what was queued.
+    tokio::join!(
+        spool_letters(&spool, letters, stop.clone()),
+        deliver(&spool, client, stop),
+    );
+}
+
+/// Writes letters to the spool as they come, in batches, one flush per
+/// batch; answers those who wait once their letter is flushed.
+async fn spool_letters(
+    spool: &Spool,
+    mut letters: mpsc::Receiver<Queued>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = BACKOFF_MIN;
-    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut waiting = Vec::new();
     loop {
-        let deliver_now = retry_at.is_none_or(|at| tokio::time::Instant::now() >= at);
-        if deliver_now && let Some((key, letter)) = spool.oldest() {
-            let enqueue = client.enqueue(EnqueueDeadLetterRequest {
-                letter: Some(letter.clone()),
-            });
-            match tokio::time::timeout(DELIVERY_TIMEOUT, enqueue).await {
+        let first = tokio::select! {
+            letter = letters.recv() => letter,
+            () = stopped(&mut stop) => {
+                letters.close();
+                letters.recv().await
+            }
+        };
+        let Some(first) = first else {
+            return;
+        };
+        let mut batch = Some(first);
+        while let Some((letter, ack)) = batch.take().or_else(|| letters.try_recv().ok()) {
+            if let Err(error) = spool.push(&letter) {
+                tracing::error!(%error, "spooling a dead letter failed");
+            }
+            waiting.extend(ack);
+        }
+        spool.flush().await;
+        for ack in waiting.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+}
+
+/// Delivers the spool to the control plane, oldest first, backing off
+/// while it is unreachable; returns when `stop` turns true.
+async fn deliver(spool: &Spool, mut client: Client, mut stop: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let Some((key, letter)) = spool.oldest() else {
+            tokio::select! {
+                () = spool.spooled.notified() => continue,
+                () = stopped(&mut stop) => return,
+            }
+        };
+        let enqueue = client.enqueue(EnqueueDeadLetterRequest {
+            letter: Some(letter.clone()),
+        });
+        let error = tokio::select! {
+            delivered = tokio::time::timeout(DELIVERY_TIMEOUT, enqueue) => match delivered {
                 Ok(Ok(_)) => {
                     if let Err(error) = spool.remove(&key, &letter) {
                         tracing::error!(%error, "removing a delivered letter from the spool failed");
                     }
                     spool.metrics.dead_letter_delivered(&letter.upstream);
                     backoff = BACKOFF_MIN;
-                    retry_at = None;
                     continue;
                 }
-                failed => {
-                    let error = match failed {
-                        Ok(Err(status)) => status.message().to_owned(),
-                        _ => "timed out".to_owned(),
-                    };
-                    tracing::warn!(%error, retry_in = ?backoff, "cannot deliver dead letters to the control plane; they wait in the spool");
-                    retry_at = Some(tokio::time::Instant::now() + backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-            }
-        }
-        let wait_retry = async {
-            match retry_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            letter = letters.recv() => match letter {
-                Some(letter) => {
-                    if let Err(error) = spool.push(&letter) {
-                        tracing::error!(%error, "spooling a dead letter failed");
-                    }
-                    while let Ok(more) = letters.try_recv() {
-                        let _ = spool.push(&more);
-                    }
-                    spool.flush().await;
-                }
-                None => break,
+                Ok(Err(status)) => status.message().to_owned(),
+                Err(_) => "timed out".to_owned(),
             },
-            () = wait_retry => {}
-            () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                letters.close();
-                while let Some(letter) = letters.recv().await {
-                    let _ = spool.push(&letter);
-                }
-                spool.flush().await;
-                break;
-            }
+            () = stopped(&mut stop) => return,
+        };
+        tracing::warn!(%error, retry_in = ?backoff, "cannot deliver dead letters to the control plane; they wait in the spool");
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = stopped(&mut stop) => return,
         }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
