@@ -387,3 +387,76 @@ async fn an_early_answer_before_the_body_was_read_reaches_the_caller() {
     assert_eq!(circuit["consecutive_failures"], 0, "{circuit}");
     assert_eq!(circuit["window_failures"], 0, "{circuit}");
 }
+
+/// A flood of connections that never send a byte, against a sidecar
+/// process whose open-file limit is 256 (hard and soft, set in its own
+/// shell): each is closed after the header-read timeout, accepting waits
+/// for a free slot instead of failing, and a good client is answered
+/// every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_leaves_a_good_client_answered() {
+    let upstream = reader().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policies.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "admin: {{listen: 127.0.0.1:0}}\nproxy: {{listen: 127.0.0.1:0, header_read_timeout: 1s}}\nupstreams:\n  u: {{address: '{}'}}\n",
+            upstream.addr
+        ),
+    )
+    .unwrap();
+    let mut command = std::process::Command::new("sh");
+    command
+        .args([
+            "-c",
+            "ulimit -n 256 && exec \"$0\" --log-format json sidecar --config \"$1\"",
+        ])
+        .arg(env!("CARGO_BIN_EXE_breakwater"))
+        .arg(&file);
+    let (_process, ready) = support::Logged::start(command, "sidecar ready");
+    let proxy: SocketAddr = ready["proxy"].as_str().unwrap().parse().unwrap();
+    let admin: SocketAddr = ready["admin"].as_str().unwrap().parse().unwrap();
+    let readyz = |admin| async move {
+        let response = get(admin, "admin", "/readyz").await;
+        read_body(response).await.1
+    };
+    let detail = readyz(admin).await;
+    assert_eq!(
+        String::from_utf8_lossy(&detail),
+        "ready\nopen files limit: 256\ncaller connections: 0 of 128\n"
+    );
+
+    // More than the descriptors allow, and more than the 128 slots and the
+    // kernel's queue behind them hold at once: the later ones connect as
+    // the earlier ones are closed.
+    let connecting: Vec<_> = (0..300)
+        .map(|_| {
+            tokio::spawn(tokio::time::timeout(
+                Duration::from_secs(20),
+                TcpStream::connect(proxy),
+            ))
+        })
+        .collect();
+    let mut silent = Vec::new();
+    for connect in connecting {
+        silent.push(connect.await.unwrap().expect("connected in time").unwrap());
+    }
+    let client = http1_client();
+    for i in 0..20 {
+        let request = request_to(proxy, "u", http::Method::POST, "/", format!("call {i}"));
+        let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
+            .await
+            .unwrap_or_else(|_| panic!("call {i} was not answered"))
+            .unwrap();
+        let (parts, body) = read_body(response).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(body, format!("call {i}"));
+    }
+    // Every silent connection was closed by the sidecar.
+    for mut stream in silent {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed: {read:?}");
+    }
+}

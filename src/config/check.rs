@@ -8,7 +8,6 @@ use std::path::Path;
 use http::uri::Authority;
 use serde_saphyr::Spanned;
 
-use super::raw::RawListen;
 use super::{Diagnostic, Protocol};
 use crate::classify::Condition;
 use crate::resilience::policy::{Policy, RawPolicy};
@@ -42,11 +41,11 @@ impl Checker {
 
     pub(super) fn listen(
         &mut self,
-        block: Option<&RawListen>,
+        listen: Option<&Spanned<String>>,
         field: &str,
         default: &str,
     ) -> Option<(SocketAddr, Option<Spanned<()>>)> {
-        match block.and_then(|b| b.listen.as_ref()) {
+        match listen {
             None => Some((default.parse().expect("default listen address"), None)),
             Some(s) => self.socket_addr(s, field).map(|a| (a, Some(unit(s)))),
         }

@@ -70,8 +70,9 @@ pub struct Config {
     pub source: String,
     /// Where the admin endpoint listens.
     pub admin: ListenConfig,
-    /// Where the shared proxy port listens.
-    pub proxy: ListenConfig,
+    /// Where the shared proxy port listens, and the bounds on every proxy
+    /// listener's connections.
+    pub proxy: ProxyConfig,
     /// Every upstream, sorted by name.
     pub upstreams: Vec<Arc<UpstreamConfig>>,
     /// Where dead letters go, if anywhere.
@@ -122,6 +123,23 @@ pub struct DeadLetterPolicy {
 pub const DEFAULT_DEAD_LETTER_MAX_BODY: u64 = 1 << 20;
 /// Default bound of the spool.
 pub const DEFAULT_MAX_SPOOL_BYTES: u64 = 64 << 20;
+
+/// `proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProxyConfig {
+    /// The shared port's address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// How long a caller may take from connecting (or from its last
+    /// answer, on a kept-alive HTTP/1.1 connection) to a whole request head.
+    #[serde(serialize_with = "crate::values::serialize_duration")]
+    pub header_read_timeout: std::time::Duration,
+    /// Caller connections open at once, over every proxy listener; more
+    /// wait in the kernel's queue. Default: half the open-file limit.
+    pub max_connections: Option<u32>,
+}
+
+/// Default of `proxy.header_read_timeout`.
+pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A listening address.
 #[derive(Debug, Clone, Copy, Serialize)]

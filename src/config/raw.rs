@@ -24,7 +24,7 @@ use std::num::NonZeroU32;
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
     pub admin: Option<RawListen>,
-    pub proxy: Option<RawListen>,
+    pub proxy: Option<RawProxy>,
     pub control_plane: Option<Spanned<RawControlPlane>>,
     pub dead_letters: Option<RawDeadLetters>,
     #[serde(default)]
@@ -43,6 +43,16 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawKeyPositions {
     #[serde(default)]
     pub upstreams: Entries<Spanned<String>, serde::de::IgnoredAny>,
+}
+
+/// `proxy`: the shared port, and the bounds on every proxy listener's
+/// connections.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxy {
+    pub listen: Option<Spanned<String>>,
+    pub header_read_timeout: Option<crate::values::HumanDuration>,
+    pub max_connections: Option<NonZeroU32>,
 }
 
 /// A block that only names a listening address.

@@ -19,7 +19,7 @@ use super::raw::{RawConfig, RawFallback, RawKeyPositions};
 use super::upstream::{resolve_failover, resolve_injected, resolve_tls};
 use super::{
     Config, ConfigError, ControlPlaneConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN,
-    DeadLetterPolicy, DeadLettersConfig, Diagnostic, ListenConfig, UpstreamConfig,
+    DeadLetterPolicy, DeadLettersConfig, Diagnostic, ListenConfig, ProxyConfig, UpstreamConfig,
 };
 use crate::resilience::fallback::{Criticality, Fallback};
 use crate::resilience::faults::FaultSpec;
@@ -107,8 +107,16 @@ struct Pending {
 /// Validates the raw model and resolves it into the runtime [`Config`].
 pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     let mut check = Checker::default();
-    let admin = check.listen(raw.admin.as_ref(), "admin.listen", DEFAULT_ADMIN_LISTEN);
-    let proxy = check.listen(raw.proxy.as_ref(), "proxy.listen", DEFAULT_PROXY_LISTEN);
+    let admin = check.listen(
+        raw.admin.as_ref().and_then(|b| b.listen.as_ref()),
+        "admin.listen",
+        DEFAULT_ADMIN_LISTEN,
+    );
+    let proxy = check.listen(
+        raw.proxy.as_ref().and_then(|b| b.listen.as_ref()),
+        "proxy.listen",
+        DEFAULT_PROXY_LISTEN,
+    );
     let mut listens: Vec<(SocketAddr, String, Option<Spanned<()>>)> = Vec::new();
     for (addr, field) in [(&admin, "admin.listen"), (&proxy, "proxy.listen")] {
         if let Some((addr, at)) = addr {
@@ -203,8 +211,18 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         admin: ListenConfig {
             listen: admin.expect("checked above").0,
         },
-        proxy: ListenConfig {
+        proxy: ProxyConfig {
             listen: proxy.expect("checked above").0,
+            header_read_timeout: raw
+                .proxy
+                .as_ref()
+                .and_then(|p| p.header_read_timeout)
+                .map_or(super::DEFAULT_HEADER_READ_TIMEOUT, |h| h.0),
+            max_connections: raw
+                .proxy
+                .as_ref()
+                .and_then(|p| p.max_connections)
+                .map(std::num::NonZeroU32::get),
         },
         upstreams,
         control_plane,

@@ -446,3 +446,25 @@ fn built_in_defaults_warn_of_nothing() {
     .unwrap();
     assert_eq!(config.warning_lines().count(), 0);
 }
+
+#[test]
+fn proxy_bounds_its_caller_connections() {
+    let config = parse("p.yaml", "").unwrap();
+    assert_eq!(
+        config.proxy.header_read_timeout,
+        DEFAULT_HEADER_READ_TIMEOUT
+    );
+    assert_eq!(config.proxy.max_connections, None);
+    let config = parse(
+        "p.yaml",
+        "proxy: {listen: '127.0.0.1:0', header_read_timeout: 5s, max_connections: 100}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.proxy.header_read_timeout,
+        std::time::Duration::from_secs(5)
+    );
+    assert_eq!(config.proxy.max_connections, Some(100));
+    assert!(error("proxy: {max_connections: 0}\n").contains("proxy.max_connections"));
+    assert!(error("admin: {max_connections: 10}\n").contains("unknown field"));
+}

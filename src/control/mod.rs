@@ -362,7 +362,16 @@ async fn serve_http<F, Fut>(
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let service = hyper::service::service_fn(handle);
-    crate::transport::server::serve(listener, service, builder, graceful.clone(), stop, tls).await;
+    crate::transport::server::serve(
+        listener,
+        service,
+        builder,
+        graceful.clone(),
+        stop,
+        tls,
+        Default::default(),
+    )
+    .await;
     if let Ok(graceful) = Arc::try_unwrap(graceful) {
         let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
     }

@@ -36,7 +36,16 @@ pub async fn serve(
     });
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    crate::transport::server::serve(listener, service, builder, graceful, stop, Some(tls)).await;
+    crate::transport::server::serve(
+        listener,
+        service,
+        builder,
+        graceful,
+        stop,
+        Some(tls),
+        Default::default(),
+    )
+    .await;
     Ok(())
 }
 

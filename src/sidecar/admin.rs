@@ -44,17 +44,37 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     live: LiveCell,
     ready: Arc<AtomicBool>,
+    connections: super::Connections,
 }
 
 impl AdminState {
     /// The state to serve: metrics, the live configuration (which reloads
-    /// replace), and readiness.
-    pub fn new(metrics: Arc<Metrics>, live: LiveCell, ready: Arc<AtomicBool>) -> Self {
+    /// replace), readiness, and the caller connections.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        live: LiveCell,
+        ready: Arc<AtomicBool>,
+        connections: super::Connections,
+    ) -> Self {
         Self {
             metrics,
             live,
             ready,
+            connections,
         }
+    }
+
+    /// `/readyz`'s detail: one `name: value` line each.
+    fn detail(&self) -> String {
+        let c = &self.connections;
+        let open_files = c
+            .open_files
+            .map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+        format!(
+            "open files limit: {open_files}\ncaller connections: {} of {}\n",
+            c.open_now(),
+            c.max
+        )
     }
 
     fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
@@ -134,8 +154,13 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
             json(StatusCode::OK, &faults)
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/readyz" if state.ready.load(Ordering::Acquire) => {
+            owned_text(StatusCode::OK, format!("ready\n{}", state.detail()))
+        }
+        "/readyz" => owned_text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{}", state.detail()),
+        ),
         "/metrics" => with_type(
             StatusCode::OK,
             state.metrics.encode(),

@@ -153,6 +153,9 @@ struct Control {
     metrics: Arc<Metrics>,
     listeners: Mutex<BTreeMap<Target, Listener>>,
     builder: auto::Builder<TokioExecutor>,
+    /// What every caller connection is held to, from `proxy` as started.
+    limits: server::Limits,
+    connections: Connections,
     grace_period: Duration,
     tracing: Option<Tracing>,
     dead_letters: Option<Arc<DeadLetters>>,
@@ -187,6 +190,7 @@ impl Control {
             graceful.clone(),
             stop_rx,
             None,
+            self.limits.clone(),
         ));
         Ok(Listener {
             configured: addr,
@@ -201,6 +205,12 @@ impl Control {
     async fn reload(&self, config: Config) -> Result<u64, ReloadError> {
         let mut listeners = self.listeners.lock().await;
         let current = self.live.load_full();
+        let bounds = |p: &crate::config::ProxyConfig| (p.header_read_timeout, p.max_connections);
+        if bounds(&config.proxy) != bounds(&self.connections.proxy) {
+            tracing::warn!(
+                "proxy.header_read_timeout and proxy.max_connections changes take effect at the next restart"
+            );
+        }
         if config.admin.listen != current.config.admin.listen {
             tracing::warn!(
                 configured = %config.admin.listen,
@@ -355,6 +365,55 @@ async fn reload_file(control: &Control, path: &std::path::Path) -> Result<u64, R
     result
 }
 
+/// The caller connections of every proxy listener: the open-file limit
+/// (raised to the hard limit at start), and the slots shared by the
+/// listeners.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    /// `proxy` as the sidecar started with it.
+    pub proxy: crate::config::ProxyConfig,
+    /// The process's open-file limit, if known.
+    pub open_files: Option<u64>,
+    /// Connections open at once at most.
+    pub max: u32,
+    /// The slots.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// Connections open now.
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Connections {
+    fn new(proxy: &crate::config::ProxyConfig) -> Self {
+        // Every caller connection may need an upstream connection too:
+        // half the descriptors are left for those, the spool and logs.
+        let open_files = match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(limit) => Some(limit),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read or raise the open-file limit");
+                None
+            }
+        };
+        let max = proxy.max_connections.unwrap_or_else(|| {
+            open_files.map_or(u32::MAX >> 3, |n| {
+                u32::try_from(n / 2).unwrap_or(u32::MAX >> 3).max(1)
+            })
+        });
+        let max = max.min(tokio::sync::Semaphore::MAX_PERMITS as u32);
+        Self {
+            proxy: *proxy,
+            open_files,
+            max,
+            slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            open: Arc::default(),
+        }
+    }
+
+    /// Caller connections open now.
+    pub fn open_now(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Logs what `config check` would warn of, at every load.
 fn log_warnings(config: &Config) {
     for warning in config.warning_lines() {
@@ -381,6 +440,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
     let admin_addr = local_addr(&admin_listener);
     let wanted = listen_addrs(&config);
     let letters_config = (config.control_plane.clone(), config.dead_letters.clone());
+    let connections = Connections::new(&config.proxy);
     let live: LiveCell = Arc::new(ArcSwap::from_pointee(Live::build(
         config, 1, &metrics, None,
     )));
@@ -393,7 +453,13 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         live: live.clone(),
         metrics: metrics.clone(),
         listeners: Mutex::new(BTreeMap::new()),
-        builder: server::builder(),
+        builder: server::builder_with(connections.proxy.header_read_timeout),
+        limits: server::Limits {
+            slots: Some(connections.slots.clone()),
+            open: connections.open.clone(),
+            header_read_timeout: connections.proxy.header_read_timeout,
+        },
+        connections: connections.clone(),
         grace_period: options.grace_period,
         tracing: options.tracing,
         dead_letters: dead_letters.as_ref().map(|(sink, _)| sink.clone()),
@@ -422,6 +488,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         metrics.clone(),
         live.clone(),
         ready.clone(),
+        connections,
     ));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let watcher = options.watch.map(|watch| {

@@ -3,15 +3,27 @@
 //!
 //! One server builder serves HTTP/1.1 and HTTP/2 with prior knowledge (h2c)
 //! on the same port, telling them apart by the connection preface.
+//!
+//! Every connection is bounded ([`Limits`]): it must send its first byte
+//! within the header-read timeout (telling the protocol apart waits for
+//! bytes, and a connection that sends none would otherwise hold its file
+//! descriptor for ever), HTTP/1.1 must then send each request head within
+//! it (hyper's header-read timeout, which also ends a kept-alive
+//! connection left idle that long), HTTP/2 peers are pinged and dropped
+//! when they stop answering, and the proxy listeners share a number of
+//! connection slots: when they are all taken, the accept loop waits for
+//! one instead of failing on a full descriptor table, and new connections
+//! wait in the kernel's queue.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use std::convert::Infallible;
 
@@ -24,20 +36,52 @@ use crate::body::Body;
 /// Largest request head (request line and headers) accepted over HTTP/1.1,
 /// and largest header list over HTTP/2.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request head, by default.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 keep-alive: a ping after this long without a frame, and the
+/// connection closed when its answer takes longer than the timeout.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(60);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What every accepted connection is held to.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connection slots, shared with other listeners; none: unbounded.
+    pub slots: Option<Arc<Semaphore>>,
+    /// Connections open now, counted with the other listeners'.
+    pub open: Arc<AtomicUsize>,
+    /// How long a connection may take to send its first byte, and then
+    /// each HTTP/1.1 request head.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            slots: None,
+            open: Arc::default(),
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        }
+    }
+}
 /// Concurrent HTTP/2 streams per client connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 const H2_STREAM_WINDOW: u32 = 2 << 20;
 const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 
-/// The HTTP server settings shared by every proxy listener.
+/// The HTTP server settings shared by every listener, with the default
+/// header-read timeout.
 pub fn builder() -> auto::Builder<TokioExecutor> {
+    builder_with(HEADER_READ_TIMEOUT)
+}
+
+/// The HTTP server settings, with `header_read_timeout`.
+pub fn builder_with(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     builder
@@ -45,6 +89,8 @@ pub fn builder() -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT)
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW);
     builder
@@ -53,7 +99,8 @@ pub fn builder() -> auto::Builder<TokioExecutor> {
 /// Serves `listener` until `stop` turns true, then closes the listener so
 /// new connections are refused. Connections already accepted keep going
 /// until `graceful` drains them. With `tls`, each connection's handshake
-/// runs in its own task before it is served.
+/// runs in its own task before it is served. Each connection is held to
+/// `limits`.
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
@@ -61,6 +108,7 @@ pub async fn serve<S>(
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
     tls: Option<ServerTls>,
+    limits: Limits,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Clone
@@ -69,25 +117,43 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     loop {
-        let stream = tokio::select! {
+        let (stream, slot) = tokio::select! {
             biased;
             _ = stop.wait_for(|stop| *stop) => break,
-            stream = accept(&listener) => stream,
+            accepted = accept_within(&listener, limits.slots.as_ref()) => accepted,
         };
-        let Some(tls) = &tls else {
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service.clone())
-                .into_owned();
-            tokio::spawn(drive(graceful.watch(connection)));
-            continue;
-        };
-        let (tls, builder, service, graceful) = (
+        // Watched from its accept: a drain waits for it, and it stops
+        // when the drain starts.
+        let (tls, builder, service, watcher) = (
             tls.clone(),
             builder.clone(),
             service.clone(),
-            graceful.clone(),
+            graceful.watcher(),
         );
+        let first_byte = limits.header_read_timeout;
+        let mut stopping = stop.clone();
+        let open = Open::new(&limits.open);
         tokio::spawn(async move {
+            let _slot = (slot, open);
+            // The protocol is told from the first bytes: a connection
+            // that sends none is closed.
+            // A drain does not wait for a connection that sent nothing.
+            let mut first = [0u8; 1];
+            tokio::select! {
+                peeked = tokio::time::timeout(first_byte, stream.peek(&mut first)) => {
+                    if peeked.is_err() {
+                        tracing::debug!("a connection sent nothing within the header-read timeout");
+                        return;
+                    }
+                }
+                _ = stopping.wait_for(|stop| *stop) => return,
+            }
+            let Some(tls) = tls else {
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                return drive(watcher.watch(connection)).await;
+            };
             let stream = match tls.accept(stream).await {
                 Ok(stream) => stream,
                 Err(error) => {
@@ -98,9 +164,38 @@ pub async fn serve<S>(
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
-            drive(graceful.watch(connection)).await;
+            drive(watcher.watch(connection)).await;
         });
     }
+}
+
+/// One open connection, counted while it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The next connection of `listener` and its slot: waits for a free slot
+/// first, so that a full table is a wait, not a failed accept.
+async fn accept_within(
+    listener: &TcpListener,
+    slots: Option<&Arc<Semaphore>>,
+) -> (TcpStream, Option<OwnedSemaphorePermit>) {
+    let slot = match slots {
+        Some(slots) => slots.clone().acquire_owned().await.ok(),
+        None => None,
+    };
+    (accept(listener).await, slot)
 }
 
 /// The connections of `listener`, each handshaken in its own task, as a
