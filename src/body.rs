@@ -358,7 +358,7 @@ impl http_body::Body for ReplayBody {
                 shared.overflowed = true;
                 shared.chunks.clear();
                 shared.source = None;
-                shared.failure = Some(SourceFailure::Broke(crate::error::error_text(&*error)));
+                shared.failure = Some(SourceFailure::Broke(causes(&*error)));
                 Poll::Ready(Some(Err(error)))
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -396,6 +396,14 @@ impl http_body::Body for ReplayBody {
             None => SizeHint::default(),
         }
     }
+}
+
+/// An error and its causes, in one line.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// The source made a reader wait: fails the body when it waited longer
