@@ -218,6 +218,31 @@ async fn bad_input_is_refused_with_a_reason() {
 }
 
 #[tokio::test]
+async fn json_floats_in_a_state_keep_every_digit() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = control_plane(dir.path(), Auth::open()).await;
+    let http = running.http_addr.unwrap();
+    let exact = "0.47631759262665707";
+    let body = format!(r#"{{"state": {{"p": {exact}}}}}"#);
+    let (parts, _) = admin(http, Method::PUT, "/v1/checkpoints/floats", body).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    let (_, answer) = admin(http, Method::GET, "/v1/checkpoints/floats", "").await;
+    let text = String::from_utf8_lossy(&answer);
+    let p = text
+        .split("\"p\":")
+        .nth(1)
+        .unwrap()
+        .split(['}', ','])
+        .next()
+        .unwrap();
+    assert_eq!(
+        p.trim().parse::<f64>().unwrap(),
+        exact.parse::<f64>().unwrap(),
+        "the number read back is the one written: {text}"
+    );
+}
+
+#[tokio::test]
 async fn the_json_api_matches_the_grpc_one() {
     let dir = tempfile::tempdir().unwrap();
     let running = control_plane(dir.path(), Auth::open()).await;
@@ -232,6 +257,7 @@ async fn the_json_api_matches_the_grpc_one() {
     let got = admin_json(http, "/v1/checkpoints/inv%2F7").await;
     assert_eq!(got["workflow_id"], "inv/7");
     assert_eq!(got["state"]["amount"], 12.5);
+
     assert_eq!(got["metadata"]["source"], "scan");
 
     // The gRPC face sees the same record.

@@ -160,7 +160,7 @@ async fn a_finally_failed_request_reaches_the_control_plane_without_credentials(
 async fn letters_wait_in_the_spool_across_a_restart_until_the_control_plane_is_back() {
     let dir = tempfile::tempdir().unwrap();
     // A port for the control plane, which is not running yet.
-    let cp_addr = closed_port().await;
+    let cp_addr = free_port().await;
     let spool = dir.path().join("spool");
     let yaml = sidecar_yaml(cp_addr, &spool, closed_port().await);
     let spooled = "breakwater_dead_letter_spool{upstream=\"orders\"}";

@@ -289,10 +289,25 @@ pub async fn grpc_client(
         .max_encoding_message_size(example::MAX_MESSAGE_BYTES)
 }
 
-/// A loopback address where nothing listens.
-pub async fn closed_port() -> SocketAddr {
+/// A loopback port free now, for a server a test starts later.
+pub async fn free_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
+}
+
+/// A loopback address where nothing listens: a privileged port that
+/// refuses connections. (A port bound and released would do only until
+/// another test, in this same process, is given it.)
+pub async fn closed_port() -> SocketAddr {
+    for port in [9, 1, 3, 5, 11, 13, 17, 19] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if let Err(e) = tokio::net::TcpStream::connect(addr).await
+            && e.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return addr;
+        }
+    }
+    panic!("no closed privileged port on 127.0.0.1");
 }
 
 /// Starts a sidecar from YAML. Admin and proxy listen on free ports unless
