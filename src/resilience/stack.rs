@@ -11,6 +11,7 @@
 //! | circuit breaker | attempt | Below retry, so every attempt counts and an open circuit fails an attempt at once; `circuit-open` is not a retryable failure, so retries stop there. |
 //! | per-try timeout | attempt | Below the breaker, so a timed-out attempt counts as a failure; the outgoing deadline header carries the time left. |
 //! | client | attempt | Sends one attempt on the pooled (HTTP/1.1) or shared (HTTP/2) connection, and reads the first frame of a unary-like gRPC answer so a status in its trailers is classified too. |
+//! | stream watch | attempt's answer | Wraps the answer's body (`stream`): a stall or a break after the headers is cut, counted and reported to this attempt's breaker; a good streaming answer is recorded by the breaker when its body ends. |
 //!
 //! The order is pinned by `tests/resilience.rs::layer_order`.
 //!
