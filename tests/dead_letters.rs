@@ -328,6 +328,27 @@ async fn the_cli_and_the_json_api_list_show_replay_and_purge() {
         table.contains("POST /a") && table.contains("connect-failure"),
         "{table}"
     );
+    // A reader that has gone (`| head`): the command ends quietly.
+    for format in [None, Some("--json")] {
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .arg("dlq")
+            .arg("list")
+            .args(format)
+            .args(["--control-plane", &url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{format:?}: {:?} {stderr}",
+            out.status
+        );
+        assert!(stderr.is_empty(), "{format:?}: {stderr}");
+    }
     let listed = admin_json(http, "/v1/dead-letters?upstream=orders").await;
     let first = listed["letters"][0]["id"].as_str().unwrap().to_owned();
     let out = cli(&["show", &first, "--json"]).await;

@@ -430,3 +430,31 @@ async fn sighup_reloads_and_an_invalid_file_keeps_the_old_config() {
         "{metrics}"
     );
 }
+
+#[test]
+fn text_logs_to_a_pipe_have_no_colours() {
+    let config = write_config("admin: {listen: '127.0.0.1:0'}\nproxy: {listen: '127.0.0.1:0'}\n");
+    let mut child = Command::new(BIN)
+        .args(["sidecar", "--config"])
+        .arg(config.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("sidecar ready") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.contains("sidecar ready"), "{seen}");
+    assert!(
+        !seen.contains('\u{1b}'),
+        "no ANSI escapes in a pipe: {seen:?}"
+    );
+}

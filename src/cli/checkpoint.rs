@@ -1,5 +1,6 @@
 //! `breakwater checkpoint put|get|list|delete|prune`.
 
+use super::say;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -87,9 +88,10 @@ pub async fn put(remote: &Remote, args: PutArgs) -> Result<(), CliError> {
     if remote.json {
         print_json(&serde_json::json!({"workflow_id": args.workflow, "version": response.version}));
     } else {
-        println!(
+        say!(
             "workflow {}: version {} saved",
-            args.workflow, response.version
+            args.workflow,
+            response.version
         );
     }
     Ok(())
@@ -157,7 +159,7 @@ pub async fn list(
         .collect();
     print_table(["VERSION", "STEP", "CREATED", "STATE"], &rows);
     if !page.next_page_token.is_empty() {
-        println!("more: --page-token {}", page.next_page_token);
+        say!("more: --page-token {}", page.next_page_token);
     }
     Ok(())
 }
@@ -176,7 +178,7 @@ pub async fn delete(remote: &Remote, workflow: String) -> Result<(), CliError> {
     if remote.json {
         print_json(&serde_json::json!({"deleted": deleted}));
     } else {
-        println!("workflow {workflow}: {deleted} checkpoints deleted");
+        say!("workflow {workflow}: {deleted} checkpoints deleted");
     }
     Ok(())
 }
@@ -196,21 +198,21 @@ pub async fn prune(remote: &Remote, workflow: String, keep: u32) -> Result<(), C
     if remote.json {
         print_json(&serde_json::json!({"deleted": deleted}));
     } else {
-        println!("workflow {workflow}: {deleted} older checkpoints deleted, newest {keep} kept");
+        say!("workflow {workflow}: {deleted} older checkpoints deleted, newest {keep} kept");
     }
     Ok(())
 }
 
 fn print_checkpoint(c: Checkpoint) {
-    println!("workflow   {}", c.workflow_id);
-    println!("version    {}", c.version);
-    println!("step       {}", c.step);
-    println!("completed  {}", c.completed_steps.join(", "));
-    println!("created    {}", time(c.created_at.as_ref()));
-    println!("expires    {}", time(c.expires_at.as_ref()));
+    say!("workflow   {}", c.workflow_id);
+    say!("version    {}", c.version);
+    say!("step       {}", c.step);
+    say!("completed  {}", c.completed_steps.join(", "));
+    say!("created    {}", time(c.created_at.as_ref()));
+    say!("expires    {}", time(c.expires_at.as_ref()));
     let metadata: BTreeMap<_, _> = c.metadata.into_iter().collect();
     for (key, value) in metadata {
-        println!("metadata   {key}={value}");
+        say!("metadata   {key}={value}");
     }
-    println!("state      {}", readable(&c.state));
+    say!("state      {}", readable(&c.state));
 }

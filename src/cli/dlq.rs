@@ -1,5 +1,6 @@
 //! `breakwater dlq list|show|replay|purge`.
 
+use super::say;
 use super::{Authorized, CliError, Remote, print_json, print_table, readable, time};
 use crate::api::dead_letters_client::DeadLettersClient;
 use crate::api::json::LetterJson;
@@ -56,7 +57,7 @@ pub async fn dlq_list(
         &rows,
     );
     if !page.next_page_token.is_empty() {
-        println!("more: --page-token {}", page.next_page_token);
+        say!("more: --page-token {}", page.next_page_token);
     }
     Ok(())
 }
@@ -78,34 +79,34 @@ pub async fn dlq_show(remote: &Remote, id: String) -> Result<(), CliError> {
 }
 
 fn print_letter(l: &DeadLetter) {
-    println!("id         {}", l.id);
-    println!("upstream   {}", l.upstream);
-    println!("source     {}", l.source);
-    println!(
+    say!("id         {}", l.id);
+    say!("upstream   {}", l.upstream);
+    say!("source     {}", l.source);
+    say!(
         "request    {} {}{}",
         l.method,
         l.uri,
         if l.grpc { " (gRPC)" } else { "" }
     );
-    println!("reason     {} after {} attempts", l.reason, l.attempts);
-    println!("failed     {}", time(l.failed_at.as_ref()));
-    println!("replays    {}", l.replays);
+    say!("reason     {} after {} attempts", l.reason, l.attempts);
+    say!("failed     {}", time(l.failed_at.as_ref()));
+    say!("replays    {}", l.replays);
     if !l.last_replay_error.is_empty() {
-        println!(
+        say!(
             "last error {} ({})",
             l.last_replay_error,
             time(l.last_replay_at.as_ref())
         );
     }
     for header in &l.headers {
-        println!(
+        say!(
             "header     {}: {}",
             header.name,
             String::from_utf8_lossy(&header.value)
         );
     }
     let cut = if l.body_truncated { " (truncated)" } else { "" };
-    println!("body{cut}       {}", readable(&l.body));
+    say!("body{cut}       {}", readable(&l.body));
 }
 
 /// What to replay or purge.
@@ -150,12 +151,12 @@ pub async fn dlq_replay(remote: &Remote, selection: Selection) -> Result<(), Cli
     } else {
         for (id, o) in &results {
             if o.delivered {
-                println!("{id}: delivered ({}), removed", o.status);
+                say!("{id}: delivered ({}), removed", o.status);
             } else {
-                println!("{id}: failed again: {}", o.error);
+                say!("{id}: failed again: {}", o.error);
             }
         }
-        println!("{} replayed, {failed} failed", results.len());
+        say!("{} replayed, {failed} failed", results.len());
     }
     if failed > 0 {
         return Err(CliError::Usage(format!(
@@ -210,7 +211,7 @@ pub async fn dlq_purge(remote: &Remote, selection: Selection) -> Result<(), CliE
     if remote.json {
         print_json(&serde_json::json!({"purged": purged}));
     } else {
-        println!("{purged} letters purged");
+        say!("{purged} letters purged");
     }
     Ok(())
 }

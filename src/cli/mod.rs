@@ -7,6 +7,18 @@ mod checkpoint;
 mod dlq;
 pub mod saga;
 
+/// `println!` for the CLI's output: a closed standard output (`| head`)
+/// ends the command quietly, as Unix tools do, instead of a panic.
+macro_rules! say {
+    () => {
+        $crate::cli::say_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::say_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use say;
+
 use std::path::PathBuf;
 
 use tonic::service::interceptor::InterceptedService;
@@ -112,8 +124,22 @@ fn readable(bytes: &[u8]) -> String {
     }
 }
 
+/// Writes a line to standard output; when the reader has gone (a closed
+/// pipe), exits 0 at once, with nothing on standard error.
+pub fn say_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("cannot write to standard output: {error}");
+        std::process::exit(1);
+    }
+}
+
 fn print_json(value: &impl serde::Serialize) {
-    println!(
+    say!(
         "{}",
         serde_json::to_string_pretty(value).expect("JSON serializes")
     );
@@ -141,7 +167,7 @@ pub fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
             .zip(widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        say!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {

@@ -1,6 +1,7 @@
 //! `breakwater saga ...`: start sagas from YAML files, show, list, watch
 //! and abort them.
 
+use super::say;
 use std::path::Path;
 
 use tonic::transport::Channel;
@@ -58,7 +59,7 @@ pub async fn start(remote: &Remote, file: &Path, wait: bool) -> Result<(), CliEr
         return print(remote, &record);
     }
     if !remote.json {
-        println!("saga {id} is {}; watching", record.state.as_str());
+        say!("saga {id} is {}; watching", record.state.as_str());
     }
     follow(remote, &mut client, id.clone()).await?;
     show_with(remote, &mut client, &id).await
@@ -83,24 +84,24 @@ fn print(remote: &Remote, record: &SagaRecord) -> Result<(), CliError> {
         print_json(record);
         return Ok(());
     }
-    println!("saga      {}", record.id);
-    println!("state     {}", record.state.as_str());
-    println!("started   {}", when(Some(record.created_at)));
-    println!("updated   {}", when(Some(record.updated_at)));
+    say!("saga      {}", record.id);
+    say!("state     {}", record.state.as_str());
+    say!("started   {}", when(Some(record.created_at)));
+    say!("updated   {}", when(Some(record.updated_at)));
     if let Some(deadline) = record.deadline_at {
-        println!("deadline  {}", when(Some(deadline)));
+        say!("deadline  {}", when(Some(deadline)));
     }
     if record.abort_requested {
-        println!("abort     requested");
+        say!("abort     requested");
     }
     if let Some(error) = &record.error {
-        println!("error     {error}");
+        say!("error     {error}");
     }
     if record.state == SagaState::Failed {
-        println!();
-        println!("NEEDS A PERSON: {}", attention(record));
+        say!();
+        say!("NEEDS A PERSON: {}", attention(record));
     }
-    println!();
+    say!();
     let rows: Vec<[String; 6]> = record.steps.iter().map(step_row).collect();
     print_table(
         ["STEP", "STATE", "SENDS/ATTEMPTS", "ANSWER", "TOOK", "ERROR"],
@@ -231,7 +232,7 @@ pub async fn list(
         .collect();
     print_table(["SAGA", "STATE", "STEPS", "UPDATED", "NOTE"], &rows);
     if !page.next_page_token.is_empty() {
-        println!("more: --page-token {}", page.next_page_token);
+        say!("more: --page-token {}", page.next_page_token);
     }
     Ok(())
 }
@@ -247,12 +248,12 @@ async fn follow(remote: &Remote, client: &mut Client, id: String) -> Result<(), 
     while let Some(event) = events.message().await? {
         let event: SagaEvent = saga_proto::event_from_proto(event);
         if remote.json {
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string(&event).expect("events serialize")
             );
         } else {
-            println!(
+            say!(
                 "{}  {}  {:<12}  {}",
                 when(Some(event.at)),
                 event.saga_id,
@@ -276,9 +277,10 @@ pub async fn abort(remote: &Remote, id: String, reason: String) -> Result<(), Cl
     if remote.json {
         print_json(&record);
     } else {
-        println!(
+        say!(
             "saga {} will stop after its step in flight and compensate (watch it: breakwater saga watch {})",
-            record.id, record.id
+            record.id,
+            record.id
         );
     }
     Ok(())
