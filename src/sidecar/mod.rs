@@ -154,7 +154,6 @@ struct Control {
     listeners: Mutex<BTreeMap<Target, Listener>>,
     builder: auto::Builder<TokioExecutor>,
     /// What every caller connection is held to, from `proxy` as started.
-    limits: server::Limits,
     connections: Connections,
     grace_period: Duration,
     tracing: Option<Tracing>,
@@ -190,7 +189,7 @@ impl Control {
             graceful.clone(),
             stop_rx,
             None,
-            self.limits.clone(),
+            self.connections.limits(),
         ));
         Ok(Listener {
             configured: addr,
@@ -408,6 +407,15 @@ impl Connections {
         }
     }
 
+    /// What each connection of a proxy listener is held to.
+    fn limits(&self) -> server::Limits {
+        server::Limits {
+            slots: Some(self.slots.clone()),
+            open: self.open.clone(),
+            header_read_timeout: self.proxy.header_read_timeout,
+        }
+    }
+
     /// Caller connections open now.
     pub fn open_now(&self) -> usize {
         self.open.load(std::sync::atomic::Ordering::Relaxed)
@@ -454,11 +462,6 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         metrics: metrics.clone(),
         listeners: Mutex::new(BTreeMap::new()),
         builder: server::builder_with(connections.proxy.header_read_timeout),
-        limits: server::Limits {
-            slots: Some(connections.slots.clone()),
-            open: connections.open.clone(),
-            header_read_timeout: connections.proxy.header_read_timeout,
-        },
         connections: connections.clone(),
         grace_period: options.grace_period,
         tracing: options.tracing,
