@@ -1,7 +1,10 @@
 //! The benchmark's load generator and upstream, in one binary.
 //!
 //! `loadgen upstream` serves a minimal HTTP/1.1 + h2c answer and a minimal
-//! gRPC unary echo, so that the upstream costs as little as possible.
+//! gRPC unary echo, so that the upstream costs as little as possible; with
+//! `--tls-http` / `--tls-grpc` it serves the same answers over TLS too, with
+//! a CA it makes at start (`<tls-dir>/ca.pem`, certificate for `localhost`),
+//! so that proxies originating TLS can be measured against one server.
 //! `loadgen run` drives a target in one of two modes:
 //!
 //! - `closed`: `--concurrency` requests always in flight; reports
@@ -30,6 +33,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -63,6 +67,15 @@ enum Command {
         /// requests served so far.
         #[arg(long, default_value_t = 0)]
         fail_percent: u64,
+        /// Serve the HTTP answers over TLS on this address too.
+        #[arg(long)]
+        tls_http: Option<SocketAddr>,
+        /// Serve the gRPC answers over TLS on this address too.
+        #[arg(long)]
+        tls_grpc: Option<SocketAddr>,
+        /// Where the TLS upstream's CA certificate is written (`ca.pem`).
+        #[arg(long, default_value = "bench/out/tls")]
+        tls_dir: PathBuf,
     },
     /// Drive load at a target.
     Run {
@@ -174,7 +187,29 @@ fn main() {
             http,
             grpc,
             fail_percent,
-        } => runtime.block_on(upstream(http, grpc, fail_percent)),
+            tls_http,
+            tls_grpc,
+            tls_dir,
+        } => {
+            let served = Arc::new(Served {
+                count: AtomicU64::new(0),
+                fail_percent,
+            });
+            let tls = [tls_http, tls_grpc]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>();
+            runtime.block_on(async {
+                if !tls.is_empty() {
+                    let acceptor = tls_acceptor(&tls_dir);
+                    for addr in tls {
+                        let listener = TcpListener::bind(addr).await.unwrap();
+                        tokio::spawn(serve(listener, Some(acceptor.clone()), served.clone()));
+                    }
+                }
+                upstream(http, grpc, served).await
+            })
+        }
         Command::Run {
             target,
             host,
@@ -407,27 +442,60 @@ struct Served {
     fail_percent: u64,
 }
 
-async fn upstream(http: SocketAddr, grpc: SocketAddr, fail_percent: u64) {
+async fn upstream(http: SocketAddr, grpc: SocketAddr, served: Arc<Served>) {
     let http = TcpListener::bind(http).await.unwrap();
     let grpc = TcpListener::bind(grpc).await.unwrap();
-    let served = Arc::new(Served {
-        count: AtomicU64::new(0),
-        fail_percent,
-    });
-    tokio::spawn(serve(http, served.clone()));
-    serve(grpc, served).await;
+    tokio::spawn(serve(http, None, served.clone()));
+    serve(grpc, None, served).await;
 }
 
-async fn serve(listener: TcpListener, served: Arc<Served>) {
+/// A CA made now (its certificate written to `dir/ca.pem`) and a server
+/// certificate it signed for `localhost` and `127.0.0.1`, offering `h2`
+/// and `http/1.1`.
+fn tls_acceptor(dir: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Breakwater benchmark CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let chain = vec![CertificateDer::from(cert.der().to_vec())];
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, served: Arc<Served>) {
     loop {
         let (stream, _) = listener.accept().await.unwrap();
         let _ = stream.set_nodelay(true);
-        let served = served.clone();
+        let (served, tls) = (served.clone(), tls.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |r| answer(served.clone(), r));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = match tls {
+                None => server.serve_connection(TokioIo::new(stream), service).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => server.serve_connection(TokioIo::new(stream), service).await,
+                    Err(_) => return,
+                },
+            };
         });
     }
 }

@@ -5,6 +5,8 @@
 #   DURATION=5s REPEAT=1 bench/run.sh   # quick look
 #   PROXIES="breakwater-off breakwater haproxy" MODES=closed bench/run.sh
 #                           # some proxies, some modes (no Envoy install)
+#   PROTOCOLS="http1-tls grpc-tls" bench/run.sh
+#                           # only TLS origination (proxy -> upstream TLS)
 #
 # Proxies are pinned to core 0, the load generator and the upstream to
 # core 1. Each proxy runs one worker thread, without access logs. Results:
@@ -20,6 +22,8 @@ CONCURRENCY=${CONCURRENCY:-64}
 OUT=bench/out
 PROXIES=${PROXIES:-direct breakwater-off breakwater envoy haproxy}
 MODES=${MODES:-closed rate}
+PROTOCOLS=${PROTOCOLS:-http1 grpc http1-tls grpc-tls}
+TLS_DIR=$PWD/$OUT/tls
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
 mkdir -p "$OUT"
@@ -60,6 +64,23 @@ upstreams:
     protocol: grpc
     listen: 127.0.0.1:18101
 YAML
+# The same upstreams over TLS (the proxy originates it; callers speak
+# plaintext to the proxy), verified against the load generator's CA.
+tls_upstreams() {
+cat <<YAML
+  tls-upstream:
+    address: 127.0.0.1:18084
+    protocol: http1
+    listen: 127.0.0.1:18102
+    tls: {ca_file: $TLS_DIR/ca.pem, server_name: localhost}
+  grpc-tls-upstream:
+    address: 127.0.0.1:18085
+    protocol: grpc
+    listen: 127.0.0.1:18103
+    tls: {ca_file: $TLS_DIR/ca.pem, server_name: localhost}
+YAML
+}
+tls_upstreams >> "$OUT/breakwater.yaml"
 
 # Plain pass-through: the same sidecar with retries and the breaker off.
 cat > "$OUT/breakwater-off.yaml" <<'YAML'
@@ -72,6 +93,7 @@ upstreams:
   upstream: {address: 127.0.0.1:18080, protocol: http1, listen: 127.0.0.1:18100}
   grpc-upstream: {address: 127.0.0.1:18081, protocol: grpc, listen: 127.0.0.1:18101}
 YAML
+tls_upstreams >> "$OUT/breakwater-off.yaml"
 
 # The retry storm: an upstream failing half its requests, retries on
 # (budget 20% + 10/s), the breaker off so that only the budget limits them.
@@ -101,13 +123,26 @@ frontend http
 frontend grpc
     bind 127.0.0.1:18101 proto h2
     default_backend grpc_up
+frontend http_tls
+    bind 127.0.0.1:18102
+    default_backend http_tls_up
+frontend grpc_tls
+    bind 127.0.0.1:18103 proto h2
+    default_backend grpc_tls_up
 backend http_up
     http-reuse always
     server s1 127.0.0.1:18080
 backend grpc_up
     http-reuse always
     server s1 127.0.0.1:18081 proto h2
+backend http_tls_up
+    http-reuse always
+    server s1 127.0.0.1:18084 ssl verify required ca-file $TLS_DIR/ca.pem sni str(localhost) verifyhost localhost alpn http/1.1
+backend grpc_tls_up
+    http-reuse always
+    server s1 127.0.0.1:18085 ssl verify required ca-file $TLS_DIR/ca.pem sni str(localhost) verifyhost localhost alpn h2 proto h2
 CFG
+sed -i "s|\$TLS_DIR|$TLS_DIR|g" "$OUT/haproxy.cfg"
 
 envoy_listener() { # name port cluster
 cat <<YAML
@@ -130,12 +165,27 @@ cat <<YAML
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 YAML
 }
-envoy_cluster() { # name port h2
+envoy_cluster() { # name port h1|h2 [tls]
 cat <<YAML
   - name: $1
     type: STATIC
     connect_timeout: 5s
 YAML
+if [ "${4:-}" = tls ]; then
+    alpn=http/1.1; [ "$3" = h2 ] && alpn=h2
+    cat <<YAML
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          alpn_protocols: [$alpn]
+          validation_context:
+            trusted_ca: {filename: $TLS_DIR/ca.pem}
+            match_typed_subject_alt_names: [{san_type: DNS, matcher: {exact: localhost}}]
+YAML
+fi
 if [ "$3" = h2 ]; then cat <<YAML
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
@@ -154,9 +204,13 @@ YAML
     echo "  listeners:"
     envoy_listener http 18100 http_up
     envoy_listener grpc 18101 grpc_up
+    envoy_listener http_tls 18102 http_tls_up
+    envoy_listener grpc_tls 18103 grpc_tls_up
     echo "  clusters:"
     envoy_cluster http_up 18080 h1
     envoy_cluster grpc_up 18081 h2
+    envoy_cluster http_tls_up 18084 h1 tls
+    envoy_cluster grpc_tls_up 18085 h2 tls
 } > "$OUT/envoy.yaml"
 
 # --- helpers ------------------------------------------------------------
@@ -177,24 +231,30 @@ start_proxy() { # name -> sets PROXY_PID
     esac
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
-    wait_port 18100
-    wait_port 18101
+    for p in 18100 18101 18102 18103; do wait_port "$p"; done
 }
 
-taskset -c "$LOAD_CORE" "$LOADGEN" upstream --http 127.0.0.1:18080 --grpc 127.0.0.1:18081 &
+taskset -c "$LOAD_CORE" "$LOADGEN" upstream --http 127.0.0.1:18080 --grpc 127.0.0.1:18081 \
+    --tls-http 127.0.0.1:18084 --tls-grpc 127.0.0.1:18085 --tls-dir "$TLS_DIR" &
 PIDS+=($!)
-wait_port 18080
-wait_port 18081
+for p in 18080 18081 18084 18085; do wait_port "$p"; done
 
 : > "$OUT/results.jsonl"
 for proxy in $PROXIES; do
-    for protocol in http1 grpc; do
-        if [ "$protocol" = http1 ]; then port=18100; direct=18080; else port=18101; direct=18081; fi
+    for protocol in $PROTOCOLS; do
+        case $protocol in
+            http1) port=18100; direct=18080 ;;
+            grpc) port=18101; direct=18081 ;;
+            http1-tls) port=18102; direct="" ;;
+            grpc-tls) port=18103; direct="" ;;
+        esac
+        # The load generator speaks plaintext: no direct run over TLS.
+        if [ "$proxy" = direct ] && [ -z "$direct" ]; then continue; fi
         PROXY_PID=""
         if [ "$proxy" = direct ]; then port=$direct; else start_proxy "$proxy"; fi
         for mode in $MODES; do
             for run in $(seq "$REPEAT"); do
-                args=(run --target "127.0.0.1:$port" --protocol "$protocol" --mode "$mode"
+                args=(run --target "127.0.0.1:$port" --protocol "${protocol%-tls}" --mode "$mode"
                       --concurrency "$CONCURRENCY" --rate "$RATE")
                 taskset -c "$LOAD_CORE" "$LOADGEN" "${args[@]}" --duration "$WARMUP" --warmup 0s >/dev/null
                 before=0; [ -n "$PROXY_PID" ] && before=$(cpu_ticks "$PROXY_PID")
