@@ -63,8 +63,12 @@ pub fn sidecar(path: PathBuf, run: SidecarRun) -> ExitCode {
 pub struct ControlPlaneRun {
     /// The options; `auth` and `policies` are filled in from the files.
     pub options: control::ControlOptions,
-    /// The bearer token's file.
+    /// The operator token's file.
     pub token_file: Option<PathBuf>,
+    /// The read-only token's file.
+    pub read_token_file: Option<PathBuf>,
+    /// The file of the key sidecars seal dead letters with.
+    pub letter_key_file: Option<PathBuf>,
     /// The certificate and key to serve TLS with.
     pub tls: Option<inject::server::TlsFiles>,
     /// The upstreams' policy file.
@@ -80,14 +84,34 @@ pub fn control_plane(run: ControlPlaneRun) -> ExitCode {
         Ok(policies) => policies,
         Err(error) => return config_error(error),
     };
+    let token = |path: &Path| {
+        crate::api::token::read(path).map(|t| (t, format!("token file {}", path.display())))
+    };
     if let Some(path) = &run.token_file {
-        let auth = crate::api::token::read(path).and_then(|t| {
-            Auth::with_token(&t).map_err(|e| format!("token file {}: {e}", path.display()))
+        let auth = token(path)
+            .and_then(|(t, file)| Auth::with_token(&t).map_err(|e| format!("{file}: {e}")));
+        match auth {
+            Ok(auth) => options.auth = auth,
+            Err(error) => return config_error(error),
+        }
+    }
+    if let Some(path) = &run.read_token_file {
+        let auth = token(path).and_then(|(t, file)| {
+            (options.auth.clone().with_read_token(&t)).map_err(|e| format!("{file}: {e}"))
         });
         match auth {
             Ok(auth) => options.auth = auth,
             Err(error) => return config_error(error),
         }
+    }
+    if let Some(path) = &run.letter_key_file {
+        match crate::api::seal::LetterKey::read(path) {
+            Ok(key) => options.letter_key = Some(key),
+            Err(error) => return config_error(error),
+        }
+    }
+    if let Err(error) = options.check_exposure() {
+        return config_error(error);
     }
     if let Some(files) = run.tls {
         match crate::transport::tls::server::ServerTls::load(files) {

@@ -57,9 +57,23 @@ enum Command {
         /// The admin address: /healthz, /readyz, /metrics.
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
-        /// A file holding the bearer token every call must carry.
+        /// A file holding the operator's bearer token: every call must carry
+        /// it (or the read-only token, for reads).
         #[arg(long, env = "BREAKWATER_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// A file holding a read-only token: it may get, list and watch,
+        /// and change nothing. Needs --token-file.
+        #[arg(long, env = "BREAKWATER_READ_TOKEN_FILE", requires = "token_file")]
+        read_token_file: Option<PathBuf>,
+        /// Serve without a token on an address other than loopback (refused
+        /// otherwise: anyone who reached it could replay dead letters).
+        #[arg(long)]
+        insecure_no_auth: bool,
+        /// A file holding the key sidecars seal dead letters with (their
+        /// control_plane.letter_key_file): a replay of a letter without a
+        /// valid seal is refused unless forced.
+        #[arg(long, env = "BREAKWATER_LETTER_KEY_FILE")]
+        letter_key_file: Option<PathBuf>,
         /// Serve gRPC and JSON over TLS with this certificate chain (PEM),
         /// read again when it changes. The admin port stays plaintext.
         #[arg(long, env = "BREAKWATER_TLS_CERT", requires = "tls_key")]
@@ -309,6 +323,11 @@ enum DlqCommand {
     Replay {
         #[command(flatten)]
         selection: SelectionArgs,
+        /// Send even letters the control plane refuses: without a valid
+        /// seal (not captured by a sidecar holding the letter key, or
+        /// altered since), or with a body cut at capture.
+        #[arg(long)]
+        force: bool,
     },
     /// Remove letters.
     Purge {
@@ -390,6 +409,9 @@ fn main() -> ExitCode {
             http_listen,
             admin_listen,
             token_file,
+            read_token_file,
+            insecure_no_auth,
+            letter_key_file,
             tls_cert,
             tls_key,
             max_state,
@@ -403,9 +425,12 @@ fn main() -> ExitCode {
             options.admin_listen = admin_listen;
             options.max_state_bytes = usize::try_from(max_state).unwrap_or(usize::MAX);
             options.saga_workers = saga_workers;
+            options.insecure_no_auth = insecure_no_auth;
             commands::control_plane(commands::ControlPlaneRun {
                 options,
                 token_file,
+                read_token_file,
+                letter_key_file,
                 tls: tls_cert
                     .zip(tls_key)
                     .map(|(cert, key)| inject::server::TlsFiles { cert, key }),
@@ -477,7 +502,9 @@ async fn dlq(remote: cli::Remote, command: DlqCommand) -> Result<(), cli::CliErr
             page_token,
         } => cli::dlq_list(&remote, upstream, page_size, page_token).await,
         DlqCommand::Show { id } => cli::dlq_show(&remote, id).await,
-        DlqCommand::Replay { selection } => cli::dlq_replay(&remote, selection.into()).await,
+        DlqCommand::Replay { selection, force } => {
+            cli::dlq_replay(&remote, selection.into(), force).await
+        }
         DlqCommand::Purge { selection } => cli::dlq_purge(&remote, selection.into()).await,
     }
 }

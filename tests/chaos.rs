@@ -268,6 +268,7 @@ async fn a_stopped_upstream_loses_nothing_and_everything_is_delivered_once_it_is
         let replayed = letters
             .replay(ReplayDeadLetterRequest {
                 id: letter.id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()

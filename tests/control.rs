@@ -392,6 +392,157 @@ async fn a_token_is_required_except_for_health() {
     running.shutdown().await;
 }
 
+/// A JSON API call with a bearer token.
+async fn json_call(
+    addr: std::net::SocketAddr,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: &'static str,
+) -> (StatusCode, String) {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(breakwater::body::full(body))
+        .unwrap();
+    let (parts, body) = read_body(http1_client().request(request).await.unwrap()).await;
+    (parts.status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_read_only_token_reads_and_changes_nothing() {
+    use breakwater::api::PurgeDeadLettersRequest;
+    use breakwater::api::dead_letters_client::DeadLettersClient;
+    use breakwater::api::purge_dead_letters_request::Target;
+
+    let dir = tempfile::tempdir().unwrap();
+    let auth = Auth::with_token("op-t0k")
+        .unwrap()
+        .with_read_token("viewer-t0k")
+        .unwrap();
+    let running = control_plane(dir.path(), auth).await;
+    let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = |token: &'static str| {
+        move |mut r: tonic::Request<()>| {
+            let value = format!("Bearer {token}").parse().unwrap();
+            r.metadata_mut().insert("authorization", value);
+            Ok(r)
+        }
+    };
+    let mut operator = CheckpointsClient::with_interceptor(channel.clone(), bearer("op-t0k"));
+    let mut viewer = CheckpointsClient::with_interceptor(channel.clone(), bearer("viewer-t0k"));
+    operator.put(put("w", "ocr", None)).await.unwrap();
+
+    let latest = GetCheckpointRequest {
+        workflow_id: "w".into(),
+        version: 0,
+    };
+    let read = viewer.get(latest.clone()).await.unwrap().into_inner();
+    assert_eq!((read.step.as_str(), read.version), ("ocr", 1));
+    let history = ListCheckpointsRequest {
+        workflow_id: "w".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        viewer
+            .list(history)
+            .await
+            .unwrap()
+            .get_ref()
+            .checkpoints
+            .len(),
+        1
+    );
+    let denied = [
+        viewer.put(put("w", "stolen", None)).await.unwrap_err(),
+        viewer
+            .delete(DeleteCheckpointsRequest {
+                workflow_id: "w".into(),
+            })
+            .await
+            .unwrap_err(),
+    ];
+    let mut letters = DeadLettersClient::with_interceptor(channel, bearer("viewer-t0k"));
+    let purge = PurgeDeadLettersRequest {
+        target: Some(Target::All(true)),
+    };
+    let denied = denied
+        .into_iter()
+        .chain([letters.purge(purge).await.unwrap_err()]);
+    for status in denied {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().contains("read-only"),
+            "{}",
+            status.message()
+        );
+    }
+    let all = breakwater::api::ListDeadLettersRequest::default();
+    assert!(letters.list(all).await.is_ok());
+    let after = operator.get(latest).await.unwrap().into_inner();
+    assert_eq!(
+        (after.step.as_str(), after.version),
+        ("ocr", 1),
+        "nothing changed"
+    );
+
+    let http = running.http_addr.unwrap();
+    let path = "/v1/checkpoints/w";
+    let (status, _) = json_call(http, Method::GET, path, "viewer-t0k", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let body = r#"{"step": "stolen", "state": {}}"#;
+    let (status, answer) = json_call(http, Method::PUT, path, "viewer-t0k", body).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(answer.contains("PERMISSION_DENIED"), "{answer}");
+    let (status, _) = json_call(http, Method::PUT, path, "op-t0k", body).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = json_call(http, Method::GET, path, "wrong", "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    running.shutdown().await;
+}
+
+/// Without a token the control plane serves only on loopback, unless told
+/// to serve open; the refusal says what to do.
+#[test]
+fn an_open_control_plane_is_refused_beyond_loopback() {
+    const BIN: &str = env!("CARGO_BIN_EXE_breakwater");
+    let dir = tempfile::tempdir().unwrap();
+    // The refusal comes before anything is bound.
+    let out = std::process::Command::new(BIN)
+        .args(["control-plane", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("OPEN on 0.0.0.0:0"), "{stderr}");
+    assert!(stderr.contains("--insecure-no-auth"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no store was opened"
+    );
+
+    let mut options = control_options(dir.path());
+    options.http_listen = Some("0.0.0.0:0".parse().unwrap());
+    assert!(options.check_exposure().is_err(), "the JSON port counts");
+    options.insecure_no_auth = true;
+    assert!(options.check_exposure().is_ok());
+    options.insecure_no_auth = false;
+    options.auth = Auth::with_token("t").unwrap();
+    assert!(options.check_exposure().is_ok());
+    // The admin port (probes and scrapes, never a token) does not count.
+    let mut options = control_options(dir.path());
+    options.admin_listen = Some("0.0.0.0:0".parse().unwrap());
+    assert!(options.check_exposure().is_ok());
+}
+
 #[tokio::test]
 async fn reflection_lists_the_services() {
     use tokio_stream::StreamExt;

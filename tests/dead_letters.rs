@@ -195,22 +195,28 @@ async fn letters_wait_in_the_spool_across_a_restart_until_the_control_plane_is_b
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_replay_delivers_once_the_upstream_is_healthy() {
+/// An upstream that reads each body and answers 503 until its flag is set,
+/// then 201.
+async fn recovering_upstream() -> (HttpUpstream, Arc<AtomicBool>) {
     let healthy = Arc::new(AtomicBool::new(false));
     let flag = healthy.clone();
     let upstream = HttpUpstream::start(move |request: Request<Incoming>| {
         let healthy = flag.load(Ordering::SeqCst);
         async move {
             let _ = request.into_body().collect().await;
-            if healthy {
-                answer(201, &[], "created")
-            } else {
-                answer(503, &[], "down")
+            match healthy {
+                true => answer(201, &[], "created"),
+                false => answer(503, &[], "down"),
             }
         }
     })
     .await;
+    (upstream, healthy)
+}
+
+#[tokio::test]
+async fn a_replay_delivers_once_the_upstream_is_healthy() {
+    let (upstream, healthy) = recovering_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let policies = format!(
         "upstreams:\n  orders: {{address: '{}', retry: {{max_attempts: 1}}}}\n",
@@ -245,7 +251,10 @@ async fn a_replay_delivers_once_the_upstream_is_healthy() {
         .id;
 
     let failed = client
-        .replay(ReplayDeadLetterRequest { id: id.clone() })
+        .replay(ReplayDeadLetterRequest {
+            id: id.clone(),
+            force: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -258,7 +267,10 @@ async fn a_replay_delivers_once_the_upstream_is_healthy() {
 
     healthy.store(true, Ordering::SeqCst);
     let delivered = client
-        .replay(ReplayDeadLetterRequest { id: id.clone() })
+        .replay(ReplayDeadLetterRequest {
+            id: id.clone(),
+            force: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -274,7 +286,7 @@ async fn a_replay_delivers_once_the_upstream_is_healthy() {
     assert_eq!(seen.headers["x-breakwater-replay"], id.as_str());
 
     let status = client
-        .replay(ReplayDeadLetterRequest { id })
+        .replay(ReplayDeadLetterRequest { id, force: false })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
@@ -377,5 +389,137 @@ async fn the_cli_and_the_json_api_list_show_replay_and_purge() {
         1
     );
     assert!(letters(running.grpc_addr).await.is_empty());
+    running.shutdown().await;
+}
+
+/// A replay request for `id`.
+fn replay(id: &str, force: bool) -> ReplayDeadLetterRequest {
+    ReplayDeadLetterRequest {
+        id: id.to_owned(),
+        force,
+    }
+}
+
+/// Letters sealed by the sidecar replay; a letter enqueued by hand, one
+/// altered after its capture, and one whose body was cut are refused
+/// (counted, and kept) unless forced.
+#[tokio::test]
+async fn only_letters_sealed_by_a_sidecar_replay_unless_forced() {
+    let (upstream, healthy) = recovering_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("letter.key");
+    std::fs::write(&key_file, "k3y-shared-by-sidecars-and-control-plane\n").unwrap();
+    let policies_yaml = format!(
+        "upstreams:\n  orders: {{address: '{}', retry: {{max_attempts: 1}}}}\n",
+        upstream.addr
+    );
+    let mut options = control_options(&dir.path().join("cp"));
+    options.policies = Some(policies(&policies_yaml));
+    options.letter_key = Some(breakwater::api::seal::LetterKey::read(&key_file).unwrap());
+    let running = start_control_plane(options).await;
+    let yaml = sidecar_yaml(running.grpc_addr, &dir.path().join("spool"), upstream.addr).replace(
+        "control_plane: {",
+        &format!(
+            "control_plane: {{letter_key_file: '{}', ",
+            key_file.display()
+        ),
+    );
+    let sidecar = sidecar(&yaml).await;
+    assert_eq!(
+        send(sidecar.proxy_addr, order()).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let captured = delivered(running.grpc_addr, sidecar.admin_addr, 1)
+        .await
+        .remove(0);
+    assert_eq!(captured.seal.len(), 32, "HMAC-SHA256 seal");
+
+    let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = DeadLettersClient::new(channel);
+    let enqueue = |letter: DeadLetter| EnqueueDeadLetterRequest {
+        letter: Some(letter),
+    };
+    // By hand: no seal. Altered: the captured letter sent elsewhere, its
+    // seal kept. Cut: sealed, but its body is not whole.
+    let by_hand = DeadLetter {
+        capture_id: String::new(),
+        seal: Bytes::new(),
+        ..captured.clone()
+    };
+    let altered = DeadLetter {
+        uri: "/refunds".into(),
+        capture_id: "altered".into(),
+        ..captured.clone()
+    };
+    let mut cut = DeadLetter {
+        body_truncated: true,
+        capture_id: "cut".into(),
+        ..captured.clone()
+    };
+    let key = breakwater::api::seal::LetterKey::read(&key_file).unwrap();
+    cut.seal = key.seal(&cut);
+    let mut ids = Vec::new();
+    for letter in [by_hand, altered, cut] {
+        ids.push(
+            client
+                .enqueue(enqueue(letter))
+                .await
+                .unwrap()
+                .into_inner()
+                .id,
+        );
+    }
+
+    healthy.store(true, Ordering::SeqCst);
+    let why = ["has no seal", "seal does not match", "body was cut"];
+    for (id, why) in ids.iter().zip(why) {
+        let status = client.replay(replay(id, false)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains(why), "{}", status.message());
+        assert!(status.message().contains("--force"), "{}", status.message());
+    }
+    assert_eq!(upstream.requests(), 2, "nothing refused was sent");
+    let admin = running.admin_addr.unwrap();
+    let refused = "breakwater_dead_letter_replays_total{result=\"refused\"}";
+    assert_eq!(metric(admin, refused).await, Some(3.0));
+    assert_eq!(
+        letters(running.grpc_addr).await.len(),
+        4,
+        "refused letters stay"
+    );
+
+    let sealed = client
+        .replay(replay(&captured.id, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(sealed.delivered, "{sealed:?}");
+    let forced = client
+        .replay(replay(&ids[0], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(forced.delivered, "{forced:?}");
+    assert_eq!(upstream.requests(), 4);
+    assert_eq!(letters(running.grpc_addr).await.len(), 2);
+
+    // The CLI says which were refused and goes on with the others.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["dlq", "replay", "--all", "--control-plane"])
+        .arg(format!("http://{}", running.grpc_addr))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains(&format!("{}: refused: ", ids[1])),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 replayed, 2 failed"), "{stdout}");
     running.shutdown().await;
 }

@@ -390,7 +390,13 @@ async fn a_compensation_that_keeps_failing_leaves_the_saga_failed_and_dead_lette
         "upstreams:\n  users:\n    address: '{}'\n    retry: {{max_attempts: 2, backoff: {{base: 1ms}}, on: [5xx]}}\n  subscriptions: {{address: '{}'}}\n  email: {{address: '{}', retry: {{max_attempts: 1}}}}\n",
         users.upstream.addr, subs.upstream.addr, email.upstream.addr
     );
-    let running = control_plane(dir.path(), &policies).await;
+    // With a letter key, the control plane seals its own letters as a
+    // sidecar does, so that they replay.
+    let key = breakwater::api::seal::LetterKey::new(&[9; 32]).unwrap();
+    let mut options = support::control_options(dir.path());
+    options.policies = Some(support::policies(&policies));
+    options.letter_key = Some(key.clone());
+    let running = support::start_control_plane(options).await;
     let mut client = client(&running).await;
     start(&mut client, signup("stuck")).await;
     let saga = finished(&mut client, "stuck").await;
@@ -418,6 +424,7 @@ async fn a_compensation_that_keeps_failing_leaves_the_saga_failed_and_dead_lette
         .unwrap()
         .into_inner();
     assert_eq!(letter.upstream, "users");
+    assert_eq!(key.check(&letter), breakwater::api::seal::Seal::Valid);
     assert_eq!(letter.method, "DELETE");
     assert_eq!(letter.uri, "/users/u-1");
     assert_eq!(letter.attempts, 2);

@@ -92,6 +92,9 @@ pub struct LetterJson {
     /// Made by whoever captured the letter: enqueued twice, stored once.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     capture_id: String,
+    /// The capturing sidecar's seal, in base64 (see `seal.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seal: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -129,6 +132,7 @@ impl From<DeadLetter> for LetterJson {
             replays: l.replays,
             last_replay_error: l.last_replay_error,
             capture_id: l.capture_id,
+            seal: (!l.seal.is_empty()).then(|| B64.encode(&l.seal)),
         }
     }
 }
@@ -145,6 +149,13 @@ impl LetterJson {
                     .map_err(|e| format!("body_base64 is not base64: {e}"))?,
             ),
             (None, None) => Bytes::new(),
+        };
+        let seal = match self.seal {
+            Some(text) => Bytes::from(
+                B64.decode(text.trim())
+                    .map_err(|e| format!("seal is not base64: {e}"))?,
+            ),
+            None => Bytes::new(),
         };
         Ok(DeadLetter {
             upstream: self.upstream,
@@ -166,6 +177,7 @@ impl LetterJson {
             grpc: self.grpc,
             failed_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
             capture_id: self.capture_id,
+            seal,
             ..Default::default()
         })
     }

@@ -1,11 +1,12 @@
 //! The control plane's API, shared by its servers and its clients: the
 //! code generated from `proto/breakwater/v1` (messages, gRPC servers and
-//! clients), the JSON shapes of its records ([`json`]) and the bearer
-//! token ([`token`]).
+//! clients), the JSON shapes of its records ([`json`]), the bearer
+//! token ([`token`]) and the seal on dead letters ([`seal`]).
 
 #![allow(missing_docs, clippy::all)]
 
 pub mod json;
+pub mod seal;
 pub mod token;
 
 /// Checks a control plane URL before anything is sent to it: `http://`

@@ -7,7 +7,7 @@ use crate::api::json::LetterJson;
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
 use crate::api::{
     DeadLetter, GetDeadLetterRequest, ListDeadLettersRequest, PurgeDeadLettersRequest,
-    ReplayDeadLetterRequest,
+    ReplayDeadLetterRequest, ReplayDeadLetterResponse,
 };
 
 /// Lists dead letters, oldest first.
@@ -105,6 +105,11 @@ fn print_letter(l: &DeadLetter) {
             String::from_utf8_lossy(&header.value)
         );
     }
+    let seal = match l.seal.is_empty() {
+        true => "none (a replay is refused where the control plane has a letter key)",
+        false => "present (checked by the control plane at replay)",
+    };
+    say!("seal       {seal}");
     let cut = if l.body_truncated { " (truncated)" } else { "" };
     say!("body{cut}       {}", readable(&l.body));
 }
@@ -120,8 +125,13 @@ pub enum Selection {
     All,
 }
 
-/// Replays letters; fails if any stays undelivered.
-pub async fn dlq_replay(remote: &Remote, selection: Selection) -> Result<(), CliError> {
+/// Replays letters (with `force`, even those the control plane refuses);
+/// fails if any stays undelivered.
+pub async fn dlq_replay(
+    remote: &Remote,
+    selection: Selection,
+    force: bool,
+) -> Result<(), CliError> {
     let mut client = remote.dead_letters().await?;
     let ids = match selection {
         Selection::Ids(ids) => ids,
@@ -131,10 +141,23 @@ pub async fn dlq_replay(remote: &Remote, selection: Selection) -> Result<(), Cli
     let mut results = Vec::new();
     let mut failed = 0;
     for id in ids {
-        let outcome = client
-            .replay(ReplayDeadLetterRequest { id: id.clone() })
-            .await?
-            .into_inner();
+        let request = ReplayDeadLetterRequest {
+            id: id.clone(),
+            force,
+        };
+        // A refused letter is one outcome among the others, not the end
+        // of a replay of many.
+        let outcome = match client.replay(request).await {
+            Ok(outcome) => outcome.into_inner(),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                ReplayDeadLetterResponse {
+                    error: format!("refused: {}", status.message()),
+                    grpc_status: -1,
+                    ..Default::default()
+                }
+            }
+            Err(status) => return Err(status.into()),
+        };
         if !outcome.delivered {
             failed += 1;
         }
@@ -153,7 +176,11 @@ pub async fn dlq_replay(remote: &Remote, selection: Selection) -> Result<(), Cli
             if o.delivered {
                 say!("{id}: delivered ({}), removed", o.status);
             } else {
-                say!("{id}: failed again: {}", o.error);
+                // A refusal's error says so; a failure is a replay tried.
+                match o.error.starts_with("refused: ") {
+                    true => say!("{id}: {}", o.error),
+                    false => say!("{id}: failed again: {}", o.error),
+                }
             }
         }
         say!("{} replayed, {failed} failed", results.len());

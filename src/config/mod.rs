@@ -95,6 +95,9 @@ pub struct ControlPlaneConfig {
     pub token_file: Option<PathBuf>,
     /// The CA to trust for an `https://` URL (default: Mozilla's roots).
     pub ca_file: Option<PathBuf>,
+    /// The key dead letters are sealed with, shared with the control
+    /// plane.
+    pub letter_key_file: Option<PathBuf>,
 }
 
 /// `dead_letters`.

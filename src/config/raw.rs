@@ -127,6 +127,7 @@ pub(crate) struct RawControlPlane {
     pub url: Spanned<String>,
     pub token_file: Option<String>,
     pub ca_file: Option<String>,
+    pub letter_key_file: Option<String>,
 }
 
 /// `dead_letters`: the sidecar's local spool.

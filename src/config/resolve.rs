@@ -147,14 +147,30 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                     std::time::Duration::from_secs(5),
                     None,
                 );
-                match channel {
-                    Ok(_) => Some(ControlPlaneConfig {
+                let letter_key_file = c
+                    .value
+                    .letter_key_file
+                    .as_ref()
+                    .map(|f| relative_to(file, f));
+                // Read now, so that a short or missing key is an error of
+                // the file, not of the first dead letter.
+                let key = letter_key_file
+                    .as_deref()
+                    .map(crate::api::seal::LetterKey::read)
+                    .transpose();
+                match (channel, key) {
+                    (Ok(_), Ok(_)) => Some(ControlPlaneConfig {
                         url: url.value.clone(),
                         token_file: c.value.token_file.as_ref().map(|f| relative_to(file, f)),
                         ca_file,
+                        letter_key_file,
                     }),
-                    Err(why) => {
+                    (Err(why), _) => {
                         check.error(url, "control_plane.ca_file", why);
+                        None
+                    }
+                    (_, Err(why)) => {
+                        check.error(url, "control_plane.letter_key_file", why);
                         None
                     }
                 }

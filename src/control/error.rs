@@ -26,6 +26,9 @@ pub enum ApiError {
     Precondition(String),
     /// No or a wrong token (401 / `UNAUTHENTICATED`).
     Unauthenticated,
+    /// The read-only token, for a call that changes something (403 /
+    /// `PERMISSION_DENIED`).
+    ReadOnly,
     /// The store failed (500 / `INTERNAL`); nothing was acknowledged.
     Internal(String),
 }
@@ -40,6 +43,9 @@ impl std::fmt::Display for ApiError {
             ApiError::Conflict { message, .. } => f.write_str(message),
             ApiError::Unauthenticated => {
                 f.write_str("missing or wrong token: send authorization: Bearer <token>")
+            }
+            ApiError::ReadOnly => {
+                f.write_str("this token is read-only: changing something needs the operator token")
             }
         }
     }

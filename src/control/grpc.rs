@@ -43,6 +43,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Precondition(_) => Status::failed_precondition(message),
             ApiError::Unauthenticated => Status::unauthenticated(message),
+            ApiError::ReadOnly => Status::permission_denied(message),
             ApiError::Internal(_) => Status::internal(message),
         }
     }
@@ -132,7 +133,9 @@ impl dead_letters_server::DeadLetters for DeadLettersService {
         request: Request<ReplayDeadLetterRequest>,
     ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
         Ok(Response::new(
-            self.0.replay_letter(&request.get_ref().id).await?,
+            self.0
+                .replay_letter(&request.get_ref().id, request.get_ref().force)
+                .await?,
         ))
     }
 
@@ -252,26 +255,59 @@ pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes 
             .await;
         reporter.set_serving::<SagasServer<SagasService>>().await;
     });
-    let check = move |request: Request<()>| auth.check_grpc(request);
+    fn guard<S>(inner: S, auth: &Auth) -> Guarded<S> {
+        Guarded {
+            inner,
+            auth: auth.clone(),
+        }
+    }
     tonic::service::Routes::new(health)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            checkpoints,
-            check.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            dead_letters,
-            check.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            sagas,
-            check.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection_v1,
-            check.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection_v1alpha,
-            check,
-        ))
+        .add_service(guard(checkpoints, &auth))
+        .add_service(guard(dead_letters, &auth))
+        .add_service(guard(sagas, &auth))
+        .add_service(guard(reflection_v1, &auth))
+        .add_service(guard(reflection_v1alpha, &auth))
+}
+
+/// A service behind the token check, which needs the call's path (a read
+/// or a change) and so sits where the path is still known, before tonic
+/// turns the request into a message.
+#[derive(Debug, Clone)]
+struct Guarded<S> {
+    inner: S,
+    auth: Auth,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Guarded<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<::http::Request<B>> for Guarded<S>
+where
+    S: tower::Service<::http::Request<B>, Response = ::http::Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<
+        std::future::Ready<Result<Self::Response, Self::Error>>,
+        S::Future,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: ::http::Request<B>) -> Self::Future {
+        use futures_util::future::Either;
+        match self
+            .auth
+            .check_grpc(request.uri().path(), request.headers())
+        {
+            Ok(()) => Either::Right(self.inner.call(request)),
+            Err(status) => Either::Left(std::future::ready(Ok(status.into_http()))),
+        }
+    }
 }

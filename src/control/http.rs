@@ -11,7 +11,7 @@
 //! | `POST /v1/dead-letters` | enqueue a letter (JSON body, below) |
 //! | `GET /v1/dead-letters[?upstream=&page_size=&page_token=&without_bodies=true]` | list, oldest first |
 //! | `GET /v1/dead-letters/{id}` | one letter |
-//! | `POST /v1/dead-letters/{id}/replay` | send it again |
+//! | `POST /v1/dead-letters/{id}/replay[?force=true]` | send it again (forced: even unsealed or cut) |
 //! | `DELETE /v1/dead-letters/{id}` | purge one |
 //! | `DELETE /v1/dead-letters?upstream=U` or `?all=true` | purge an upstream's, or all |
 //! | `POST /v1/sagas` | start a saga (its definition; 201, or 200 when it exists) |
@@ -21,7 +21,8 @@
 //! | `POST /v1/sagas/{id}/abort` | abort (`{"reason": "..."}`, optional) |
 //!
 //! Errors answer `{"error": {"code": "NOT_FOUND", "message": "..."}}` with
-//! the matching HTTP status (400, 401, 404, 409, 500).
+//! the matching HTTP status (400, 401, 403, 404, 409, 500). `GET`s need
+//! either token; the others the operator's.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -35,7 +36,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
-use super::auth::Auth;
+use super::auth::{Access, Auth};
 use super::error::ApiError;
 use super::plane::ControlPlane;
 use super::saga::SagaState;
@@ -88,6 +89,7 @@ impl ApiError {
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, "ABORTED"),
             ApiError::Precondition(_) => (StatusCode::BAD_REQUEST, "FAILED_PRECONDITION"),
             ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+            ApiError::ReadOnly => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         }
     }
@@ -247,7 +249,8 @@ impl HttpApi {
     /// One arm per endpoint of the table above: long, and clearer as one
     /// table than split.
     async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        self.auth.check(request.headers())?;
+        self.auth
+            .check(request.headers(), Access::of_http(request.method()))?;
         let path = request.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (request.method().clone(), segments.as_slice()) {
@@ -358,7 +361,16 @@ impl HttpApi {
                 Ok(json(StatusCode::OK, &serde_json::json!({"purged": purged})))
             }
             (Method::POST, ["v1", "dead-letters", id, "replay"]) => {
-                let outcome = self.control.replay_letter(id).await?;
+                let force = match query(&request)?.get("force").map(String::as_str) {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(other) => {
+                        return Err(invalid(format!(
+                            "force must be true or false, not {other:?}"
+                        )));
+                    }
+                };
+                let outcome = self.control.replay_letter(id, force).await?;
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({

@@ -85,7 +85,7 @@ impl ControlMetrics {
         let replays = Family::<ResultLabels, Counter>::default();
         registry.register(
             "dead_letter_replays",
-            "Dead-letter replays, by result: delivered or failed",
+            "Dead-letter replays, by result: delivered, failed, or refused (no valid seal, or a body cut at capture)",
             replays.clone(),
         );
         let requests: Family<MethodLabels, Histogram, fn() -> Histogram> =
@@ -154,6 +154,13 @@ impl ControlMetrics {
     pub fn replayed(&self, delivered: bool) {
         let result = if delivered { "delivered" } else { "failed" };
         self.replays.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a replay refused before anything was sent.
+    pub fn replay_refused(&self) {
+        self.replays
+            .get_or_create(&ResultLabels { result: "refused" })
+            .inc();
     }
 
     /// Records an API call's latency.

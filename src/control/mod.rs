@@ -47,8 +47,13 @@ pub struct ControlOptions {
     pub http_listen: Option<SocketAddr>,
     /// The admin address (health, metrics), if any.
     pub admin_listen: Option<SocketAddr>,
-    /// Calls must carry this bearer token.
+    /// Calls must carry these bearer tokens.
     pub auth: Auth,
+    /// Serve without a token on an address other than loopback.
+    pub insecure_no_auth: bool,
+    /// The key sidecars seal dead letters with: replays of letters without
+    /// its seal are refused unless forced.
+    pub letter_key: Option<crate::api::seal::LetterKey>,
     /// Largest checkpoint state.
     pub max_state_bytes: usize,
     /// How often expired workflows are swept away.
@@ -63,6 +68,22 @@ pub struct ControlOptions {
 }
 
 impl ControlOptions {
+    /// Refuses to serve without a token on an address that is not
+    /// loopback, unless `insecure_no_auth` says so. The admin port (health
+    /// and metrics, never a token) does not count.
+    pub fn check_exposure(&self) -> Result<(), StartError> {
+        if !self.auth.is_open() || self.insecure_no_auth {
+            return Ok(());
+        }
+        match std::iter::once(self.listen)
+            .chain(self.http_listen)
+            .find(|addr| !addr.ip().is_loopback())
+        {
+            Some(addr) => Err(StartError::Open { addr }),
+            None => Ok(()),
+        }
+    }
+
     /// Defaults for a data directory: gRPC on 127.0.0.1:7070, no HTTP or
     /// admin port, no token.
     pub fn new(data_dir: PathBuf) -> Self {
@@ -72,6 +93,8 @@ impl ControlOptions {
             http_listen: None,
             admin_listen: None,
             auth: Auth::open(),
+            insecure_no_auth: false,
+            letter_key: None,
             max_state_bytes: plane::DEFAULT_MAX_STATE_BYTES,
             sweep_interval: Duration::from_secs(10),
             policies: None,
@@ -91,6 +114,17 @@ pub enum StartError {
         dir: PathBuf,
         /// Why.
         source: store::StoreError,
+    },
+    /// No token, on an address others can reach.
+    #[error(
+        "the control plane would be OPEN on {addr}: without --token-file anyone who can \
+         reach it can read and change checkpoints, start sagas and replay dead letters. \
+         Give --token-file, listen on 127.0.0.1, or pass --insecure-no-auth to serve it \
+         open anyway"
+    )]
+    Open {
+        /// The address that is not loopback.
+        addr: SocketAddr,
     },
     /// A listener could not be bound.
     #[error("cannot listen on {addr} for {what}: {source}")]
@@ -151,6 +185,7 @@ fn local(listener: &TcpListener) -> SocketAddr {
 
 /// Opens the store, binds every listener and serves until shut down.
 pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
+    options.check_exposure()?;
     let store: Arc<dyn Store> =
         Arc::new(
             SledStore::open(&options.data_dir).map_err(|source| StartError::Store {
@@ -169,6 +204,7 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         options.max_state_bytes,
         upstreams,
         options.saga_workers,
+        options.letter_key.clone(),
     ));
     let grpc_listener = bind("gRPC", options.listen).await?;
     let http_listener = match options.http_listen {
@@ -186,6 +222,12 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         tracing::warn!(
             "the control plane is OPEN: no --token-file was given, so anyone who can reach \
              its ports can read and change checkpoints and dead letters"
+        );
+    }
+    if options.letter_key.is_none() && options.policies.is_some() {
+        tracing::warn!(
+            "no --letter-key-file: dead letters are replayed without checking that a \
+             sidecar captured them"
         );
     }
 

@@ -16,6 +16,7 @@ use super::saga::Sagas;
 use super::saga::call::{Prepared, Upstreams, send};
 use super::store::{GroupCommit, NewCheckpoint, Page, Store};
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
+use crate::api::seal::{LetterKey, Seal};
 use crate::api::{
     Checkpoint, DeleteCheckpointsResponse, GetCheckpointRequest, ListCheckpointsRequest,
     ListCheckpointsResponse, PruneCheckpointsRequest, PruneCheckpointsResponse,
@@ -49,6 +50,8 @@ pub struct ControlPlane {
     /// Letters being replayed now: a second replay of one waits its turn
     /// rather than sending it twice.
     replaying: Mutex<HashSet<u64>>,
+    /// The key sidecars seal letters with, if the control plane has it.
+    letter_key: Option<LetterKey>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -116,8 +119,9 @@ fn page_token(token: &str) -> Result<Option<u64>, ApiError> {
 
 impl ControlPlane {
     /// A control plane over `store`, calling `upstreams` for sagas and
-    /// dead-letter replays, running at most `saga_workers` sagas at once.
-    /// Must run inside a tokio runtime (the group commit's flusher is a
+    /// dead-letter replays, running at most `saga_workers` sagas at once;
+    /// with `letter_key`, replaying only letters sealed with it (unless
+    /// forced) and sealing the letters of failed compensations. Must run inside a tokio runtime (the group commit's flusher is a
     /// task).
     pub fn new(
         store: Arc<dyn Store>,
@@ -125,6 +129,7 @@ impl ControlPlane {
         max_state_bytes: usize,
         upstreams: Option<Arc<Upstreams>>,
         saga_workers: usize,
+        letter_key: Option<LetterKey>,
     ) -> Self {
         let flushes = metrics.clone();
         let commit = GroupCommit::start(store.clone(), move |d| flushes.observe_flush(d));
@@ -136,6 +141,7 @@ impl ControlPlane {
             upstreams.clone(),
             saga_workers,
             max_state_bytes,
+            letter_key.clone(),
         ));
         Self {
             store,
@@ -145,6 +151,7 @@ impl ControlPlane {
             upstreams,
             sagas,
             replaying: Mutex::default(),
+            letter_key,
         }
     }
 
@@ -372,11 +379,26 @@ impl ControlPlane {
     }
 
     /// Sends a letter again under its upstream's policy: delivered, it is
-    /// removed; failed, the attempt is recorded on it.
-    pub async fn replay_letter(&self, id: &str) -> Result<ReplayDeadLetterResponse, ApiError> {
+    /// removed; failed, the attempt is recorded on it. Refused, unless
+    /// `force`, when it is not sealed by a sidecar holding the letter key
+    /// (if the control plane has one) or its body was cut at capture.
+    pub async fn replay_letter(
+        &self,
+        id: &str,
+        force: bool,
+    ) -> Result<ReplayDeadLetterResponse, ApiError> {
         let _timer = self.timer("dead_letters.Replay");
         let id = letter_id(id)?;
         let mut letter = self.store.get_letter(id)?;
+        if let Some(refusal) = self.replay_refusal(id, &letter) {
+            if !force {
+                self.metrics.replay_refused();
+                return Err(ApiError::Precondition(format!(
+                    "{refusal}; replay it with force (breakwater dlq replay --force) to send it anyway"
+                )));
+            }
+            tracing::warn!(letter = id, upstream = %letter.upstream, "{refusal}; replayed anyway (forced)");
+        }
         let Some(upstreams) = &self.upstreams else {
             return Err(ApiError::Precondition(
                 "replay needs the upstreams' policies: start the control plane with --config policies.yaml".into(),
@@ -421,6 +443,27 @@ impl ControlPlane {
         self.commit.durable().await?;
         self.metrics.set_dead_letters(self.store.letter_count());
         Ok(response)
+    }
+
+    /// Why a letter should not be replayed as it is, if it should not.
+    fn replay_refusal(&self, id: u64, letter: &DeadLetter) -> Option<String> {
+        let seal = self.letter_key.as_ref().map(|key| key.check(letter));
+        match seal {
+            Some(Seal::Missing) => Some(format!(
+                "dead letter {id} has no seal: it was not captured by a sidecar holding the \
+                 letter key (enqueued by hand, or by a sidecar without \
+                 control_plane.letter_key_file)"
+            )),
+            Some(Seal::Invalid) => Some(format!(
+                "dead letter {id}'s seal does not match it: it was altered after its capture, \
+                 or sealed with another key"
+            )),
+            Some(Seal::Valid) | None if letter.body_truncated => Some(format!(
+                "dead letter {id}'s body was cut when it was captured (longer than max_body, \
+                 or not all sent by the caller): a replay would send a different request"
+            )),
+            Some(Seal::Valid) | None => None,
+        }
     }
 
     /// Removes one letter, an upstream's, or all.

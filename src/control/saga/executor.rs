@@ -19,6 +19,7 @@ use super::call::{Prepared, Upstreams, send};
 use super::decide::{self, Effect, Move, Transition};
 use super::record::{SagaEvent, SagaRecord, SagaState, Time};
 use super::spec::{Saga, SagaSpec};
+use crate::api::seal::LetterKey;
 use crate::control::error::{ApiError, page_size as page_size_for};
 use crate::control::metrics::ControlMetrics;
 use crate::control::store::{GroupCommit, Store, StoreError};
@@ -43,6 +44,9 @@ pub struct Sagas {
     upstreams: Option<Arc<Upstreams>>,
     pool: Arc<Semaphore>,
     max_record_bytes: usize,
+    /// Seals the letters of failed compensations, as a sidecar seals its
+    /// own.
+    letter_key: Option<LetterKey>,
     /// The sagas running in this process, each record behind the lock its
     /// transitions take.
     running: Mutex<HashMap<String, Arc<InFlight>>>,
@@ -67,6 +71,7 @@ impl Sagas {
         upstreams: Option<Arc<Upstreams>>,
         workers: usize,
         max_record_bytes: usize,
+        letter_key: Option<LetterKey>,
     ) -> Self {
         Self {
             store,
@@ -75,6 +80,7 @@ impl Sagas {
             upstreams,
             pool: Arc::new(Semaphore::new(workers.max(1))),
             max_record_bytes,
+            letter_key,
             running: Mutex::default(),
             events: broadcast::channel(EVENT_BUFFER).0,
             stopping: tokio::sync::watch::channel(false).0,
@@ -477,10 +483,11 @@ impl Sagas {
                 self.metrics.compensated(false);
                 let prepared = prepared.expect("a compensation that was sent");
                 // The letter first: the record names it.
-                let letter = self.store.enqueue_letter(
-                    prepared.letter(&saga.id, reason, attempts),
-                    SystemTime::now(),
-                )?;
+                let mut letter = prepared.letter(&saga.id, reason, attempts);
+                if let Some(key) = &self.letter_key {
+                    letter.seal = key.seal(&letter);
+                }
+                let letter = self.store.enqueue_letter(letter, SystemTime::now())?;
                 self.metrics.set_dead_letters(self.store.letter_count());
                 let error = record.error.get_or_insert_with(String::new);
                 error.push_str(&format!("; it is dead letter {}", letter.id));
@@ -525,6 +532,7 @@ mod tests {
             Some(Arc::new(Upstreams::new(&config))),
             4,
             1 << 20,
+            None,
         ));
         assert_eq!(sagas.resume().await.unwrap(), 1);
     }

@@ -33,6 +33,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method, Uri};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use crate::api::seal::LetterKey;
 use crate::api::{DeadLetter, Header};
 use crate::config::Config;
 use crate::telemetry::metrics::Metrics;
@@ -93,6 +94,8 @@ pub struct DeadLetters {
     queue: mpsc::Sender<Queued>,
     redact: Vec<HeaderName>,
     source: String,
+    /// Seals letters, when the control plane shares a key.
+    key: Option<LetterKey>,
     metrics: Arc<Metrics>,
     /// Letters being finished in the background.
     pending: std::sync::atomic::AtomicUsize,
@@ -118,6 +121,12 @@ impl DeadLetters {
             metrics.clone(),
         )?;
         let client = client(control_plane)?;
+        let key = control_plane
+            .letter_key_file
+            .as_deref()
+            .map(LetterKey::read)
+            .transpose()
+            .map_err(SpoolError::ControlPlane)?;
         let (queue, letters) = mpsc::channel(QUEUE);
         let mut redact: Vec<HeaderName> = CREDENTIALS
             .iter()
@@ -139,6 +148,7 @@ impl DeadLetters {
                 queue,
                 redact,
                 source,
+                key,
                 metrics,
                 pending: std::sync::atomic::AtomicUsize::new(0),
                 settled: Notify::new(),
@@ -197,7 +207,7 @@ impl DeadLetters {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tokio::spawn(async move {
             let (body, truncated) = capture.finish().await;
-            let letter = DeadLetter {
+            let mut letter = DeadLetter {
                 upstream: upstream.clone(),
                 source: sink.source.clone(),
                 method: head.method.to_string(),
@@ -212,6 +222,9 @@ impl DeadLetters {
                 capture_id: capture_id(),
                 ..Default::default()
             };
+            if let Some(key) = &sink.key {
+                letter.seal = key.seal(&letter);
+            }
             sink.metrics.dead_letter_captured(&upstream);
             if sink.queue.try_send((letter, ack)).is_err() {
                 tracing::warn!(
