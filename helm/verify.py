@@ -34,6 +34,7 @@ VALUE_SETS = {
         "--set", "monitoring.prometheusRule.enabled=true",
     ],
     "existing secret": ["--set", "controlPlane.auth.existingSecret=my-token"],
+    "auth off": ["--set", "controlPlane.auth.enabled=false"],
     "cert-manager": ["--set", "injector.certManager.enabled=true"],
     "agent namespaces and upstreams": ["--values", "AGENTS"],
 }
@@ -264,6 +265,14 @@ def main():
             problem(f"[{label}]", "ServiceMonitor or PrometheusRule missing")
         if label == "defaults" and {"ServiceMonitor", "PrometheusRule"} & set(kinds):
             problem(f"[{label}]", "Prometheus Operator objects without their CRDs")
+        # Without a token the control plane (listening on 0.0.0.0) starts
+        # only when told to serve open; with one it must not be told so.
+        cp_args = [a for d in docs if d["kind"] == "StatefulSet"
+                   for c in d["spec"]["template"]["spec"]["containers"] for a in c.get("args", [])]
+        if ("--insecure-no-auth" in cp_args) != (label == "auth off"):
+            problem(f"[{label}]", f"--insecure-no-auth with auth {'off' if label == 'auth off' else 'on'}: {cp_args}")
+        if ("--token-file" in cp_args) == (label == "auth off"):
+            problem(f"[{label}]", f"--token-file with auth {'off' if label == 'auth off' else 'on'}")
         if label == "agent namespaces and upstreams":
             for ns in ("agents", "billing"):
                 for kind in ("ConfigMap", "Secret"):
