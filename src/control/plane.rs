@@ -121,8 +121,8 @@ impl ControlPlane {
     /// A control plane over `store`, calling `upstreams` for sagas and
     /// dead-letter replays, running at most `saga_workers` sagas at once;
     /// with `letter_key`, replaying only letters sealed with it (unless
-    /// forced) and sealing the letters of failed compensations. Must run inside a tokio runtime (the group commit's flusher is a
-    /// task).
+    /// forced) and sealing the letters of failed compensations. Must run
+    /// inside a tokio runtime (the group commit's flusher is a task).
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<ControlMetrics>,
