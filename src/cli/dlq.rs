@@ -147,40 +147,38 @@ pub async fn dlq_replay(
         };
         // A refused letter is one outcome among the others, not the end
         // of a replay of many.
-        let outcome = match client.replay(request).await {
-            Ok(outcome) => outcome.into_inner(),
+        let (outcome, refused) = match client.replay(request).await {
+            Ok(outcome) => (outcome.into_inner(), false),
             Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                ReplayDeadLetterResponse {
+                let refused = ReplayDeadLetterResponse {
                     error: format!("refused: {}", status.message()),
                     grpc_status: -1,
                     ..Default::default()
-                }
+                };
+                (refused, true)
             }
             Err(status) => return Err(status.into()),
         };
         if !outcome.delivered {
             failed += 1;
         }
-        results.push((id, outcome));
+        results.push((id, outcome, refused));
     }
     if remote.json {
         let json: Vec<serde_json::Value> = results
             .iter()
-            .map(|(id, o)| {
+            .map(|(id, o, _)| {
                 serde_json::json!({"id": id, "delivered": o.delivered, "status": o.status, "error": o.error})
             })
             .collect();
         print_json(&json);
     } else {
-        for (id, o) in &results {
-            if o.delivered {
-                say!("{id}: delivered ({}), removed", o.status);
-            } else {
-                // A refusal's error says so; a failure is a replay tried.
-                match o.error.starts_with("refused: ") {
-                    true => say!("{id}: {}", o.error),
-                    false => say!("{id}: failed again: {}", o.error),
-                }
+        for (id, o, refused) in &results {
+            match (o.delivered, refused) {
+                (true, _) => say!("{id}: delivered ({}), removed", o.status),
+                // The refusal's error says so.
+                (false, true) => say!("{id}: {}", o.error),
+                (false, false) => say!("{id}: failed again: {}", o.error),
             }
         }
         say!("{} replayed, {failed} failed", results.len());
