@@ -135,6 +135,17 @@ pub enum ProxyError {
         /// The upstream's name.
         upstream: Arc<str>,
     },
+    /// The caller's connection holds its share of the upstream's slots
+    /// (`max_connection_share`): shed.
+    #[error(
+        "this connection already holds its share of upstream {upstream}'s concurrency slots ({share}); request shed"
+    )]
+    OverShare {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The slots one connection may hold.
+        share: u32,
+    },
 }
 
 impl ProxyError {
@@ -150,6 +161,7 @@ impl ProxyError {
                 | ProxyError::UnsupportedMethod { .. }
                 | ProxyError::RequestBody { .. }
                 | ProxyError::RequestIdle { .. }
+                | ProxyError::OverShare { .. }
         )
     }
 
@@ -169,7 +181,7 @@ impl ProxyError {
             ProxyError::PerTryTimeout { .. } => "per-try-timeout",
             ProxyError::DeadlineExceeded { .. } => "deadline-exceeded",
             ProxyError::CircuitOpen { .. } => "circuit-open",
-            ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::Overloaded { .. } | ProxyError::OverShare { .. } => "overloaded",
             ProxyError::Pushback { .. } => "pushback",
         }
     }
@@ -190,9 +202,9 @@ impl ProxyError {
             ProxyError::PerTryTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::CircuitOpen { .. }
+            | ProxyError::Overloaded { .. }
+            | ProxyError::OverShare { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Pushback { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -214,7 +226,9 @@ impl ProxyError {
             ProxyError::PerTryTimeout { .. }
             | ProxyError::DeadlineExceeded { .. }
             | ProxyError::RequestIdle { .. } => grpc::DEADLINE_EXCEEDED,
-            ProxyError::Overloaded { .. } | ProxyError::Pushback { .. } => grpc::RESOURCE_EXHAUSTED,
+            ProxyError::Overloaded { .. }
+            | ProxyError::OverShare { .. }
+            | ProxyError::Pushback { .. } => grpc::RESOURCE_EXHAUSTED,
         }
     }
 }

@@ -460,3 +460,184 @@ async fn a_flood_of_silent_connections_leaves_a_good_client_answered() {
         assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed: {read:?}");
     }
 }
+
+/// An upstream answering every request with `chunks` chunks of 16 KiB,
+/// each ready at once: as fast as the caller reads.
+async fn streams(chunks: usize) -> HttpUpstream {
+    HttpUpstream::start(move |_| async move {
+        let frames =
+            (0..chunks).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'x'; 16 << 10]))));
+        Response::new(body::boxed(http_body_util::StreamBody::new(
+            tokio_stream::iter(frames),
+        )))
+    })
+    .await
+}
+
+/// An HTTP/2 connection to `addr` whose streams start with a window of
+/// `window` bytes.
+async fn h2_windowed(addr: SocketAddr, window: u32) -> h2::client::SendRequest<Bytes> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake(stream)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    send.ready().await.unwrap()
+}
+
+/// A sidecar with 4 slots for `u`, answering 8 chunks, `extra` policy.
+async fn four_slots(upstream: &HttpUpstream, extra: &str) -> breakwater::sidecar::Sidecar {
+    sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n    listen: 127.0.0.1:0\n    max_concurrent_requests: 4\n    stream_idle_timeout: 500ms\n{extra}",
+        upstream.addr
+    ))
+    .await
+}
+
+/// Opens `n` streams on a connection with a window of 0: the answers'
+/// heads, their bodies never read.
+async fn unread(port: SocketAddr, n: usize) -> Vec<http::Response<h2::RecvStream>> {
+    let mut stalled = h2_windowed(port, 0).await;
+    let mut answers = Vec::new();
+    for _ in 0..n {
+        let request = Request::get("http://u/stream").body(()).unwrap();
+        let (response, _) = stalled.send_request(request, true).unwrap();
+        answers.push(response.await.unwrap());
+    }
+    answers
+}
+
+/// One connection opens every slot's worth of streams and reads none
+/// (a window of 0): it gets its share of the slots (half, by default) and
+/// the rest of its calls are shed at once, a good caller is answered
+/// while it holds them, its streams are reset after
+/// `stream_idle_timeout`, a caller that reads slowly but steadily is never
+/// cut, and the upstream's circuit hears of none of it.
+#[tokio::test]
+async fn a_caller_that_reads_nothing_holds_only_its_share_and_is_cut() {
+    let upstream = streams(8).await;
+    let sidecar = four_slots(&upstream, "").await;
+    let port = sidecar.upstream_addrs["u"];
+    let admin = sidecar.admin_addr;
+    let cuts = "breakwater_timeouts_total{upstream=\"u\",kind=\"caller-idle\"}";
+
+    let mut held = Vec::new();
+    let mut shed = 0;
+    for response in unread(port, 4).await {
+        match response.status().as_u16() {
+            200 => held.push(response.into_body()),
+            503 => {
+                assert_eq!(response.headers()["x-breakwater-error"], "overloaded");
+                shed += 1;
+            }
+            other => panic!("answered {other}"),
+        }
+    }
+    assert_eq!((held.len(), shed), (2, 2), "half the slots, the rest shed");
+    // Two slots are left for everyone else, while the two are held.
+    for _ in 0..3 {
+        let (parts, answer) = call(port, "u", http::Method::GET, "/", Bytes::new()).await;
+        assert_eq!((parts.status.as_u16(), answer.len()), (200, 8 * (16 << 10)));
+    }
+    assert_eq!(
+        metric_value(admin, cuts).await,
+        0.0,
+        "answered before any cut"
+    );
+    for mut body in held {
+        let error = tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("cut in time")
+            .expect("a reset, not an end")
+            .unwrap_err();
+        assert_eq!(error.reason(), Some(h2::Reason::CANCEL), "{error}");
+    }
+    assert_eq!(metric_value(admin, cuts).await, 2.0);
+    let series = "breakwater_shed_total{upstream=\"u\"}";
+    assert_eq!(metric_value(admin, series).await, 2.0);
+
+    // 16 KiB at a time, one every 200 ms: slow, but never 500 ms late.
+    let mut slow = h2_windowed(port, 16 << 10).await;
+    let request = Request::get("http://u/stream").body(()).unwrap();
+    let (response, _) = slow.send_request(request, true).unwrap();
+    let mut body = response.await.unwrap().into_body();
+    let mut got = 0;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("never cut");
+        got += chunk.len();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    assert_eq!(got, 8 * (16 << 10));
+    assert_eq!(metric_value(admin, cuts).await, 2.0);
+    let circuit = circuit(&sidecar).await;
+    assert_eq!(circuit["consecutive_failures"], 0, "{circuit}");
+    assert_eq!(circuit["window_failures"], 0, "{circuit}");
+}
+
+/// With the whole share (`max_connection_share: 1`), one connection
+/// that reads nothing may hold every slot; a good caller waits in the
+/// queue and is answered once the stalled streams are cut.
+#[tokio::test]
+async fn a_good_caller_queued_behind_stalled_streams_is_answered_once_they_are_cut() {
+    let upstream = streams(8).await;
+    let sidecar = four_slots(&upstream, "    max_connection_share: 1\n").await;
+    let port = sidecar.upstream_addrs["u"];
+    let held = unread(port, 4).await;
+    assert!(held.iter().all(|r| r.status() == 200), "every slot taken");
+    let good = tokio::spawn(call(port, "u", http::Method::GET, "/", Bytes::new()));
+    let (parts, answer) = tokio::time::timeout(Duration::from_secs(10), good)
+        .await
+        .expect("answered once a slot came free")
+        .unwrap();
+    assert_eq!((parts.status.as_u16(), answer.len()), (200, 8 * (16 << 10)));
+    let series = "breakwater_timeouts_total{upstream=\"u\",kind=\"caller-idle\"}";
+    assert!(metric_value(sidecar.admin_addr, series).await >= 1.0);
+    drop(held);
+}
+
+/// An HTTP/1.1 caller that stops reading a large answer has its
+/// connection closed after `stream_idle_timeout`, and the slot it held
+/// goes to the next caller.
+#[tokio::test]
+async fn an_http1_caller_that_stops_reading_is_closed_and_frees_its_slot() {
+    // 32 MiB: more than the sockets between can hold.
+    let upstream = streams(2048).await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n    listen: 127.0.0.1:0\n    max_concurrent_requests: 1\n    stream_idle_timeout: 500ms\n",
+        upstream.addr
+    ))
+    .await;
+    let port = sidecar.upstream_addrs["u"];
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(port).await.unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nHost: u\r\n\r\n")
+        .await
+        .unwrap();
+    let series = "breakwater_timeouts_total{upstream=\"u\",kind=\"caller-idle\"}";
+    let admin = sidecar.admin_addr;
+    eventually(
+        Duration::from_secs(10),
+        "the stalled caller cut",
+        || async move { (metric(admin, series).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    // What the sockets held, then the end: never the whole answer.
+    let mut read = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut read)).await;
+    assert!(
+        read.len() < 2048 * (16 << 10),
+        "cut after {} bytes",
+        read.len()
+    );
+    let response = tokio::time::timeout(Duration::from_secs(10), get(port, "u", "/"))
+        .await
+        .expect("the slot came free");
+    assert_eq!(response.status(), 200);
+    let circuit = circuit(&sidecar).await;
+    assert_eq!(circuit["consecutive_failures"], 0, "{circuit}");
+}

@@ -16,7 +16,7 @@ use super::Protocol;
 use crate::resilience::fallback::Criticality;
 use crate::resilience::faults::FaultSpec;
 use crate::resilience::policy::{RawBreaker, RawHedge, RawPolicy, RawRetry};
-use crate::values::{ByteSize, HumanDuration};
+use crate::values::{ByteSize, HumanDuration, Ratio};
 use std::num::NonZeroU32;
 
 /// The whole policy file.
@@ -92,6 +92,7 @@ pub(crate) struct RawUpstream {
     pub circuit_breaker: Option<RawBreaker>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_pending: Option<u32>,
+    pub max_connection_share: Option<Ratio>,
 }
 
 /// A header the sidecar sets on every request to an upstream: a value, or
@@ -269,6 +270,7 @@ impl RawUpstream {
             circuit_breaker: self.circuit_breaker.clone(),
             max_concurrent_requests: self.max_concurrent_requests,
             max_pending: self.max_pending,
+            max_connection_share: self.max_connection_share,
         }
     }
 }

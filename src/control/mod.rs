@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::http::{Response, StatusCode};
-use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -402,11 +401,12 @@ async fn serve_http<F, Fut>(
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(crate::transport::pace::PacedExecutor);
     let service = hyper::service::service_fn(handle);
     crate::transport::server::serve(
         listener,
-        service,
+        move || service.clone(),
         builder,
         graceful.clone(),
         stop,

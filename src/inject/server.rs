@@ -9,7 +9,6 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -35,10 +34,11 @@ pub async fn serve(
         async move { Ok::<_, Infallible>(answer(request, &settings).await) }
     });
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(crate::transport::pace::PacedExecutor);
     crate::transport::server::serve(
         listener,
-        service,
+        move || service.clone(),
         builder,
         graceful,
         stop,

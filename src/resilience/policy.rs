@@ -34,8 +34,9 @@ pub(crate) struct RawPolicy {
     pub circuit_breaker: Option<RawBreaker>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_pending: Option<u32>,
+    pub max_connection_share: Option<Ratio>,
 }
-merge_fields!(RawPolicy { timeout, per_try_timeout, stream_idle_timeout, first_byte_timeout, max_concurrent_requests, max_pending } nested { retry, hedge, circuit_breaker });
+merge_fields!(RawPolicy { timeout, per_try_timeout, stream_idle_timeout, first_byte_timeout, max_concurrent_requests, max_pending, max_connection_share } nested { retry, hedge, circuit_breaker });
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +136,9 @@ pub struct Policy {
     pub max_concurrent_requests: u32,
     /// Requests waiting for a slot at most (default 1024); more are shed.
     pub max_pending: u32,
+    /// The share of `max_concurrent_requests` one caller connection may
+    /// hold, waiting calls included (default 0.5; at least one slot).
+    pub max_connection_share: f64,
 }
 
 /// Retry parameters.
@@ -307,6 +311,7 @@ impl RawPolicy {
             }),
             max_concurrent_requests: self.max_concurrent_requests.map_or(1024, NonZeroU32::get),
             max_pending: self.max_pending.unwrap_or(1024),
+            max_connection_share: self.max_connection_share.map_or(0.5, |r| r.0),
         }
     }
 }

@@ -33,7 +33,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 
 use super::breaker::{Admission, Breaker};
-use super::concurrency::Limiter;
+use super::concurrency::{CallerShare, Limiter};
 use super::deadline::{self, Deadline};
 use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
 use super::hold::Hold;
@@ -55,6 +55,8 @@ pub struct Observe<'a> {
     pub span: Option<&'a RequestSpan>,
     /// Counts the attempts made (breaker refusals included).
     pub attempts: Option<&'a std::sync::atomic::AtomicU32>,
+    /// The caller's connection, whose share of the slots is counted.
+    pub caller: Option<&'a CallerShare>,
 }
 
 /// One upstream's resilience stack.
@@ -97,6 +99,7 @@ impl Stack {
                 name.clone(),
                 policy.max_concurrent_requests,
                 policy.max_pending,
+                policy.max_connection_share,
                 metrics.clone(),
             ),
             retry: Retry::new(
@@ -142,7 +145,7 @@ impl Stack {
         };
         let faults = faults.as_deref().map(|f| (f, overrides));
         let call = async {
-            let permit = self.limiter.acquire().await?;
+            let permit = self.limiter.acquire(observe.caller).await?;
             let response = self
                 .retry
                 .run(request, grpc, Some(deadline), |request, attempt| {
@@ -311,6 +314,14 @@ impl Stack {
                 return;
             };
             match (cut, deferred) {
+                // The caller stopped reading: it says nothing of the
+                // upstream, which had answered well so far.
+                (Some(stream::Cut::Caller), headers) => {
+                    count(&metrics, stream::Cut::Caller);
+                    if let Some(headers) = headers {
+                        breaker.record(Admission::Normal, None, headers);
+                    }
+                }
                 (Some(cut), headers) => {
                     count(&metrics, cut);
                     let elapsed = headers.unwrap_or_default() + started.elapsed();
@@ -368,6 +379,7 @@ fn count(metrics: &UpstreamMetrics, cut: stream::Cut) {
     match cut {
         stream::Cut::FirstByte => metrics.stream_cut(true),
         stream::Cut::Idle => metrics.stream_cut(false),
+        stream::Cut::Caller => metrics.caller_idle(),
         broken => metrics.broken_stream(broken.label()),
     }
 }

@@ -31,6 +31,12 @@
 //! whenever it is read (most answers, read whole at once) never reads the
 //! clock nor arms a timer, and a caller that reads slowly is not taken for
 //! an upstream that stalls.
+//!
+//! The same `stream_idle_timeout` bounds the other side: a caller that
+//! stops reading (`transport::pace`) has its stream cut after that long
+//! without asking for the next frame, so that it frees its slot. That cut
+//! is the caller's: counted in `breakwater_timeouts_total{kind=
+//! "caller-idle"}`, never reported to the breaker.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -42,6 +48,7 @@ use http_body::{Frame, SizeHint};
 
 use crate::body::{self, Body, BoxError, WaitTimer};
 use crate::grpc;
+use crate::transport::pace;
 
 /// An upstream's timeouts for the body of its answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +77,9 @@ pub enum Cut {
     Truncated,
     /// A gRPC answer ended without a status.
     NoStatus,
+    /// The caller stopped reading for `stream_idle_timeout`
+    /// (`transport::pace`): its fault, not the upstream's.
+    Caller,
 }
 
 impl Cut {
@@ -81,6 +91,7 @@ impl Cut {
             Cut::Idle => "stream-idle",
             Cut::Truncated => "truncated",
             Cut::NoStatus => "no-status",
+            Cut::Caller => "caller-idle",
         }
     }
 
@@ -90,12 +101,13 @@ impl Cut {
             Cut::FirstByte => "first-byte-timeout",
             Cut::Idle => "stream-idle-timeout",
             Cut::Truncated | Cut::NoStatus => "truncated",
+            Cut::Caller => "caller-idle",
         }
     }
 
     /// Whether a timeout cut it (else the upstream broke it).
     pub fn is_timeout(self) -> bool {
-        matches!(self, Cut::FirstByte | Cut::Idle)
+        matches!(self, Cut::FirstByte | Cut::Idle | Cut::Caller)
     }
 }
 
@@ -167,6 +179,7 @@ impl Watched {
                     .unwrap_or_default()
             ),
             Cut::NoStatus => "the upstream's answer ended without a gRPC status".to_owned(),
+            Cut::Caller => format!("the caller read nothing for {}", after(self.timeouts.idle)),
         };
         if !self.grpc {
             return Err(error.unwrap_or_else(|| message.into()));
@@ -191,8 +204,9 @@ impl Watched {
 impl Drop for Watched {
     fn drop(&mut self) {
         if let Some(on_end) = self.on_end.take() {
-            on_end(None);
+            on_end(pace::cut().then_some(Cut::Caller));
         }
+        pace::asked();
     }
 }
 
@@ -207,12 +221,17 @@ impl http_body::Body for Watched {
         if self.ended {
             return Poll::Ready(None);
         }
+        pace::asked();
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.started = true;
                 self.timer.stop();
                 if frame.is_trailers() {
                     self.status_seen = true;
+                } else if let Some(idle) = self.timeouts.idle {
+                    // The caller has as long to read it as the upstream
+                    // had to send it.
+                    pace::handed(idle);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -152,7 +151,7 @@ struct Control {
     live: LiveCell,
     metrics: Arc<Metrics>,
     listeners: Mutex<BTreeMap<Target, Listener>>,
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<crate::transport::pace::PacedExecutor>,
     /// What every caller connection is held to, from `proxy` as started.
     connections: Connections,
     grace_period: Duration,
@@ -184,7 +183,7 @@ impl Control {
         );
         let accept = tokio::spawn(server::serve(
             listener,
-            service,
+            move || service.connected(),
             self.builder.clone(),
             graceful.clone(),
             stop_rx,

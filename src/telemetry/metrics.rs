@@ -195,7 +195,7 @@ impl Metrics {
         let timeouts = Family::<KindLabels, Counter>::default();
         registry.register(
             "timeouts",
-            "Timeouts, by kind: deadline (the call's), per-try (one attempt's), stream-idle or first-byte (an answer's stream cut)",
+            "Timeouts, by kind: deadline (the call's), per-try (one attempt's), stream-idle or first-byte (an answer's stream cut), caller-idle (an answer its caller stopped reading)",
             timeouts.clone(),
         );
         let broken_streams = Family::<KindLabels, Counter>::default();
@@ -348,6 +348,7 @@ impl Metrics {
             per_try_timeouts: timeout("per-try"),
             stream_idle_timeouts: timeout("stream-idle"),
             first_byte_timeouts: timeout("first-byte"),
+            caller_idle_timeouts: timeout("caller-idle"),
             truncated: broken("truncated"),
             no_status: broken("no-status"),
             hedges: self.hedges.get_or_create_owned(&labels),
@@ -439,6 +440,7 @@ struct Handles {
     deadline_timeouts: Counter,
     per_try_timeouts: Counter,
     stream_idle_timeouts: Counter,
+    caller_idle_timeouts: Counter,
     first_byte_timeouts: Counter,
     truncated: Counter,
     no_status: Counter,
@@ -559,6 +561,11 @@ impl UpstreamMetrics {
         } else {
             self.0.stream_idle_timeouts.inc();
         }
+    }
+
+    /// Counts an answer cut because its caller stopped reading it.
+    pub fn caller_idle(&self) {
+        self.0.caller_idle_timeouts.inc();
     }
 
     /// Counts an answer the upstream broke off after its headers

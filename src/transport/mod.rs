@@ -15,5 +15,6 @@ pub mod client;
 pub mod h2;
 pub mod headers;
 pub mod linger;
+pub mod pace;
 pub mod server;
 pub mod tls;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
@@ -30,6 +30,7 @@ use std::convert::Infallible;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use super::pace::{self, PacedExecutor};
 use super::tls::server::{Accepted, ServerTls};
 use crate::body::Body;
 
@@ -71,13 +72,15 @@ const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 
 /// The HTTP server settings shared by every listener, with the default
 /// header-read timeout.
-pub fn builder() -> auto::Builder<TokioExecutor> {
+pub fn builder() -> auto::Builder<PacedExecutor> {
     builder_with(HEADER_READ_TIMEOUT)
 }
 
-/// The HTTP server settings, with `header_read_timeout`.
-pub fn builder_with(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// The HTTP server settings, with `header_read_timeout`. Every HTTP/2
+/// stream runs paced (`pace`): a caller that stops reading an answer has
+/// it cut.
+pub fn builder_with(header_read_timeout: Duration) -> auto::Builder<PacedExecutor> {
+    let mut builder = auto::Builder::new(PacedExecutor);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -99,22 +102,22 @@ pub fn builder_with(header_read_timeout: Duration) -> auto::Builder<TokioExecuto
 /// Serves `listener` until `stop` turns true, then closes the listener so
 /// new connections are refused. Connections already accepted keep going
 /// until `graceful` drains them. With `tls`, each connection's handshake
-/// runs in its own task before it is served. Each connection is held to
-/// `limits`.
-pub async fn serve<S>(
+/// runs in its own task before it is served. Each connection is served by
+/// a service `connected` makes for it, and held to `limits`.
+pub async fn serve<S, M>(
     listener: TcpListener,
-    service: S,
-    builder: auto::Builder<TokioExecutor>,
+    connected: M,
+    builder: auto::Builder<PacedExecutor>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
     tls: Option<ServerTls>,
     limits: Limits,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
+    M: Fn() -> S,
 {
     loop {
         let (stream, slot) = tokio::select! {
@@ -127,7 +130,7 @@ pub async fn serve<S>(
         let (tls, builder, service, watcher) = (
             tls.clone(),
             builder.clone(),
-            service.clone(),
+            connected(),
             graceful.watcher(),
         );
         let first_byte = limits.header_read_timeout;
@@ -244,12 +247,18 @@ async fn accept(listener: &TcpListener) -> TcpStream {
     }
 }
 
+/// Serves one connection, paced (`pace`): an HTTP/1.1 caller that stops
+/// reading an answer has its connection closed. An HTTP/2 connection's
+/// answers are sent by its streams' tasks, each paced on its own.
 async fn drive<C, E>(connection: C)
 where
     C: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    if let Err(error) = connection.await {
-        tracing::debug!(%error, "connection ended with an error");
-    }
+    pace::paced(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "connection ended with an error");
+        }
+    })
+    .await;
 }
