@@ -32,9 +32,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// A streamed HTTP body.
 pub struct Body {
     kind: Kind,
-    /// The call's concurrency slot (and its place in its caller
-    /// connection's share), held until the body is done.
-    permit: Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
+    /// The call's concurrency slot, held until the body is done.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 enum Kind {
@@ -80,13 +79,9 @@ impl Body {
         Self::of(Kind::Prefixed(Some(Box::new(first)), rest))
     }
 
-    /// The same body, holding `slot` (a call's slot, and its place in
-    /// its caller's share) until it ends.
-    pub fn with_permit(
-        mut self,
-        slot: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
-    ) -> Self {
-        self.permit = Some(slot);
+    /// The same body, holding `permit` until it ends.
+    pub fn with_permit(mut self, permit: OwnedSemaphorePermit) -> Self {
+        self.permit = Some(permit);
         self
     }
 }
@@ -501,13 +496,13 @@ mod tests {
     async fn a_permit_is_released_when_the_body_ends() {
         let slots = Arc::new(tokio::sync::Semaphore::new(1));
         let permit = slots.clone().try_acquire_owned().unwrap();
-        let body = full("answer").with_permit((permit, None));
+        let body = full("answer").with_permit(permit);
         assert_eq!(slots.available_permits(), 0);
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(bytes, "answer");
         assert_eq!(slots.available_permits(), 1);
         let permit = slots.clone().try_acquire_owned().unwrap();
-        drop(full("dropped unread").with_permit((permit, None)));
+        drop(full("dropped unread").with_permit(permit));
         assert_eq!(slots.available_permits(), 1);
     }
 

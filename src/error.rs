@@ -59,6 +59,18 @@ pub enum ProxyError {
         /// Why.
         reason: String,
     },
+    /// The request, with the headers the sidecar adds (its deadline,
+    /// trace context, configured `request_headers`), has more header
+    /// fields than an HTTP/1.1 upstream takes.
+    #[error(
+        "the request has {count} header fields with the sidecar's own (deadline, trace context, request_headers); an HTTP/1.1 upstream takes {limit} at most"
+    )]
+    TooManyHeaders {
+        /// The fields the request would have had.
+        count: usize,
+        /// The most sent.
+        limit: usize,
+    },
     /// The caller's request body stalled longer than the upstream's
     /// `stream_idle_timeout`.
     #[error("the request body stalled: no data for {}", humantime::format_duration(*after))]
@@ -161,6 +173,7 @@ impl ProxyError {
                 | ProxyError::UnsupportedMethod { .. }
                 | ProxyError::RequestBody { .. }
                 | ProxyError::RequestIdle { .. }
+                | ProxyError::TooManyHeaders { .. }
                 | ProxyError::OverShare { .. }
         )
     }
@@ -173,6 +186,7 @@ impl ProxyError {
             ProxyError::DuplicateHost => "duplicate-host",
             ProxyError::UnsupportedMethod { .. } => "unsupported-method",
             ProxyError::RequestBody { .. } => "request-body",
+            ProxyError::TooManyHeaders { .. } => "request-headers",
             ProxyError::RequestIdle { .. } => "request-idle-timeout",
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::TlsHandshake { .. } => "tls-handshake",
@@ -195,6 +209,7 @@ impl ProxyError {
             }
             ProxyError::UnsupportedMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::RequestIdle { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Connect { .. }
             | ProxyError::TlsHandshake { .. }
             | ProxyError::Upstream { .. }
@@ -228,6 +243,7 @@ impl ProxyError {
             | ProxyError::RequestIdle { .. } => grpc::DEADLINE_EXCEEDED,
             ProxyError::Overloaded { .. }
             | ProxyError::OverShare { .. }
+            | ProxyError::TooManyHeaders { .. }
             | ProxyError::Pushback { .. } => grpc::RESOURCE_EXHAUSTED,
         }
     }

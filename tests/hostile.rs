@@ -364,13 +364,9 @@ async fn a_grpc_stream_the_upstream_broke_or_left_without_status_ends_unavailabl
     assert_eq!(circuit(&sidecar).await["consecutive_failures"], 2);
 }
 
-#[tokio::test]
-async fn an_early_answer_before_the_body_was_read_reaches_the_caller() {
-    let sidecar = sidecar(&format!(
-        "upstreams:\n  u:\n    address: '{}'\n{POLICY}",
-        answers_at_once(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large").await
-    ))
-    .await;
+/// Uploads 4 MiB three times to `u`, each answered 413 "too large",
+/// none counted by the circuit.
+async fn three_uploads_answered_413(sidecar: &breakwater::sidecar::Sidecar) {
     let port = sidecar.upstream_addrs["u"];
     for _ in 0..3 {
         let (parts, body) = call(
@@ -383,9 +379,37 @@ async fn an_early_answer_before_the_body_was_read_reaches_the_caller() {
         .await;
         assert_eq!((parts.status.as_u16(), &body[..]), (413, &b"too large"[..]));
     }
-    let circuit = circuit(&sidecar).await;
+    let circuit = circuit(sidecar).await;
     assert_eq!(circuit["consecutive_failures"], 0, "{circuit}");
     assert_eq!(circuit["window_failures"], 0, "{circuit}");
+}
+
+#[tokio::test]
+async fn an_early_answer_before_the_body_was_read_reaches_the_caller() {
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n{POLICY}",
+        answers_at_once(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large").await
+    ))
+    .await;
+    three_uploads_answered_413(&sidecar).await;
+}
+
+/// The same over HTTP/2: the upstream answers 413 at once and resets the
+/// request's stream with `NO_ERROR` (RFC 9113 §8.1), which ends the upload
+/// but not the answer.
+#[tokio::test]
+async fn an_http2_upstreams_early_answer_and_no_error_reset_reach_the_caller() {
+    let upstream = HttpUpstream::start(|_| async {
+        answer(413, &[("content-type", "text/plain")], "too large")
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n    protocol: http2\n{POLICY}",
+        upstream.addr
+    ))
+    .await;
+    three_uploads_answered_413(&sidecar).await;
+    assert_eq!(upstream.requests(), 3, "one attempt each, none retried");
 }
 
 /// A flood of connections that never send a byte, against a sidecar
@@ -640,4 +664,106 @@ async fn an_http1_caller_that_stops_reading_is_closed_and_frees_its_slot() {
     assert_eq!(response.status(), 200);
     let circuit = circuit(&sidecar).await;
     assert_eq!(circuit["consecutive_failures"], 0, "{circuit}");
+}
+
+/// A request at the limit of 100 header fields is accepted by the sidecar,
+/// which then adds its deadline header: rather than send 101 for the
+/// upstream to refuse, the sidecar answers 431 itself and says why. One
+/// field fewer leaves room, and is sent.
+#[tokio::test]
+async fn a_request_the_sidecars_own_headers_would_push_over_the_limit_is_answered_431() {
+    let upstream = reader().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  u:\n    address: '{}'\n{POLICY}",
+        upstream.addr
+    ))
+    .await;
+    let port = sidecar.upstream_addrs["u"];
+    // `fields` header fields in all, `Host` the first.
+    let send = |fields: usize| async move {
+        let mut request = request_to(port, "u", http::Method::GET, "/", Bytes::new());
+        for i in 1..fields {
+            let name = http::HeaderName::try_from(format!("x-field-{i}")).unwrap();
+            request.headers_mut().insert(name, "v".parse().unwrap());
+        }
+        read_body(http1_client().request(request).await.unwrap()).await
+    };
+    let (parts, body) = send(100).await;
+    assert_eq!(parts.status, 431);
+    assert_eq!(parts.headers["x-breakwater-error"], "request-headers");
+    let message = String::from_utf8_lossy(&body);
+    assert!(message.contains("101 header fields"), "{message}");
+    assert_eq!(upstream.requests(), 0, "never sent");
+    let (parts, _) = send(99).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(upstream.requests(), 1);
+    let circuit = circuit(&sidecar).await;
+    assert_eq!(circuit["consecutive_failures"], 0, "{circuit}");
+}
+
+/// An HTTP/2 caller connection with no call open for `proxy.idle_timeout`
+/// is sent a GOAWAY and closed, though it answers every ping; one with a
+/// call open is not, however long the call takes.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_and_a_busy_one_is_not() {
+    // `/slow` streams 10 chunks 100 ms apart: a call of a second.
+    let upstream = HttpUpstream::start(|request: Request<Incoming>| async move {
+        if request.uri().path() != "/slow" {
+            return Response::new(body::full("quick"));
+        }
+        let chunks = futures_util::stream::unfold(0, |i| async move {
+            (i < 10).then_some(())?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((
+                Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"chunk"))),
+                i + 1,
+            ))
+        });
+        Response::new(body::boxed(http_body_util::StreamBody::new(chunks)))
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "proxy: {{listen: 127.0.0.1:0, idle_timeout: 300ms}}\nupstreams:\n  u:\n    address: '{}'\n    listen: 127.0.0.1:0\n",
+        upstream.addr
+    ))
+    .await;
+    let port = sidecar.upstream_addrs["u"];
+    let connect = || async move {
+        let stream = TcpStream::connect(port).await.unwrap();
+        let (send, connection) = h2::client::handshake(stream).await.unwrap();
+        (send.ready().await.unwrap(), tokio::spawn(connection))
+    };
+    let get = |send: &mut h2::client::SendRequest<Bytes>, path: &str| {
+        let request = Request::get(format!("http://u{path}")).body(()).unwrap();
+        send.send_request(request, true).unwrap().0
+    };
+    let read = |mut body: h2::RecvStream| async move {
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+            got.extend_from_slice(&chunk);
+        }
+        got
+    };
+
+    let (mut send, connection) = connect().await;
+    let answer = get(&mut send, "/").await.unwrap();
+    assert_eq!(read(answer.into_body()).await, b"quick");
+    let idle = tokio::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the idle connection was closed");
+    assert!(ended.unwrap().is_ok(), "a GOAWAY, not a reset");
+    assert!(idle.elapsed() >= Duration::from_millis(300));
+
+    let (mut send, connection) = connect().await;
+    let answer = get(&mut send, "/slow").await.unwrap();
+    assert_eq!(read(answer.into_body()).await, b"chunk".repeat(10));
+    assert!(!connection.is_finished(), "open while its call was");
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("closed once idle")
+        .unwrap()
+        .unwrap();
 }

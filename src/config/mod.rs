@@ -139,6 +139,10 @@ pub struct ProxyConfig {
     /// Caller connections open at once, over every proxy listener; more
     /// wait in the kernel's queue. Default: half the open-file limit.
     pub max_connections: Option<u32>,
+    /// How long a caller connection may stay open with no call in flight
+    /// (default 1 hour, as Envoy's); none: as long as it likes.
+    #[serde(serialize_with = "crate::values::serialize_opt_duration")]
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// Default of `proxy.header_read_timeout`.

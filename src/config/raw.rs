@@ -53,6 +53,7 @@ pub(crate) struct RawProxy {
     pub listen: Option<Spanned<String>>,
     pub header_read_timeout: Option<crate::values::HumanDuration>,
     pub max_connections: Option<NonZeroU32>,
+    pub idle_timeout: Option<crate::values::HumanDuration>,
 }
 
 /// A block that only names a listening address.

@@ -239,6 +239,10 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 .as_ref()
                 .and_then(|p| p.max_connections)
                 .map(std::num::NonZeroU32::get),
+            idle_timeout: match raw.proxy.as_ref().and_then(|p| p.idle_timeout) {
+                None => Some(crate::transport::server::IDLE_TIMEOUT),
+                Some(h) => Some(h.0).filter(|d| !d.is_zero()),
+            },
         },
         upstreams,
         control_plane,

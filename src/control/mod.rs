@@ -402,11 +402,11 @@ async fn serve_http<F, Fut>(
 {
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder =
-        hyper_util::server::conn::auto::Builder::new(crate::transport::pace::PacedExecutor);
+        hyper_util::server::conn::auto::Builder::new(crate::transport::server::StreamExecutor);
     let service = hyper::service::service_fn(handle);
     crate::transport::server::serve(
         listener,
-        move || service.clone(),
+        service,
         builder,
         graceful.clone(),
         stop,

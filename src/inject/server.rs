@@ -35,10 +35,10 @@ pub async fn serve(
     });
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder =
-        hyper_util::server::conn::auto::Builder::new(crate::transport::pace::PacedExecutor);
+        hyper_util::server::conn::auto::Builder::new(crate::transport::server::StreamExecutor);
     crate::transport::server::serve(
         listener,
-        move || service.clone(),
+        service,
         builder,
         graceful,
         stop,

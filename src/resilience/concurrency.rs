@@ -8,19 +8,20 @@
 //! without a bound only turns overload into latency and memory growth.
 //!
 //! One caller connection may hold at most `max_connection_share` of the
-//! slots, waiting calls included ([`CallerShare`]): an HTTP/2 connection
+//! slots, waiting calls included: an HTTP/2 connection
 //! carries up to 1024 calls at once, and one that keeps them all (a
 //! caller that stopped reading, a runaway loop) would leave every other
 //! caller shed. Its calls beyond its share are shed at once. An HTTP/1.1
 //! connection carries one call at a time and is not counted.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProxyError;
 use crate::telemetry::metrics::UpstreamMetrics;
+use crate::transport::server;
 
 /// One upstream's slots and queue.
 #[derive(Debug)]
@@ -32,38 +33,6 @@ pub struct Limiter {
     /// Slots one caller connection may hold; none: no bound but the slots.
     per_caller: Option<u32>,
     metrics: UpstreamMetrics,
-}
-
-/// A call's slot, and its place in its caller connection's share when
-/// that is counted: both given back when dropped.
-pub type Slot = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
-
-/// What one caller connection holds of each upstream's slots: a
-/// semaphore of its share per upstream, made at its first call there.
-#[derive(Debug, Default)]
-pub struct CallerShare {
-    shares: Mutex<Vec<(usize, Arc<Semaphore>)>>,
-}
-
-impl CallerShare {
-    /// A place in this connection's share of the slots `key` names, which
-    /// holds `share` places; none when they are all taken.
-    fn take(&self, key: usize, share: u32) -> Option<OwnedSemaphorePermit> {
-        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
-        let semaphore = match shares.iter().find(|(k, _)| *k == key) {
-            Some((_, semaphore)) => semaphore.clone(),
-            None => {
-                // Shares nothing holds (of upstreams the connection no
-                // longer calls, or a reload replaced) are forgotten.
-                shares.retain(|(_, s)| Arc::strong_count(s) > 1);
-                let semaphore = Arc::new(Semaphore::new(share as usize));
-                shares.push((key, semaphore.clone()));
-                semaphore
-            }
-        };
-        drop(shares);
-        semaphore.try_acquire_owned().ok()
-    }
 }
 
 /// Leaves the queue when dropped, so a cancelled waiter frees its place.
@@ -98,25 +67,22 @@ impl Limiter {
     }
 
     /// A slot for one call: at once, after waiting in the bounded queue,
-    /// or not at all (shed), and shed too when `caller`, the connection it
-    /// came on, holds its share. Hold the slot until the answer is
+    /// or not at all (shed), and shed too when the HTTP/2 connection it
+    /// came on holds its share (`transport::server::take_share`, held
+    /// until the call's stream ends). Hold the permit until the answer is
     /// streamed.
-    pub async fn acquire(&self, caller: Option<&CallerShare>) -> Result<Slot, ProxyError> {
-        let share = match (caller, self.per_caller) {
-            (Some(caller), Some(share)) => {
-                let key = Arc::as_ptr(&self.slots) as usize;
-                let Some(place) = caller.take(key, share) else {
-                    self.metrics.shed();
-                    return Err(ProxyError::OverShare {
-                        upstream: self.upstream.clone(),
-                        share,
-                    });
-                };
-                Some(place)
+    pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
+        if let Some(share) = self.per_caller {
+            let key = Arc::as_ptr(&self.slots) as usize;
+            if server::take_share(key, share) == Some(false) {
+                self.metrics.shed();
+                return Err(ProxyError::OverShare {
+                    upstream: self.upstream.clone(),
+                    share,
+                });
             }
-            _ => None,
-        };
-        Ok((self.slot().await?, share))
+        }
+        self.slot().await
     }
 
     /// A slot of the upstream's, whoever asks.
@@ -151,44 +117,23 @@ mod tests {
         Limiter::new("u".into(), max, 0, share, metrics)
     }
 
-    #[tokio::test]
-    async fn one_connection_holds_its_share_at_most_and_others_the_rest() {
-        // Half of 5, rounded up.
-        let limiter = limiter(5, 0.5);
-        let (greedy, other) = (CallerShare::default(), CallerShare::default());
-        let mut held = Vec::new();
-        for _ in 0..3 {
-            held.push(limiter.acquire(Some(&greedy)).await.unwrap());
-        }
-        let shed = limiter.acquire(Some(&greedy)).await.unwrap_err();
-        assert!(
-            matches!(shed, ProxyError::OverShare { share: 3, .. }),
-            "{shed}"
-        );
-        assert_eq!(shed.reason(), "overloaded");
-        held.push(limiter.acquire(Some(&other)).await.unwrap());
-        held.push(limiter.acquire(None).await.unwrap());
-        assert!(matches!(
-            limiter.acquire(Some(&other)).await.unwrap_err(),
-            ProxyError::Overloaded { .. }
-        ));
-        // A place given back is the connection's to take again.
-        drop(held.swap_remove(0));
-        held.push(limiter.acquire(Some(&greedy)).await.unwrap());
+    #[test]
+    fn a_connections_share_is_rounded_up_never_none_and_the_whole_one_is_not_counted() {
+        assert_eq!(limiter(5, 0.5).per_caller, Some(3));
+        assert_eq!(limiter(10, 0.0).per_caller, Some(1));
+        assert_eq!(limiter(1024, 0.5).per_caller, Some(512));
+        assert_eq!(limiter(2, 1.0).per_caller, None);
+        assert_eq!(limiter(1, 0.5).per_caller, None, "one slot: all of it");
     }
 
     #[tokio::test]
-    async fn the_whole_share_counts_nothing_and_a_tiny_one_still_allows_one_call() {
-        let whole = limiter(2, 1.0);
-        assert_eq!(whole.per_caller, None);
-        let caller = CallerShare::default();
+    async fn outside_an_http2_stream_only_the_slots_count() {
+        let limiter = limiter(2, 0.5);
         let _both = (
-            whole.acquire(Some(&caller)).await.unwrap(),
-            whole.acquire(Some(&caller)).await.unwrap(),
+            limiter.acquire().await.unwrap(),
+            limiter.acquire().await.unwrap(),
         );
-        assert!(caller.shares.lock().unwrap().is_empty());
-        let tiny = limiter(10, 0.0);
-        let _one = tiny.acquire(Some(&caller)).await.unwrap();
-        assert!(tiny.acquire(Some(&caller)).await.is_err());
+        let shed = limiter.acquire().await.unwrap_err();
+        assert!(matches!(shed, ProxyError::Overloaded { .. }), "{shed}");
     }
 }

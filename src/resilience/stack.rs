@@ -33,7 +33,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 
 use super::breaker::{Admission, Breaker};
-use super::concurrency::{CallerShare, Limiter};
+use super::concurrency::Limiter;
 use super::deadline::{self, Deadline};
 use super::faults::{self, FaultCell, FaultKind, Faults, Injection, Overrides};
 use super::hold::Hold;
@@ -55,8 +55,6 @@ pub struct Observe<'a> {
     pub span: Option<&'a RequestSpan>,
     /// Counts the attempts made (breaker refusals included).
     pub attempts: Option<&'a std::sync::atomic::AtomicU32>,
-    /// The caller's connection, whose share of the slots is counted.
-    pub caller: Option<&'a CallerShare>,
 }
 
 /// One upstream's resilience stack.
@@ -145,7 +143,7 @@ impl Stack {
         };
         let faults = faults.as_deref().map(|f| (f, overrides));
         let call = async {
-            let permit = self.limiter.acquire(observe.caller).await?;
+            let permit = self.limiter.acquire().await?;
             let response = self
                 .retry
                 .run(request, grpc, Some(deadline), |request, attempt| {

@@ -151,7 +151,7 @@ struct Control {
     live: LiveCell,
     metrics: Arc<Metrics>,
     listeners: Mutex<BTreeMap<Target, Listener>>,
-    builder: auto::Builder<crate::transport::pace::PacedExecutor>,
+    builder: auto::Builder<server::StreamExecutor>,
     /// What every caller connection is held to, from `proxy` as started.
     connections: Connections,
     grace_period: Duration,
@@ -183,7 +183,7 @@ impl Control {
         );
         let accept = tokio::spawn(server::serve(
             listener,
-            move || service.connected(),
+            service,
             self.builder.clone(),
             graceful.clone(),
             stop_rx,
@@ -412,6 +412,7 @@ impl Connections {
             slots: Some(self.slots.clone()),
             open: self.open.clone(),
             header_read_timeout: self.proxy.header_read_timeout,
+            idle_timeout: self.proxy.idle_timeout,
         }
     }
 

@@ -20,7 +20,6 @@ use crate::classify;
 use crate::config::Rewrite;
 use crate::edge;
 use crate::error::ProxyError;
-use crate::resilience::concurrency::CallerShare;
 use crate::resilience::fallback;
 use crate::resilience::stack::Observe;
 use crate::telemetry::metrics::{Metrics, Outcome};
@@ -53,8 +52,6 @@ pub struct ProxyService {
     metrics: Arc<Metrics>,
     tracing: Option<Tracing>,
     dead_letters: Option<Arc<DeadLetters>>,
-    /// What this caller connection holds of each upstream's slots.
-    caller: Arc<CallerShare>,
 }
 
 impl ProxyService {
@@ -74,15 +71,6 @@ impl ProxyService {
             metrics,
             tracing,
             dead_letters,
-            caller: Arc::default(),
-        }
-    }
-
-    /// The service for one caller connection: its own share of the slots.
-    pub fn connected(&self) -> Self {
-        Self {
-            caller: Arc::default(),
-            ..self.clone()
         }
     }
 
@@ -150,14 +138,10 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 .filter_map(|t| Some((live.upstream(&t.upstream)?.clone(), t.rewrite.clone())))
                 .collect()
         };
-        // An HTTP/1.1 connection carries one call at a time: only HTTP/2
-        // connections can hold more than their share.
-        let caller = (request.version() == http::Version::HTTP_2).then(|| self.caller.clone());
         Box::pin(forward(
             upstream,
             failover,
             request,
-            caller,
             grpc,
             self.tracing.clone(),
             self.dead_letters.clone(),
@@ -172,7 +156,6 @@ async fn forward(
     upstream: Arc<Upstream>,
     failover: Vec<(Arc<Upstream>, Option<Arc<Rewrite>>)>,
     request: Request<Incoming>,
-    caller: Option<Arc<CallerShare>>,
     grpc: bool,
     tracing: Option<Tracing>,
     dead_letters: Option<Arc<DeadLetters>>,
@@ -202,7 +185,6 @@ async fn forward(
     let observe = Observe {
         span: span.as_ref(),
         attempts: capture.is_some().then_some(&attempts),
-        caller: caller.as_deref(),
     };
     let result = if failover.is_empty() {
         upstream.call(request, grpc, observe).await

@@ -26,6 +26,12 @@ use crate::grpc::{self, TrailerStatus};
 
 /// How long to wait for a TCP connection to an upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most header fields sent to an HTTP/1.1 upstream, those the sidecar
+/// adds included: the limit hyper, Envoy and Node hold requests to, and
+/// the one the sidecar holds its own callers to. A request at the limit
+/// would otherwise be refused by the upstream, with a 431 the caller
+/// cannot explain.
+pub const MAX_HEADER_FIELDS: usize = 100;
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// HTTP/2 flow-control windows: large enough that an 8 MiB gRPC message is
@@ -150,6 +156,13 @@ impl UpstreamClient {
         request: Request<Body>,
         completion: Option<Completion>,
     ) -> Result<Response<Body>, ProxyError> {
+        let count = request.headers().len();
+        if count > MAX_HEADER_FIELDS && !matches!(self.connections, Connections::Http2(_)) {
+            return Err(ProxyError::TooManyHeaders {
+                count,
+                limit: MAX_HEADER_FIELDS,
+            });
+        }
         let response = match &self.connections {
             Connections::Http1(client) => client
                 .request(request)

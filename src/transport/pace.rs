@@ -149,20 +149,6 @@ impl<F: Future<Output = ()>> Future for Watch<F> {
     }
 }
 
-/// Runs every task it is given paced: the executor of the HTTP/2 server,
-/// whose tasks are its streams.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PacedExecutor;
-
-impl<F> hyper::rt::Executor<F> for PacedExecutor
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, future: F) {
-        tokio::spawn(paced(future));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

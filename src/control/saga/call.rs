@@ -283,8 +283,8 @@ async fn exchange(
 ) -> Result<(), String> {
     let request = prepared.request()?;
     let observe = Observe {
+        span: None,
         attempts: Some(attempts),
-        ..Observe::default()
     };
     let response = upstream
         .call(request, prepared.grpc, observe)
