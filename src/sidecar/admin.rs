@@ -5,6 +5,8 @@
 //!
 //! | path | answer |
 //! |---|---|
+//! | `/` | the status page (`status`) |
+//! | `/status.json` | its figures, as JSON |
 //! | `/healthz` | 200 while the process runs |
 //! | `/readyz` | 200 once every listener is bound, 503 while draining |
 //! | `/metrics` | Prometheus / OpenMetrics text |
@@ -14,6 +16,11 @@
 //! | `/faults` | each upstream's faults in force |
 //! | `PUT /faults/<upstream>` | replace an upstream's faults (JSON, as in the policy file) |
 //! | `DELETE /faults/<upstream>` | stop injecting faults into an upstream |
+//!
+//! A request that changes state (`POST`, `PUT`, `DELETE`) from a browser
+//! page of another origin is refused (its `Origin` is not this port's):
+//! a page on the web must not open circuits through an operator's
+//! browser, while curl, which sends no `Origin`, is served as before.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -45,6 +52,9 @@ pub struct AdminState {
     live: LiveCell,
     ready: Arc<AtomicBool>,
     connections: super::Connections,
+    samples: super::status::Samples,
+    /// Status pages served.
+    renders: std::sync::atomic::AtomicU64,
 }
 
 impl AdminState {
@@ -61,6 +71,8 @@ impl AdminState {
             live,
             ready,
             connections,
+            samples: Default::default(),
+            renders: Default::default(),
         }
     }
 
@@ -93,6 +105,16 @@ impl AdminState {
 
 /// Serves the admin endpoint until `stop` turns true.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+    let (sampled, mut stopping) = (state.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            sampled.samples.sample(&sampled.metrics);
+            tokio::select! {
+                _ = stopping.wait_for(|stop| *stop) => break,
+                () = tokio::time::sleep(super::status::SAMPLE_EVERY) => {}
+            }
+        }
+    });
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => break,
@@ -114,6 +136,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
 
 async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
+    let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
+    if changes && cross_origin(&request) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "refused: a page of another origin may not change this sidecar\n",
+        );
+    }
     if request.method() == Method::POST
         && let Some(rest) = path.strip_prefix("/circuits/")
     {
@@ -133,6 +162,22 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
     match path.as_str() {
+        "/" => {
+            let live = state.live.load();
+            let status = state.samples.status(&state.metrics, live.upstreams());
+            with_type(
+                StatusCode::OK,
+                super::status::page(&status, state.renders.fetch_add(1, Ordering::Relaxed) + 1),
+                "text/html; charset=utf-8",
+            )
+        }
+        "/status.json" => {
+            let live = state.live.load();
+            json(
+                StatusCode::OK,
+                &state.samples.status(&state.metrics, live.upstreams()),
+            )
+        }
         "/circuits" => {
             let circuits = state.circuits();
             let snapshots: BTreeMap<&str, _> = circuits
@@ -173,8 +218,25 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
         ),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /metrics, /config, /circuits or /faults\n",
+            "not found: try /, /status.json, /healthz, /readyz, /metrics, /config, /circuits or /faults\n",
         ),
+    }
+}
+
+/// Whether a browser sent `request` from a page of another origin: its
+/// `Origin` names another host and port than the one it was sent to.
+fn cross_origin<B>(request: &Request<B>) -> bool {
+    let Some(origin) = request.headers().get(http::header::ORIGIN) else {
+        return false;
+    };
+    let host = request.headers().get(http::header::HOST);
+    let authority = origin.to_str().ok().and_then(|o| {
+        o.strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+    });
+    match (authority, host.and_then(|h| h.to_str().ok())) {
+        (Some(authority), Some(host)) => !authority.eq_ignore_ascii_case(host),
+        _ => true,
     }
 }
 

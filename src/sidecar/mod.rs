@@ -17,6 +17,7 @@ mod failover;
 mod live;
 mod proxy;
 mod route;
+pub mod status;
 pub mod watch;
 
 use std::collections::BTreeMap;
