@@ -31,12 +31,26 @@ async fn control_plane(dir: &Path, listen: SocketAddr, yaml: Option<&str>) -> Ru
 }
 
 async fn letters(addr: SocketAddr) -> Vec<DeadLetter> {
+    letters_as(addr, None).await
+}
+
+/// Every letter the control plane at `addr` holds, asked with `token`.
+async fn letters_as(addr: SocketAddr, token: Option<&str>) -> Vec<DeadLetter> {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    DeadLettersClient::new(channel)
+    let token: Option<tonic::metadata::MetadataValue<_>> =
+        token.map(|t| format!("Bearer {t}").parse().unwrap());
+    let mut client =
+        DeadLettersClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            if let Some(token) = &token {
+                r.metadata_mut().insert("authorization", token.clone());
+            }
+            Ok(r)
+        });
+    client
         .list(ListDeadLettersRequest::default())
         .await
         .unwrap()
@@ -521,5 +535,77 @@ async fn only_letters_sealed_by_a_sidecar_replay_unless_forced() {
         "{stdout}"
     );
     assert!(stdout.contains("2 replayed, 2 failed"), "{stdout}");
+    running.shutdown().await;
+}
+
+/// A sidecar whose token file is missing starts anyway (`config check`
+/// warns of it), keeps its letters in the spool while the control plane
+/// refuses it, says so in `/readyz` and a metric, and delivers them once
+/// the token is mounted.
+#[tokio::test]
+async fn a_missing_token_file_keeps_letters_spooled_until_the_token_is_mounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = control_options(&dir.path().join("cp"));
+    options.auth = breakwater::control::auth::Auth::with_token("s3cret").unwrap();
+    let running = start_control_plane(options).await;
+    let token = dir.path().join("token");
+    let yaml = format!(
+        "control_plane: {{url: 'http://{}', token_file: '{}'}}\ndead_letters: {{spool_dir: '{}'}}\nupstreams:\n  orders:\n    address: '{}'\n    dead_letter: true\n",
+        running.grpc_addr,
+        token.display(),
+        dir.path().join("spool").display(),
+        closed_port().await
+    );
+    let file = dir.path().join("policies.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert!(check.status.success(), "a warning, not an error");
+    let warning = String::from_utf8(check.stderr).unwrap();
+    assert!(
+        warning.contains("control_plane.token_file: warning: cannot read the token file"),
+        "{warning}"
+    );
+
+    let sidecar = sidecar(&yaml).await;
+    assert_eq!(
+        send(sidecar.proxy_addr, order()).await,
+        StatusCode::BAD_GATEWAY
+    );
+    let unreachable = "breakwater_control_plane_unreachable";
+    wait_for_metric(sidecar.admin_addr, unreachable, 1.0).await;
+    let spooled = "breakwater_dead_letter_spool{upstream=\"orders\"}";
+    assert_eq!(metric_value(sidecar.admin_addr, spooled).await, 1.0);
+    let readyz = read_body(get(sidecar.admin_addr, "admin", "/readyz").await).await;
+    assert_eq!(readyz.0.status, 200, "ready: the agent's calls go on");
+    let detail = String::from_utf8_lossy(&readyz.1).into_owned();
+    assert!(
+        detail.contains(&format!(
+            "control plane: http://{} cannot take dead letters for",
+            running.grpc_addr
+        )) && detail.contains("cannot read the token file"),
+        "{detail}"
+    );
+    assert!(
+        letters_as(running.grpc_addr, Some("s3cret"))
+            .await
+            .is_empty()
+    );
+
+    // The Secret is mounted: the next delivery carries it.
+    std::fs::write(&token, "s3cret\n").unwrap();
+    wait_for_metric(sidecar.admin_addr, spooled, 0.0).await;
+    assert_eq!(metric_value(sidecar.admin_addr, unreachable).await, 0.0);
+    assert_eq!(letters_as(running.grpc_addr, Some("s3cret")).await.len(), 1);
+    let readyz = read_body(get(sidecar.admin_addr, "admin", "/readyz").await).await;
+    let detail = String::from_utf8_lossy(&readyz.1).into_owned();
+    assert!(
+        detail.contains(&format!("control plane: http://{} ok", running.grpc_addr)),
+        "{detail}"
+    );
     running.shutdown().await;
 }

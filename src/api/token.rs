@@ -15,18 +15,36 @@ pub fn read(path: &Path) -> Result<String, String> {
 
 /// Adds `authorization: Bearer <token>` to every gRPC call.
 #[derive(Debug, Clone)]
-pub struct Authorization(Option<MetadataValue<Ascii>>);
+pub struct Authorization(Token);
+
+#[derive(Debug, Clone)]
+enum Token {
+    None,
+    Read(MetadataValue<Ascii>),
+    /// Read again at every call: a file that is missing now may be
+    /// mounted later, or rotated.
+    File(std::sync::Arc<Path>),
+}
+
+fn bearer(path: &Path) -> Result<MetadataValue<Ascii>, String> {
+    format!("Bearer {}", read(path)?)
+        .parse()
+        .map_err(|_| "the token is not valid header text".to_owned())
+}
 
 impl Authorization {
     /// Sends the token in `path`, or nothing without a file.
     pub fn from_token_file(path: Option<&Path>) -> Result<Self, String> {
-        let Some(path) = path else {
-            return Ok(Self(None));
-        };
-        let value = format!("Bearer {}", read(path)?)
-            .parse()
-            .map_err(|_| "the token is not valid header text".to_owned())?;
-        Ok(Self(Some(value)))
+        match path {
+            None => Ok(Self(Token::None)),
+            Some(path) => Ok(Self(Token::Read(bearer(path)?))),
+        }
+    }
+
+    /// Sends the token in `path` as it is at each call; a call made while
+    /// it cannot be read fails `UNAUTHENTICATED` here, saying why.
+    pub fn reading(path: Option<&Path>) -> Self {
+        Self(path.map_or(Token::None, |p| Token::File(p.into())))
     }
 }
 
@@ -35,11 +53,12 @@ impl tonic::service::Interceptor for Authorization {
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
+        let value = match &self.0 {
+            Token::None => return Ok(request),
+            Token::Read(value) => value.clone(),
+            Token::File(path) => bearer(path).map_err(tonic::Status::unauthenticated)?,
+        };
+        request.metadata_mut().insert("authorization", value);
         Ok(request)
     }
 }

@@ -158,10 +158,20 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                     .as_deref()
                     .map(crate::api::seal::LetterKey::read)
                     .transpose();
+                let token_file = c.value.token_file.as_ref().map(|f| relative_to(file, f));
+                // A token missing now may be mounted later (a Secret): the
+                // sidecar starts and reads it again at each delivery.
+                if let Some(Err(why)) = token_file.as_deref().map(crate::api::token::read) {
+                    check.warn(
+                        url,
+                        "control_plane.token_file",
+                        format!("{why}; dead letters wait in the spool until it can be read"),
+                    );
+                }
                 match (channel, key) {
                     (Ok(_), Ok(_)) => Some(ControlPlaneConfig {
                         url: url.value.clone(),
-                        token_file: c.value.token_file.as_ref().map(|f| relative_to(file, f)),
+                        token_file,
                         ca_file,
                         letter_key_file,
                     }),

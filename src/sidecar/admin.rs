@@ -52,6 +52,7 @@ pub struct AdminState {
     live: LiveCell,
     ready: Arc<AtomicBool>,
     connections: super::Connections,
+    dead_letters: Option<Arc<super::dead_letter::DeadLetters>>,
     samples: super::status::Samples,
     /// Status pages served.
     renders: std::sync::atomic::AtomicU64,
@@ -59,18 +60,21 @@ pub struct AdminState {
 
 impl AdminState {
     /// The state to serve: metrics, the live configuration (which reloads
-    /// replace), readiness, and the caller connections.
+    /// replace), readiness, the caller connections, and the dead letters'
+    /// delivery.
     pub fn new(
         metrics: Arc<Metrics>,
         live: LiveCell,
         ready: Arc<AtomicBool>,
         connections: super::Connections,
+        dead_letters: Option<Arc<super::dead_letter::DeadLetters>>,
     ) -> Self {
         Self {
             metrics,
             live,
             ready,
             connections,
+            dead_letters,
             samples: Default::default(),
             renders: Default::default(),
         }
@@ -82,8 +86,13 @@ impl AdminState {
         let open_files = c
             .open_files
             .map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+        let delivery = self
+            .dead_letters
+            .as_ref()
+            .map(|d| d.delivery_detail())
+            .unwrap_or_default();
         format!(
-            "open files limit: {open_files}\ncaller connections: {} of {}\n",
+            "open files limit: {open_files}\ncaller connections: {} of {}\n{delivery}",
             c.open_now(),
             c.max
         )

@@ -493,6 +493,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         live.clone(),
         ready.clone(),
         connections,
+        dead_letters.as_ref().map(|(sink, _)| sink.clone()),
     ));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let watcher = options.watch.map(|watch| {

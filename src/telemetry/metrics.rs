@@ -115,6 +115,7 @@ pub struct Metrics {
     dead_letters_dropped: Family<UpstreamLabels, Counter>,
     dead_letters_delivered: Family<UpstreamLabels, Counter>,
     dead_letter_spool: Family<UpstreamLabels, Gauge>,
+    control_plane_unreachable: Gauge,
     config_generation: Gauge,
     config_reloads: Counter,
     config_reload_failures: Counter,
@@ -252,6 +253,12 @@ impl Metrics {
             "Dead letters waiting in the local spool for the control plane",
             dead_letter_spool.clone(),
         );
+        let control_plane_unreachable = Gauge::default();
+        registry.register(
+            "control_plane_unreachable",
+            "1 while dead letters cannot be delivered to the control plane (unreachable, or refusing the token), 0 once one is",
+            control_plane_unreachable.clone(),
+        );
         let config_generation = Gauge::default();
         registry.register(
             "config_generation",
@@ -291,6 +298,7 @@ impl Metrics {
             dead_letters_dropped,
             dead_letters_delivered,
             dead_letter_spool,
+            control_plane_unreachable,
             config_generation,
             config_reloads,
             config_reload_failures,
@@ -377,6 +385,12 @@ impl Metrics {
         self.dead_letters_dropped
             .get_or_create(&labels(upstream))
             .inc();
+    }
+
+    /// Whether the last delivery of a dead letter to the control plane
+    /// succeeded.
+    pub fn control_plane_reachable(&self, reachable: bool) {
+        self.control_plane_unreachable.set(i64::from(!reachable));
     }
 
     /// Counts a delivered dead letter.

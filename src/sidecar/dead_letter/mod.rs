@@ -97,6 +97,8 @@ pub struct DeadLetters {
     /// Seals letters, when the control plane shares a key.
     key: Option<LetterKey>,
     metrics: Arc<Metrics>,
+    /// How delivery to the control plane goes.
+    delivery: Arc<spool::Delivery>,
     /// Letters being finished in the background.
     pending: std::sync::atomic::AtomicUsize,
     settled: Notify,
@@ -142,7 +144,8 @@ impl DeadLetters {
         let source = std::env::var("POD_NAME")
             .or_else(|_| std::env::var("HOSTNAME"))
             .unwrap_or_else(|_| "sidecar".into());
-        let shipper = tokio::spawn(ship(spool, letters, client, stop));
+        let delivery = Arc::new(spool::Delivery::new(&control_plane.url));
+        let shipper = tokio::spawn(ship(spool, letters, client, delivery.clone(), stop));
         Ok(Some((
             Arc::new(Self {
                 queue,
@@ -150,11 +153,17 @@ impl DeadLetters {
                 source,
                 key,
                 metrics,
+                delivery,
                 pending: std::sync::atomic::AtomicUsize::new(0),
                 settled: Notify::new(),
             }),
             shipper,
         )))
+    }
+
+    /// `/readyz`'s line on delivery to the control plane.
+    pub fn delivery_detail(&self) -> String {
+        self.delivery.detail()
     }
 
     /// The parts of a request a letter keeps, taken before it is sent: a

@@ -28,8 +28,7 @@ pub(super) type Client = DeadLettersClient<
 >;
 
 pub(super) fn client(config: &ControlPlaneConfig) -> Result<Client, SpoolError> {
-    let token = crate::api::token::Authorization::from_token_file(config.token_file.as_deref())
-        .map_err(SpoolError::ControlPlane)?;
+    let token = crate::api::token::Authorization::reading(config.token_file.as_deref());
     let channel = crate::transport::channel::ControlChannel::new(
         &config.url,
         config.ca_file.as_deref(),
@@ -39,6 +38,48 @@ pub(super) fn client(config: &ControlPlaneConfig) -> Result<Client, SpoolError> 
     .map_err(SpoolError::ControlPlane)?
     .connect_lazy();
     Ok(DeadLettersClient::with_interceptor(channel, token))
+}
+
+/// How delivery to the control plane goes, for `/readyz`.
+#[derive(Debug)]
+pub struct Delivery {
+    url: String,
+    /// Since when, and why, letters cannot be delivered.
+    failing: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
+}
+
+impl Delivery {
+    pub(super) fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            failing: Default::default(),
+        }
+    }
+
+    fn failed(&self, error: &str) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *failing {
+            Some((_, why)) => error.clone_into(why),
+            None => *failing = Some((tokio::time::Instant::now(), error.to_owned())),
+        }
+    }
+
+    fn delivered(&self) {
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// One line: `control plane: <url> ok`, or since when and why letters
+    /// cannot be delivered.
+    pub fn detail(&self) -> String {
+        match &*self.failing.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => format!("control plane: {} ok\n", self.url),
+            Some((since, why)) => format!(
+                "control plane: {} cannot take dead letters for {}s ({why}); they wait in the spool\n",
+                self.url,
+                since.elapsed().as_secs()
+            ),
+        }
+    }
 }
 
 /// The local spool: letters by arrival, oldest first.
@@ -152,12 +193,13 @@ pub(super) async fn ship(
     spool: Spool,
     letters: mpsc::Receiver<Queued>,
     client: Client,
+    delivery: Arc<Delivery>,
     stop: watch::Receiver<bool>,
 ) {
     // Both end on stop, spooling once it has spooled what was queued.
     tokio::join!(
         spool_letters(&spool, letters, stop.clone()),
-        deliver(&spool, client, stop),
+        deliver(&spool, client, &delivery, stop),
     );
 }
 
@@ -196,7 +238,12 @@ async fn spool_letters(
 
 /// Delivers the spool to the control plane, oldest first, backing off
 /// while it is unreachable; returns when `stop` turns true.
-async fn deliver(spool: &Spool, mut client: Client, mut stop: watch::Receiver<bool>) {
+async fn deliver(
+    spool: &Spool,
+    mut client: Client,
+    delivery: &Delivery,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let Some((key, letter)) = spool.oldest() else {
@@ -215,6 +262,8 @@ async fn deliver(spool: &Spool, mut client: Client, mut stop: watch::Receiver<bo
                         tracing::error!(%error, "removing a delivered letter from the spool failed");
                     }
                     spool.metrics.dead_letter_delivered(&letter.upstream);
+                    spool.metrics.control_plane_reachable(true);
+                    delivery.delivered();
                     backoff = BACKOFF_MIN;
                     continue;
                 }
@@ -223,6 +272,8 @@ async fn deliver(spool: &Spool, mut client: Client, mut stop: watch::Receiver<bo
             },
             () = stopped(&mut stop) => return,
         };
+        spool.metrics.control_plane_reachable(false);
+        delivery.failed(&error);
         tracing::warn!(%error, retry_in = ?backoff, "cannot deliver dead letters to the control plane; they wait in the spool");
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
