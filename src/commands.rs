@@ -134,9 +134,11 @@ pub fn control_plane(run: ControlPlaneRun) -> ExitCode {
 pub fn operator(command: impl Future<Output = Result<(), CliError>>) -> ExitCode {
     match runtime(1).block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
+        // The saga was shown; its state is the answer.
+        Err(error @ CliError::Ended { .. }) => ExitCode::from(error.exit_status()),
         Err(error) => {
             eprintln!("error: {error}");
-            ExitCode::FAILURE
+            ExitCode::from(error.exit_status())
         }
     }
 }

@@ -677,10 +677,15 @@ async fn sagas_need_the_policies_file() {
 async fn the_cli_starts_from_yaml_shows_lists_and_names_what_needs_a_person() {
     const BIN: &str = env!("CARGO_BIN_EXE_breakwater");
     let log: Log = Arc::default();
-    let (_, subs, email) = signup_participants(&log).await;
+    let (kind_users, subs, email) = signup_participants(&log).await;
     let users = undeletable_users(&log).await;
     let dir = tempfile::tempdir().unwrap();
-    let running = control_plane(dir.path(), &signup_policies(&users, &subs, &email)).await;
+    let policies = format!(
+        "{}  kind-users: {{address: '{}'}}\n",
+        signup_policies(&users, &subs, &email),
+        kind_users.upstream.addr
+    );
+    let running = control_plane(dir.path(), &policies).await;
     let url = format!("http://{}", running.grpc_addr);
     let run = |args: &[&str]| {
         let url = url.clone();
@@ -712,7 +717,11 @@ steps:
     )
     .unwrap();
     let out = run(&["start", file.to_str().unwrap(), "--wait"]).await;
-    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(5), "failed: {out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "the saga is shown, not an error: {out:?}"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("state     failed"), "{text}");
     assert!(
@@ -720,6 +729,27 @@ steps:
         "{text}"
     );
     assert!(text.contains("dlq replay"), "{text}");
+
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        run(&["watch", "cli-ann"]),
+    )
+    .await
+    .expect("a watch of an ended saga ends");
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    // The same steps on users that can be deleted: undone, compensated.
+    let kind = dir.path().join("kind.yaml");
+    std::fs::write(
+        &kind,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("cli-ann", "cli-bob")
+            .replace("upstream: users", "upstream: kind-users"),
+    )
+    .unwrap();
+    let out = run(&["start", kind.to_str().unwrap(), "--wait"]).await;
+    assert_eq!(out.status.code(), Some(3), "compensated: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("state     compensated"));
 
     let out = run(&["list", "--state", "failed"]).await;
     let text = String::from_utf8_lossy(&out.stdout);

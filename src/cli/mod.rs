@@ -65,6 +65,25 @@ pub enum CliError {
     /// The control plane refused the call.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(#[from] tonic::Status),
+    /// A saga waited for ended otherwise than completed: the command
+    /// exits with this status, the saga already shown.
+    #[error("the saga ended {state}")]
+    Ended {
+        /// Its state.
+        state: &'static str,
+        /// The exit status that says so.
+        status: u8,
+    },
+}
+
+impl CliError {
+    /// The process's exit status for this error.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            CliError::Ended { status, .. } => *status,
+            _ => 1,
+        }
+    }
 }
 
 fn code_name(code: tonic::Code) -> String {

@@ -62,7 +62,34 @@ pub async fn start(remote: &Remote, file: &Path, wait: bool) -> Result<(), CliEr
         say!("saga {id} is {}; watching", record.state.as_str());
     }
     follow(remote, &mut client, id.clone()).await?;
-    show_with(remote, &mut client, &id).await
+    let record = fetch(&mut client, &id).await?;
+    print(remote, &record)?;
+    ended(&record)
+}
+
+/// Exit statuses of a saga waited for: 0 completed, 3 compensated (its
+/// steps undone), 4 aborted (undone on request), 5 failed (a compensation
+/// failed: it needs a person). 1 is a command that could not run.
+pub const EXIT_COMPENSATED: u8 = 3;
+/// See [`EXIT_COMPENSATED`].
+pub const EXIT_ABORTED: u8 = 4;
+/// See [`EXIT_COMPENSATED`].
+pub const EXIT_FAILED: u8 = 5;
+
+/// Whether a saga that ended `completed`: else the exit status that says
+/// how it ended.
+fn ended(record: &SagaRecord) -> Result<(), CliError> {
+    let state = record.state;
+    let status = match state {
+        SagaState::Compensated => EXIT_COMPENSATED,
+        SagaState::Aborted => EXIT_ABORTED,
+        SagaState::Failed => EXIT_FAILED,
+        _ => return Ok(()),
+    };
+    Err(CliError::Ended {
+        state: state.as_str(),
+        status,
+    })
 }
 
 /// `saga show ID`.
@@ -72,11 +99,15 @@ pub async fn show(remote: &Remote, id: &str) -> Result<(), CliError> {
 }
 
 async fn show_with(remote: &Remote, client: &mut Client, id: &str) -> Result<(), CliError> {
+    print(remote, &fetch(client, id).await?)
+}
+
+async fn fetch(client: &mut Client, id: &str) -> Result<SagaRecord, CliError> {
     let saga = client
         .get(GetSagaRequest { id: id.to_owned() })
         .await?
         .into_inner();
-    print(remote, &saga_proto::record_from_proto(saga))
+    Ok(saga_proto::record_from_proto(saga))
 }
 
 fn print(remote: &Remote, record: &SagaRecord) -> Result<(), CliError> {
@@ -237,10 +268,15 @@ pub async fn list(
     Ok(())
 }
 
-/// `saga watch [ID]`: events until the saga ends (or forever for all).
+/// `saga watch [ID]`: events until the saga ends (or forever for all);
+/// one saga's watch exits as `start --wait` does.
 pub async fn watch(remote: &Remote, id: Option<String>) -> Result<(), CliError> {
     let mut client = remote.sagas().await?;
-    follow(remote, &mut client, id.unwrap_or_default()).await
+    follow(remote, &mut client, id.clone().unwrap_or_default()).await?;
+    match id {
+        Some(id) => ended(&fetch(&mut client, &id).await?),
+        None => Ok(()),
+    }
 }
 
 async fn follow(remote: &Remote, client: &mut Client, id: String) -> Result<(), CliError> {
