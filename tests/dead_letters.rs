@@ -386,16 +386,29 @@ async fn the_cli_and_the_json_api_list_show_replay_and_purge() {
     let out = cli(&["replay", "--upstream", "orders"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("2 replayed, 2 failed"),
+        String::from_utf8_lossy(&out.stdout).contains("0 of 2 delivered; 2 stay in the queue"),
         "{out:?}"
     );
     assert_eq!(
         admin_json(http, &format!("/v1/dead-letters/{first}")).await["replays"],
         1
     );
+    // One letter: its line says what happened, once.
+    let out = cli(&["replay", &first]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("{first}: failed again: ")),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: 1 letter was not delivered and stays in the queue"
+    );
 
     let out = cli(&["purge", &first]).await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "1 letters purged\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1 letter purged\n");
     let (parts, answer) = admin(http, Method::DELETE, "/v1/dead-letters?all=true", "").await;
     assert_eq!(parts.status, StatusCode::OK);
     assert_eq!(
@@ -534,7 +547,10 @@ async fn only_letters_sealed_by_a_sidecar_replay_unless_forced() {
         stdout.contains(&format!("{}: refused: ", ids[1])),
         "{stdout}"
     );
-    assert!(stdout.contains("2 replayed, 2 failed"), "{stdout}");
+    assert!(
+        stdout.contains("0 of 2 delivered; 2 stay in the queue"),
+        "{stdout}"
+    );
     running.shutdown().await;
 }
 

@@ -181,12 +181,20 @@ pub async fn dlq_replay(
                 (false, false) => say!("{id}: failed again: {}", o.error),
             }
         }
-        say!("{} replayed, {failed} failed", results.len());
+        // One letter's line says it all; several get a count.
+        if results.len() > 1 {
+            say!(
+                "{} of {} delivered; {failed} stay in the queue",
+                results.len() - failed,
+                results.len()
+            );
+        }
     }
     if failed > 0 {
-        return Err(CliError::Usage(format!(
-            "{failed} letters were not delivered and stay in the queue"
-        )));
+        return Err(CliError::Usage(match failed {
+            1 => "1 letter was not delivered and stays in the queue".to_owned(),
+            n => format!("{n} letters were not delivered and stay in the queue"),
+        }));
     }
     Ok(())
 }
@@ -236,7 +244,10 @@ pub async fn dlq_purge(remote: &Remote, selection: Selection) -> Result<(), CliE
     if remote.json {
         print_json(&serde_json::json!({"purged": purged}));
     } else {
-        say!("{purged} letters purged");
+        match purged {
+            1 => say!("1 letter purged"),
+            n => say!("{n} letters purged"),
+        }
     }
     Ok(())
 }
