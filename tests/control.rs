@@ -671,3 +671,25 @@ async fn an_expired_workflow_vanishes() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(200));
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_grpc_client_at_the_json_port_is_told_where_the_grpc_port_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_control_plane(control_options(dir.path())).await;
+    let json = running.http_addr.unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["dlq", "list", "--control-plane"])
+        .arg(format!("http://{json}"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "error: UNIMPLEMENTED: this is the control plane's JSON port; its gRPC port is {}",
+            running.grpc_addr.port()
+        )
+    );
+    running.shutdown().await;
+}

@@ -55,6 +55,8 @@ use crate::values::HumanDuration;
 pub struct HttpApi {
     control: Arc<ControlPlane>,
     auth: Auth,
+    /// The gRPC port, named to a gRPC client that came here instead.
+    grpc_addr: std::net::SocketAddr,
 }
 
 /// `PUT /v1/checkpoints/{workflow}`.
@@ -181,13 +183,30 @@ fn number<T: std::str::FromStr>(
 }
 
 impl HttpApi {
-    /// The API over `control`, checking `auth`.
-    pub fn new(control: Arc<ControlPlane>, auth: Auth) -> Self {
-        Self { control, auth }
+    /// The API over `control`, checking `auth`; the gRPC API is on
+    /// `grpc_addr`.
+    pub fn new(control: Arc<ControlPlane>, auth: Auth, grpc_addr: std::net::SocketAddr) -> Self {
+        Self {
+            control,
+            auth,
+            grpc_addr,
+        }
     }
 
-    /// Answers one request.
+    /// Answers one request. A gRPC call (the CLI or a client pointed at
+    /// this port by mistake) is answered as gRPC, `UNIMPLEMENTED`, with
+    /// where the gRPC port is: JSON would read as a garbled message.
     pub async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        if crate::grpc::is_grpc(request.headers()) {
+            let message = format!(
+                "this is the control plane's JSON port; its gRPC port is {}",
+                self.grpc_addr.port()
+            );
+            return Ok(crate::grpc::trailers_only(
+                crate::grpc::UNIMPLEMENTED,
+                &message,
+            ));
+        }
         Ok(match self.route(request).await {
             Ok(response) => response,
             Err(e) => error(&e),

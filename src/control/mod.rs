@@ -243,7 +243,7 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         stop_rx.clone(),
     ));
     if let Some(listener) = http_listener {
-        let api = http::HttpApi::new(control.clone(), options.auth.clone());
+        let api = http::HttpApi::new(control.clone(), options.auth.clone(), grpc_addr);
         let tls = options.tls.clone();
         tasks.spawn(serve_http(listener, stop_rx.clone(), tls, move |request| {
             let api = api.clone();
