@@ -498,3 +498,30 @@ async fn two_host_headers_are_refused_with_400() {
     );
     assert_eq!(upstream.requests(), 0);
 }
+
+/// `127.0.0.1:5555` is not the upstream at `127.0.0.1:<its port>`: a
+/// `host:port` of another port matches a bare host only where it was
+/// claimed by name, never the host of an upstream's address alone.
+#[tokio::test]
+async fn an_authority_with_another_port_is_not_the_upstream_on_that_host() {
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:\n  agent: {{address: '{}', hosts: [svc]}}\n",
+        upstream.addr
+    ))
+    .await;
+    let proxy = sidecar.proxy_addr;
+    let (parts, body) = call(proxy, "127.0.0.1:5555", Method::GET, "/", "").await;
+    assert_eq!(parts.status, StatusCode::NOT_FOUND, "{body:?}");
+    assert_eq!(parts.headers["x-breakwater-error"], "unknown-host");
+    for routed in [
+        "127.0.0.1".to_owned(),
+        upstream.addr.to_string(),
+        "svc:9999".to_owned(),
+        "agent:80".to_owned(),
+    ] {
+        let (parts, _) = call(proxy, &routed, Method::GET, "/", "").await;
+        assert_eq!(parts.status, StatusCode::OK, "{routed}");
+    }
+    assert_eq!(upstream.requests(), 4);
+}

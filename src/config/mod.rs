@@ -170,6 +170,9 @@ pub struct UpstreamConfig {
     /// Names routed to this upstream on the shared port, lowercase. The
     /// upstream's name is always among them.
     pub hosts: Vec<String>,
+    /// The host of its address when it is among `hosts` only implicitly:
+    /// it routes an authority without a port, never `host:other-port`.
+    pub address_host: Option<String>,
     /// Its resilience policy, with `defaults` merged in.
     pub policy: Policy,
     /// Whether its failure may be replaced by a fallback.

@@ -198,7 +198,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
     let dead_letters = resolve_dead_letters(&mut check, file, raw.dead_letters.as_ref());
     check_claims(&mut check, &raw, &pending);
     let failovers = resolve_failover(&mut check, &raw);
-    let implicit = implicit_hosts(&pending);
+    let implicit = implicit_hosts(&mut check, &pending);
 
     if !check.diagnostics.is_empty() {
         check.diagnostics.sort_by_key(|d| (d.line, d.column));
@@ -211,7 +211,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         .into_iter()
         .zip(implicit)
         .zip(failovers)
-        .map(|((mut p, mut extra), failover)| {
+        .map(|((mut p, (mut extra, address_host)), failover)| {
             extra.sort();
             p.hosts.extend(extra);
             Arc::new(UpstreamConfig {
@@ -220,6 +220,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
                 protocol: p.protocol,
                 listen: p.listen,
                 hosts: p.hosts,
+                address_host,
                 policy: p.policy,
                 criticality: p.criticality,
                 fallback: p.fallback,
@@ -554,8 +555,11 @@ fn check_claims(check: &mut Checker, raw: &RawConfig, pending: &[Pending]) {
 }
 
 /// An address's `host:port` and bare host are implicit claims: routed only
-/// where no other upstream claims them, explicitly or implicitly.
-fn implicit_hosts(pending: &[Pending]) -> Vec<Vec<String>> {
+/// where no other upstream claims them, explicitly or implicitly. Each
+/// upstream's, with its bare host among them when it has it (which routes
+/// only an authority without a port). A bare host two upstreams share is
+/// routed to neither, and `check` warns of it.
+fn implicit_hosts(check: &mut Checker, pending: &[Pending]) -> Vec<(Vec<String>, Option<String>)> {
     let explicit: std::collections::HashSet<&str> = pending
         .iter()
         .flat_map(|p| p.hosts.iter().map(String::as_str))
@@ -580,10 +584,42 @@ fn implicit_hosts(pending: &[Pending]) -> Vec<Vec<String>> {
                 .or_insert(Some(i));
         }
     }
-    let mut hosts = vec![Vec::new(); pending.len()];
-    for (key, owner) in implicit {
-        if let Some(i) = owner {
-            hosts[i].push(key);
+    let mut hosts = vec![(Vec::new(), None); pending.len()];
+    let mut shared: Vec<&str> = Vec::new();
+    for (key, owner) in &implicit {
+        match owner {
+            Some(i) => {
+                let address = pending[*i]
+                    .address
+                    .as_ref()
+                    .expect("owners have an address");
+                if key.eq_ignore_ascii_case(address.host()) {
+                    hosts[*i].1 = Some(key.clone());
+                }
+                hosts[*i].0.push(key.clone());
+            }
+            None => shared.push(key),
+        }
+    }
+    shared.sort_unstable();
+    for key in shared {
+        let sharing: Vec<&Pending> = pending
+            .iter()
+            .filter(|p| {
+                p.address
+                    .as_ref()
+                    .is_some_and(|a| a.host().eq_ignore_ascii_case(key))
+            })
+            .collect();
+        if let [first, .., last] = sharing.as_slice() {
+            check.warn(
+                &last.name,
+                format!("upstreams.{}.address", last.name.value),
+                format!(
+                    "{key} is the host of upstream {}'s address too, so neither is routed by {key} alone (only by its host:port); name one in its hosts to route {key} to it",
+                    first.name.value
+                ),
+            );
         }
     }
     hosts

@@ -138,6 +138,19 @@ fn shared_address_hosts_are_routed_to_nobody() {
     .unwrap();
     assert_eq!(config.upstream("a").unwrap().hosts, ["a", "10.0.0.1:80"]);
     assert_eq!(config.upstream("b").unwrap().hosts, ["b", "10.0.0.1:81"]);
+    // Kept, but said.
+    let warnings: Vec<String> = config.warning_lines().collect();
+    assert_eq!(
+        warnings,
+        [
+            "p.yaml:3:3: upstreams.b.address: warning: 10.0.0.1 is the host of upstream a's address too, so neither is routed by 10.0.0.1 alone (only by its host:port); name one in its hosts to route 10.0.0.1 to it"
+        ]
+    );
+    assert_eq!(config.upstream("a").unwrap().address_host, None);
+    let alone = parse("p.yaml", "upstreams:\n  a: {address: '10.0.0.1:80'}\n").unwrap();
+    let a = alone.upstream("a").unwrap();
+    assert_eq!(a.address_host.as_deref(), Some("10.0.0.1"));
+    assert_eq!(alone.warning_lines().count(), 0);
 }
 
 #[test]

@@ -3,8 +3,12 @@
 //! The authority comes from the request target when it is absolute
 //! (HTTP/1.1 proxy form, as `HTTP_PROXY` clients send it) or from
 //! `:authority` (HTTP/2), and otherwise from the `Host` header. An exact
-//! `host:port` claim wins over a bare host claim. Nothing else is routed:
-//! the sidecar is never an open proxy.
+//! `host:port` claim wins over a bare host claim; a `host:port` of another
+//! port matches a bare host only where it was claimed by name (the
+//! upstream's name, its `hosts`), not where it is only the host of an
+//! upstream's address: `127.0.0.1:5555` is not the upstream at
+//! `127.0.0.1:18443`. Nothing else is routed: the sidecar is never an
+//! open proxy.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,18 +22,26 @@ use crate::upstream::Upstream;
 #[derive(Debug, Default)]
 pub struct Routes {
     by_host: HashMap<String, Arc<Upstream>>,
+    /// Bare hosts claimed only as an address's host: not for a
+    /// `host:port` of another port.
+    address_hosts: std::collections::HashSet<String>,
 }
 
 impl Routes {
     /// Builds the table from every upstream's resolved `hosts`.
     pub fn new<'a>(upstreams: impl IntoIterator<Item = &'a Arc<Upstream>>) -> Self {
         let mut by_host = HashMap::new();
+        let mut address_hosts = std::collections::HashSet::new();
         for upstream in upstreams {
             for host in &upstream.config.hosts {
                 by_host.insert(host.clone(), upstream.clone());
             }
+            address_hosts.extend(upstream.config.address_host.clone());
         }
-        Self { by_host }
+        Self {
+            by_host,
+            address_hosts,
+        }
     }
 
     /// Finds the upstream for a request, or returns the authority that
@@ -59,7 +71,7 @@ impl Routes {
             return Some(upstream);
         }
         let host = strip_port(authority);
-        (host.len() != authority.len())
+        (host.len() != authority.len() && !self.address_hosts.contains(host))
             .then(|| self.by_host.get(host))
             .flatten()
     }
