@@ -134,7 +134,8 @@ def check_pod(where, spec, docs, external, claims=()):
             problem(cwhere, "restartPolicy may only be Always")
     for name, v in volumes.items():
         for kind, key in (("ConfigMap", "configMap"), ("Secret", "secret")):
-            if key in v:
+            # An optional volume may name what another chart makes.
+            if key in v and not v[key].get("optional"):
                 ref = v[key].get("name") or v[key].get("secretName")
                 if ref not in external and not rendered(docs, kind, ref):
                     problem(where, f"volume {name!r} refers to {kind} {ref!r}, which is not rendered")
@@ -273,6 +274,23 @@ def main():
             problem(f"[{label}]", f"--insecure-no-auth with auth {'off' if label == 'auth off' else 'on'}: {cp_args}")
         if ("--token-file" in cp_args) == (label == "auth off"):
             problem(f"[{label}]", f"--token-file with auth {'off' if label == 'auth off' else 'on'}")
+        # Sidecars are pointed at the control plane, with the token the
+        # injector mounts (named by the Secret the chart uses).
+        service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-control-plane"))
+        grpc = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+        want = {"url": f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{grpc}"}
+        if label != "auth off":
+            want["token_file"] = "/var/run/breakwater/token"
+        for d in docs:
+            if d["kind"] == "ConfigMap" and "policies.yaml" in d.get("data", {}):
+                got = yaml.safe_load(d["data"]["policies.yaml"]).get("control_plane")
+                if got != want:
+                    problem(f"[{label}] ConfigMap/{d['metadata']['name']}", f"control_plane is {got}, not {want}")
+        injector_args = [a for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-injector")
+                         for c in d["spec"]["template"]["spec"]["containers"] for a in c.get("args", [])]
+        secret = "my-token" if label == "existing secret" else "breakwater-token"
+        if injector_args and injector_args[injector_args.index("--token-secret") + 1] != secret:
+            problem(f"[{label}]", f"the injector does not mount the token Secret {secret}: {injector_args}")
         if label == "agent namespaces and upstreams":
             for ns in ("agents", "billing"):
                 for kind in ("ConfigMap", "Secret"):
@@ -319,7 +337,13 @@ def main():
         injected = json.loads(preview.stdout)
         injected["metadata"]["name"] = "ocr-agent-1"
         validate("injected pod", [injected])
-        check_render("injected pod", [injected], {"breakwater-policies"})
+        check_render("injected pod", [injected], {"breakwater-policies", "breakwater-token"})
+        token = next((v for v in injected["spec"]["volumes"] if v["name"] == "breakwater-token"), None)
+        if token != {"name": "breakwater-token", "secret": {"secretName": "breakwater-token", "optional": True}}:
+            problem("[injected pod]", f"no optional volume of the token Secret: {token}")
+        mounts = {m["mountPath"]: m["name"] for m in injected["spec"]["initContainers"][0]["volumeMounts"]}
+        if mounts.get("/var/run/breakwater") != "breakwater-token":
+            problem("[injected pod]", f"the sidecar does not mount the token where the policies name it: {mounts}")
         sidecar = injected["spec"]["initContainers"][0]
         # The pod's annotation raised the memory limit; otherwise the same.
         sidecar["resources"]["limits"]["memory"] = manual["resources"]["limits"]["memory"]

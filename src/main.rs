@@ -142,6 +142,10 @@ enum Command {
         /// names its own with `breakwater.io/config`.
         #[arg(long, default_value = "breakwater-policies")]
         config_map: String,
+        /// The Secret with the control plane's token (key `token`), mounted
+        /// into every sidecar if it exists.
+        #[arg(long, default_value = "breakwater-token")]
+        token_secret: String,
         /// The sidecar's default CPU request (empty: none).
         #[arg(long, default_value = "50m")]
         cpu_request: String,
@@ -450,6 +454,7 @@ fn main() -> ExitCode {
             image,
             pull_policy,
             config_map,
+            token_secret,
             cpu_request,
             memory_request,
             cpu_limit,
@@ -464,6 +469,7 @@ fn main() -> ExitCode {
                 image,
                 pull_policy,
                 config_map,
+                token_secret,
                 resources: [cpu_request, memory_request, cpu_limit, memory_limit],
                 ..Default::default()
             },

@@ -126,6 +126,18 @@ fn an_annotated_pod_gains_exactly_the_sidecar() {
         volumes[1],
         json!({"name": "breakwater-policies", "configMap": {"name": "breakwater-policies"}})
     );
+    // The control plane's token, optional: the pod starts without it.
+    assert_eq!(
+        volumes[3],
+        json!({"name": "breakwater-token", "secret": {"secretName": "breakwater-token", "optional": true}})
+    );
+    assert!(
+        sidecar["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "breakwater-token", "mountPath": "/var/run/breakwater", "readOnly": true})),
+        "{sidecar}"
+    );
     for container in patched["spec"]["containers"].as_array().unwrap() {
         let env = container["env"].as_array().unwrap();
         assert!(

@@ -9,7 +9,8 @@
 //! `restartPolicy: Always`, Kubernetes 1.29 and later), first among the
 //! init containers, so that it is running before any other container starts
 //! and stops after them. With it come the policies volume (a ConfigMap in
-//! the pod's namespace), probes on its admin port, resources, a hardened
+//! the pod's namespace), the control plane's token (an optional Secret),
+//! probes on its admin port, resources, a hardened
 //! security context, and `BREAKWATER_PROXY` / `BREAKWATER_ADMIN` in every
 //! app container's environment.
 
@@ -31,7 +32,13 @@ pub const VOLUME: &str = "breakwater-policies";
 /// A scratch volume for the dead-letter spool (the root filesystem is
 /// read-only).
 pub const TMP_VOLUME: &str = "breakwater-tmp";
+/// The control plane's token (an optional Secret: a pod starts without
+/// it, and its sidecar spools dead letters until it is there).
+pub const TOKEN_VOLUME: &str = "breakwater-token";
 const MOUNT: &str = "/etc/breakwater";
+/// Where the token is mounted: the chart's policies name
+/// `/var/run/breakwater/token`.
+const TOKEN_MOUNT: &str = "/var/run/breakwater";
 const RESOURCE_ANNOTATIONS: [(&str, &str, &str); 4] = [
     ("breakwater.io/cpu-request", "requests", "cpu"),
     ("breakwater.io/memory-request", "requests", "memory"),
@@ -48,6 +55,8 @@ pub struct Settings {
     pub pull_policy: String,
     /// The policies ConfigMap, unless a pod names its own.
     pub config_map: String,
+    /// The Secret holding the control plane's token (key `token`).
+    pub token_secret: String,
     /// The sidecar's shared proxy port.
     pub proxy_port: u16,
     /// The sidecar's admin port.
@@ -63,6 +72,7 @@ impl Default for Settings {
             image: format!("breakwater:{}", env!("CARGO_PKG_VERSION")),
             pull_policy: "IfNotPresent".into(),
             config_map: "breakwater-policies".into(),
+            token_secret: "breakwater-token".into(),
             proxy_port: 15001,
             admin_port: 15000,
             resources: ["50m".into(), "32Mi".into(), String::new(), "128Mi".into()],
@@ -191,6 +201,7 @@ pub fn patch(pod: &Value, settings: &Settings) -> Result<Option<Value>, BadRevie
     let volumes = [
         json!({"name": VOLUME, "configMap": {"name": config_map}}),
         json!({"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}}),
+        json!({"name": TOKEN_VOLUME, "secret": {"secretName": settings.token_secret, "optional": true}}),
     ];
     if pod["spec"]["volumes"].is_array() {
         for volume in volumes {
@@ -278,6 +289,7 @@ fn sidecar(pod: &Value, settings: &Settings) -> Result<Value, BadReview> {
         "volumeMounts": [
             {"name": VOLUME, "mountPath": MOUNT, "readOnly": true},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": true},
         ],
     }))
 }

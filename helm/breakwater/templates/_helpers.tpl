@@ -30,9 +30,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- default "breakwater-token" .Values.controlPlane.auth.existingSecret -}}
 {{- end -}}
 
-{{/* The policy file: the user's, with the sidecar's ports set. */}}
+{{/*
+The policy file: the user's, with the sidecar's ports set and, when the
+chart runs the control plane and the file names none, the sidecars pointed
+at it with the token the injector mounts (so that upstreams with
+`dead_letter: true` deliver their letters).
+*/}}
 {{- define "breakwater.policies" -}}
 {{- $file := deepCopy .Values.policies.file -}}
+{{- if and .Values.controlPlane.enabled (not (hasKey $file "control_plane")) -}}
+{{- $cp := dict "url" (printf "http://%s-control-plane.%s.svc:%d" (include "breakwater.fullname" .) .Release.Namespace (int .Values.controlPlane.grpcPort)) -}}
+{{- if .Values.controlPlane.auth.enabled -}}
+{{- $_ := set $cp "token_file" "/var/run/breakwater/token" -}}
+{{- end -}}
+{{- $_ := set $file "control_plane" $cp -}}
+{{- end -}}
 {{- $_ := set $file "admin" (dict "listen" (printf "0.0.0.0:%d" (int .Values.sidecar.adminPort))) -}}
 {{- $_ := set $file "proxy" (dict "listen" (printf "127.0.0.1:%d" (int .Values.sidecar.proxyPort))) -}}
 {{- toYaml $file -}}
@@ -81,6 +93,7 @@ dependency):
   volumeMounts:
     - {name: breakwater-policies, mountPath: /etc/breakwater, readOnly: true}
     - {name: breakwater-tmp, mountPath: /tmp}
+    - {name: breakwater-token, mountPath: /var/run/breakwater, readOnly: true}
 {{- end -}}
 
 {{- define "breakwater.sidecarVolumes" -}}
@@ -88,6 +101,8 @@ dependency):
   configMap: {name: {{ .Values.policies.configMapName }}}
 - name: breakwater-tmp
   emptyDir: {sizeLimit: 256Mi}
+- name: breakwater-token
+  secret: {secretName: {{ include "breakwater.tokenSecret" . }}, optional: true}
 {{- end -}}
 
 {{- define "breakwater.securityContext" -}}
