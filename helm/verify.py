@@ -283,9 +283,14 @@ def main():
             want["token_file"] = "/var/run/breakwater/token"
         for d in docs:
             if d["kind"] == "ConfigMap" and "policies.yaml" in d.get("data", {}):
-                got = yaml.safe_load(d["data"]["policies.yaml"]).get("control_plane")
+                policies = yaml.safe_load(d["data"]["policies.yaml"])
+                got = policies.get("control_plane")
                 if got != want:
                     problem(f"[{label}] ConfigMap/{d['metadata']['name']}", f"control_plane is {got}, not {want}")
+                # The API that changes circuits and faults stays on loopback;
+                # only probes and metrics face the pod network.
+                if policies["admin"] != {"listen": "127.0.0.1:15000", "probes_listen": "0.0.0.0:15020"}:
+                    problem(f"[{label}] ConfigMap/{d['metadata']['name']}", f"admin is {policies['admin']}")
         injector_args = [a for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-injector")
                          for c in d["spec"]["template"]["spec"]["containers"] for a in c.get("args", [])]
         secret = "my-token" if label == "existing secret" else "breakwater-token"
@@ -341,6 +346,9 @@ def main():
         token = next((v for v in injected["spec"]["volumes"] if v["name"] == "breakwater-token"), None)
         if token != {"name": "breakwater-token", "secret": {"secretName": "breakwater-token", "optional": True}}:
             problem("[injected pod]", f"no optional volume of the token Secret: {token}")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if injected["spec"]["initContainers"][0][probe]["httpGet"]["port"] != "bw-probes":
+                problem("[injected pod]", f"{probe} is not on the probes port")
         mounts = {m["mountPath"]: m["name"] for m in injected["spec"]["initContainers"][0]["volumeMounts"]}
         if mounts.get("/var/run/breakwater") != "breakwater-token":
             problem("[injected pod]", f"the sidecar does not mount the token where the policies name it: {mounts}")

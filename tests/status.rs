@@ -237,3 +237,43 @@ async fn the_page_renders_in_chromium_and_shows_a_circuit_the_test_opened() {
         "the refresh worked: {dom}"
     );
 }
+
+/// `admin.probes_listen`: a port with only `/healthz`, `/readyz` and
+/// `/metrics`, which may face the pod network; everything else, and every
+/// change, is refused there and served on the admin port only.
+#[tokio::test]
+async fn the_probes_port_serves_probes_and_metrics_and_refuses_changes() {
+    let echo = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "admin: {{listen: 127.0.0.1:0, probes_listen: 127.0.0.1:0}}\nupstreams:\n  ok: {{address: '{}'}}\n",
+        echo.addr
+    ))
+    .await;
+    let probes = sidecar.probes_addr.expect("a probes port");
+    assert_ne!(probes, sidecar.admin_addr);
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (parts, _) = admin(probes, Method::GET, path, "").await;
+        assert_eq!(parts.status, 200, "{path}");
+    }
+    for (method, path) in [
+        (Method::POST, "/circuits/ok/open"),
+        (Method::PUT, "/faults/ok"),
+        (Method::DELETE, "/faults/ok"),
+        (Method::GET, "/"),
+        (Method::GET, "/config"),
+    ] {
+        let (parts, body) = admin(probes, method.clone(), path, "{}").await;
+        assert_eq!(parts.status, 404, "{method} {path}");
+        assert!(String::from_utf8_lossy(&body).contains("admin.listen"));
+    }
+    assert_eq!(
+        admin_json(sidecar.admin_addr, "/circuits").await["ok"]["state"],
+        "closed"
+    );
+    let (parts, _) = admin(sidecar.admin_addr, Method::POST, "/circuits/ok/open", "").await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(
+        admin_json(sidecar.admin_addr, "/circuits").await["ok"]["state"],
+        "open"
+    );
+}

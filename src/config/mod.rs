@@ -69,7 +69,7 @@ pub struct Config {
     /// The file this configuration came from (or `<embedded>`).
     pub source: String,
     /// Where the admin endpoint listens.
-    pub admin: ListenConfig,
+    pub admin: AdminConfig,
     /// Where the shared proxy port listens, and the bounds on every proxy
     /// listener's connections.
     pub proxy: ProxyConfig,
@@ -148,11 +148,16 @@ pub struct ProxyConfig {
 /// Default of `proxy.header_read_timeout`.
 pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A listening address.
+/// `admin`.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct ListenConfig {
-    /// The socket address to bind; port 0 picks a free port.
+pub struct AdminConfig {
+    /// The admin API (status page, circuits, faults, and the read-only
+    /// endpoints); port 0 picks a free port.
     pub listen: SocketAddr,
+    /// A second port with only `/healthz`, `/readyz` and `/metrics`, for
+    /// probes and scrapes from beyond the pod, while `listen` stays on
+    /// loopback.
+    pub probes_listen: Option<SocketAddr>,
 }
 
 /// One upstream and how callers reach it through the sidecar.

@@ -23,7 +23,7 @@ use std::num::NonZeroU32;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
-    pub admin: Option<RawListen>,
+    pub admin: Option<RawAdmin>,
     pub proxy: Option<RawProxy>,
     pub control_plane: Option<Spanned<RawControlPlane>>,
     pub dead_letters: Option<RawDeadLetters>,
@@ -56,11 +56,13 @@ pub(crate) struct RawProxy {
     pub idle_timeout: Option<crate::values::HumanDuration>,
 }
 
-/// A block that only names a listening address.
+/// `admin`: the admin API's address, and the read-only one for probes
+/// and scrapes.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawListen {
+pub(crate) struct RawAdmin {
     pub listen: Option<Spanned<String>>,
+    pub probes_listen: Option<Spanned<String>>,
 }
 
 /// One upstream's block under `upstreams`.

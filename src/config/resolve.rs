@@ -18,8 +18,9 @@ use super::check::{
 use super::raw::{RawConfig, RawFallback, RawKeyPositions};
 use super::upstream::{resolve_failover, resolve_injected, resolve_tls};
 use super::{
-    Config, ConfigError, ControlPlaneConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_PROXY_LISTEN,
-    DeadLetterPolicy, DeadLettersConfig, Diagnostic, ListenConfig, ProxyConfig, UpstreamConfig,
+    AdminConfig, Config, ConfigError, ControlPlaneConfig, DEFAULT_ADMIN_LISTEN,
+    DEFAULT_PROXY_LISTEN, DeadLetterPolicy, DeadLettersConfig, Diagnostic, ProxyConfig,
+    UpstreamConfig,
 };
 use crate::resilience::fallback::{Criticality, Fallback};
 use crate::resilience::faults::FaultSpec;
@@ -117,8 +118,17 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         "proxy.listen",
         DEFAULT_PROXY_LISTEN,
     );
+    let probes = raw
+        .admin
+        .as_ref()
+        .and_then(|b| b.probes_listen.as_ref())
+        .and_then(|s| Some((check.socket_addr(s, "admin.probes_listen")?, Some(unit(s)))));
     let mut listens: Vec<(SocketAddr, String, Option<Spanned<()>>)> = Vec::new();
-    for (addr, field) in [(&admin, "admin.listen"), (&proxy, "proxy.listen")] {
+    for (addr, field) in [
+        (&admin, "admin.listen"),
+        (&proxy, "proxy.listen"),
+        (&probes, "admin.probes_listen"),
+    ] {
         if let Some((addr, at)) = addr {
             listens.push((*addr, field.to_owned(), at.clone()));
         }
@@ -235,8 +245,9 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
     upstreams.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Config {
         source: file.to_owned(),
-        admin: ListenConfig {
+        admin: AdminConfig {
             listen: admin.expect("checked above").0,
+            probes_listen: probes.map(|p| p.0),
         },
         proxy: ProxyConfig {
             listen: proxy.expect("checked above").0,

@@ -59,8 +59,10 @@ pub struct Settings {
     pub token_secret: String,
     /// The sidecar's shared proxy port.
     pub proxy_port: u16,
-    /// The sidecar's admin port.
+    /// The sidecar's admin port (loopback).
     pub admin_port: u16,
+    /// The sidecar's probes port: `/healthz`, `/readyz`, `/metrics`.
+    pub probes_port: u16,
     /// Default resources: `(requests cpu, requests memory, limits cpu,
     /// limits memory)`; empty strings are left out.
     pub resources: [String; 4],
@@ -75,6 +77,7 @@ impl Default for Settings {
             token_secret: "breakwater-token".into(),
             proxy_port: 15001,
             admin_port: 15000,
+            probes_port: 15020,
             resources: ["50m".into(), "32Mi".into(), String::new(), "128Mi".into()],
         }
     }
@@ -253,7 +256,7 @@ fn sidecar(pod: &Value, settings: &Settings) -> Result<Value, BadReview> {
     }
     let probe = |path: &str| {
         json!({
-            "httpGet": {"path": path, "port": "bw-admin"},
+            "httpGet": {"path": path, "port": "bw-probes"},
             "periodSeconds": 5,
             "failureThreshold": 3,
         })
@@ -267,9 +270,10 @@ fn sidecar(pod: &Value, settings: &Settings) -> Result<Value, BadReview> {
         "ports": [
             {"name": "bw-proxy", "containerPort": settings.proxy_port, "protocol": "TCP"},
             {"name": "bw-admin", "containerPort": settings.admin_port, "protocol": "TCP"},
+            {"name": "bw-probes", "containerPort": settings.probes_port, "protocol": "TCP"},
         ],
         "startupProbe": {
-            "httpGet": {"path": "/readyz", "port": "bw-admin"},
+            "httpGet": {"path": "/readyz", "port": "bw-probes"},
             "periodSeconds": 1,
             "failureThreshold": 30,
         },

@@ -1,7 +1,10 @@
 //! The admin endpoint: liveness, readiness, metrics and the live config.
 //!
 //! It listens on its own port (loopback by default) so that probes and
-//! scrapes never queue behind proxied traffic.
+//! scrapes never queue behind proxied traffic. `admin.probes_listen` adds
+//! a port with only `/healthz`, `/readyz` and `/metrics` (GET), for the
+//! kubelet and Prometheus, which reach a pod at its IP: the API that
+//! changes circuits and faults can then stay on loopback.
 //!
 //! | path | answer |
 //! |---|---|
@@ -41,6 +44,9 @@ use crate::resilience::breaker::Breaker;
 use crate::resilience::faults::FaultSpec;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstream;
+
+/// What the probes port serves.
+const PROBES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// The largest request body the admin endpoint reads.
 const MAX_ADMIN_BODY: usize = 64 << 10;
@@ -112,8 +118,9 @@ impl AdminState {
     }
 }
 
-/// Serves the admin endpoint until `stop` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+/// Serves the admin endpoint until `stop` turns true (and samples the
+/// metrics for the status page meanwhile).
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: watch::Receiver<bool>) {
     let (sampled, mut stopping) = (state.clone(), stop.clone());
     tokio::spawn(async move {
         loop {
@@ -124,6 +131,26 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
             }
         }
     });
+    accept(listener, state, stop, false).await;
+}
+
+/// Serves the probes port (`admin.probes_listen`) until `stop` turns true:
+/// `/healthz`, `/readyz` and `/metrics` only, so that it may be reached
+/// from beyond the pod while the admin API stays on loopback.
+pub async fn serve_probes(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    stop: watch::Receiver<bool>,
+) {
+    accept(listener, state, stop, true).await;
+}
+
+async fn accept(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut stop: watch::Receiver<bool>,
+    probes_only: bool,
+) {
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => break,
@@ -133,7 +160,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
         let state = state.clone();
         let service = hyper::service::service_fn(move |request| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, request).await) }
+            async move {
+                if probes_only && !PROBES.contains(&request.uri().path()) {
+                    return Ok::<_, Infallible>(text(
+                        StatusCode::NOT_FOUND,
+                        "this port serves only /healthz, /readyz and /metrics: the admin API is on admin.listen\n",
+                    ));
+                }
+                Ok::<_, Infallible>(handle(&state, request).await)
+            }
         });
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()

@@ -115,6 +115,8 @@ pub struct ReloadStatus {
 pub struct Sidecar {
     /// Where the admin endpoint listens.
     pub admin_addr: SocketAddr,
+    /// Where the probes port (`admin.probes_listen`) listens, if any.
+    pub probes_addr: Option<SocketAddr>,
     /// Where the shared proxy port listened at start.
     pub proxy_addr: SocketAddr,
     /// Where each upstream's dedicated port listened at start, by upstream
@@ -210,11 +212,13 @@ impl Control {
                 "proxy.header_read_timeout and proxy.max_connections changes take effect at the next restart"
             );
         }
-        if config.admin.listen != current.config.admin.listen {
+        if config.admin.listen != current.config.admin.listen
+            || config.admin.probes_listen != current.config.admin.probes_listen
+        {
             tracing::warn!(
                 configured = %config.admin.listen,
                 serving = %current.config.admin.listen,
-                "admin.listen changes take effect at the next restart"
+                "admin.listen and admin.probes_listen changes take effect at the next restart"
             );
         }
         if (&config.control_plane, &config.dead_letters)
@@ -447,6 +451,11 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
     let dead_letters = DeadLetters::start(&config, metrics.clone(), stop_letters_rx)?;
     let admin_listener = bind("admin", config.admin.listen).await?;
     let admin_addr = local_addr(&admin_listener);
+    let probes_listener = match config.admin.probes_listen {
+        Some(addr) => Some(bind("admin probes", addr).await?),
+        None => None,
+    };
+    let probes_addr = probes_listener.as_ref().map(local_addr);
     let wanted = listen_addrs(&config);
     let letters_config = (config.control_plane.clone(), config.dead_letters.clone());
     let connections = Connections::new(&config.proxy);
@@ -495,6 +504,13 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         connections,
         dead_letters.as_ref().map(|(sink, _)| sink.clone()),
     ));
+    if let Some(listener) = probes_listener {
+        tokio::spawn(admin::serve_probes(
+            listener,
+            admin_state.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let watcher = options.watch.map(|watch| {
         let (control, live) = (control.clone(), live.clone());
@@ -509,6 +525,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
     ready.store(true, Ordering::Release);
     tracing::info!(
         admin = %admin_addr,
+        probes = probes_addr.map(|a| a.to_string()),
         proxy = %proxy_addr,
         upstreams = live.load().upstreams().len(),
         config = %live.load().config.source,
@@ -525,6 +542,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
     ));
     Ok(Sidecar {
         admin_addr,
+        probes_addr,
         proxy_addr,
         upstream_addrs,
         control,

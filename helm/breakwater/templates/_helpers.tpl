@@ -45,7 +45,7 @@ at it with the token the injector mounts (so that upstreams with
 {{- end -}}
 {{- $_ := set $file "control_plane" $cp -}}
 {{- end -}}
-{{- $_ := set $file "admin" (dict "listen" (printf "0.0.0.0:%d" (int .Values.sidecar.adminPort))) -}}
+{{- $_ := set $file "admin" (dict "listen" (printf "127.0.0.1:%d" (int .Values.sidecar.adminPort)) "probes_listen" (printf "0.0.0.0:%d" (int .Values.sidecar.probesPort))) -}}
 {{- $_ := set $file "proxy" (dict "listen" (printf "127.0.0.1:%d" (int .Values.sidecar.proxyPort))) -}}
 {{- toYaml $file -}}
 {{- end -}}
@@ -74,16 +74,17 @@ dependency):
   ports:
     - {name: bw-proxy, containerPort: {{ .Values.sidecar.proxyPort }}, protocol: TCP}
     - {name: bw-admin, containerPort: {{ .Values.sidecar.adminPort }}, protocol: TCP}
+    - {name: bw-probes, containerPort: {{ .Values.sidecar.probesPort }}, protocol: TCP}
   startupProbe:
-    httpGet: {path: /readyz, port: bw-admin}
+    httpGet: {path: /readyz, port: bw-probes}
     periodSeconds: 1
     failureThreshold: 30
   readinessProbe:
-    httpGet: {path: /readyz, port: bw-admin}
+    httpGet: {path: /readyz, port: bw-probes}
     periodSeconds: 5
     failureThreshold: 3
   livenessProbe:
-    httpGet: {path: /healthz, port: bw-admin}
+    httpGet: {path: /healthz, port: bw-probes}
     periodSeconds: 5
     failureThreshold: 3
   resources:
