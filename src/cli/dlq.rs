@@ -1,7 +1,7 @@
 //! `breakwater dlq list|show|replay|purge`.
 
 use super::say;
-use super::{Authorized, CliError, Remote, print_json, print_table, readable, time};
+use super::{Authorized, CliError, Remote, print_json, print_table, time};
 use crate::api::dead_letters_client::DeadLettersClient;
 use crate::api::json::LetterJson;
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
@@ -111,7 +111,7 @@ fn print_letter(l: &DeadLetter) {
     };
     say!("seal       {seal}");
     let cut = if l.body_truncated { " (truncated)" } else { "" };
-    say!("body{cut}       {}", readable(&l.body));
+    say!("body{cut}       {}", super::wire::body(&l.body, l.grpc));
 }
 
 /// What to replay or purge.

@@ -6,6 +6,7 @@
 mod checkpoint;
 mod dlq;
 pub mod saga;
+mod wire;
 
 /// `println!` for the CLI's output: a closed standard output (`| head`)
 /// ends the command quietly, as Unix tools do, instead of a panic.
