@@ -525,3 +525,27 @@ async fn an_authority_with_another_port_is_not_the_upstream_on_that_host() {
     }
     assert_eq!(upstream.requests(), 4);
 }
+
+/// `/config` shows the ports the listeners are bound to, not the `0` of
+/// the file.
+#[tokio::test]
+async fn the_config_shows_the_bound_ports() {
+    let upstream = HttpUpstream::echo().await;
+    let sidecar = sidecar(&format!(
+        "admin: {{listen: 127.0.0.1:0, probes_listen: 127.0.0.1:0}}\nupstreams:\n  agent: {{address: '{}', listen: 127.0.0.1:0}}\n",
+        upstream.addr
+    ))
+    .await;
+    let config = admin_json(sidecar.admin_addr, "/config").await;
+    let addr = |v: &serde_json::Value| v.as_str().unwrap().parse::<std::net::SocketAddr>().unwrap();
+    assert_eq!(addr(&config["proxy"]["listen"]), sidecar.proxy_addr);
+    assert_eq!(addr(&config["admin"]["listen"]), sidecar.admin_addr);
+    assert_eq!(
+        addr(&config["admin"]["probes_listen"]),
+        sidecar.probes_addr.unwrap()
+    );
+    assert_eq!(
+        addr(&config["upstreams"][0]["listen"]),
+        sidecar.upstream_addrs["agent"]
+    );
+}

@@ -59,6 +59,10 @@ pub struct AdminState {
     ready: Arc<AtomicBool>,
     connections: super::Connections,
     dead_letters: Option<Arc<super::dead_letter::DeadLetters>>,
+    /// The listeners, for the ports they are bound to.
+    control: Arc<super::Control>,
+    /// Where the admin and probes ports are bound.
+    bound: (std::net::SocketAddr, Option<std::net::SocketAddr>),
     samples: super::status::Samples,
     /// Status pages served.
     renders: std::sync::atomic::AtomicU64,
@@ -68,12 +72,14 @@ impl AdminState {
     /// The state to serve: metrics, the live configuration (which reloads
     /// replace), readiness, the caller connections, and the dead letters'
     /// delivery.
-    pub fn new(
+    pub(super) fn new(
         metrics: Arc<Metrics>,
         live: LiveCell,
         ready: Arc<AtomicBool>,
         connections: super::Connections,
         dead_letters: Option<Arc<super::dead_letter::DeadLetters>>,
+        control: Arc<super::Control>,
+        bound: (std::net::SocketAddr, Option<std::net::SocketAddr>),
     ) -> Self {
         Self {
             metrics,
@@ -81,6 +87,8 @@ impl AdminState {
             ready,
             connections,
             dead_letters,
+            control,
+            bound,
             samples: Default::default(),
             renders: Default::default(),
         }
@@ -255,16 +263,40 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
             state.metrics.encode(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
-        "/config" => with_type(
-            StatusCode::OK,
-            state.live.load().config_json(),
-            "application/json",
-        ),
+        "/config" => json(StatusCode::OK, &bound_config(state).await),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /, /status.json, /healthz, /readyz, /metrics, /config, /circuits or /faults\n",
         ),
     }
+}
+
+/// The configuration in force, each `listen` the address it is bound to
+/// (`127.0.0.1:0` in the file: the port it picked).
+async fn bound_config(state: &AdminState) -> serde_json::Value {
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&state.live.load().config_json()).unwrap_or_default();
+    let (admin, probes) = state.bound;
+    config["admin"]["listen"] = admin.to_string().into();
+    if let Some(probes) = probes {
+        config["admin"]["probes_listen"] = probes.to_string().into();
+    }
+    let listeners = state.control.listeners.lock().await;
+    for (target, listener) in listeners.iter() {
+        let bound = serde_json::Value::from(listener.local.to_string());
+        match target {
+            super::Target::Shared => config["proxy"]["listen"] = bound,
+            super::Target::Upstream(name) => {
+                let upstreams = config["upstreams"].as_array_mut();
+                for upstream in upstreams.into_iter().flatten() {
+                    if upstream["name"] == **name {
+                        upstream["listen"] = bound.clone();
+                    }
+                }
+            }
+        }
+    }
+    config
 }
 
 /// Whether a browser sent `request` from a page of another origin: its

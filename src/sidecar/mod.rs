@@ -503,6 +503,8 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         ready.clone(),
         connections,
         dead_letters.as_ref().map(|(sink, _)| sink.clone()),
+        control.clone(),
+        (admin_addr, probes_addr),
     ));
     if let Some(listener) = probes_listener {
         tokio::spawn(admin::serve_probes(
