@@ -9,8 +9,14 @@ fn error(text: &str) -> String {
 }
 
 #[test]
-fn defaults_apply_to_an_empty_file() {
-    let config = parse("p.yaml", "").unwrap();
+fn an_empty_file_is_an_error_and_defaults_apply_to_the_rest() {
+    for empty in ["", "\n  \n", "# only a comment\n"] {
+        assert_eq!(
+            parse("p.yaml", empty).unwrap_err().to_string(),
+            "p.yaml:1:1: the file is empty: a policy file names the upstreams the sidecar calls, such as `upstreams: {ocr: {address: 'ocr-agent:8080'}}`"
+        );
+    }
+    let config = parse("p.yaml", "upstreams: {}\n").unwrap();
     assert_eq!(config.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
     assert_eq!(config.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
     assert!(config.upstreams.is_empty());
@@ -462,7 +468,7 @@ fn built_in_defaults_warn_of_nothing() {
 
 #[test]
 fn proxy_bounds_its_caller_connections() {
-    let config = parse("p.yaml", "").unwrap();
+    let config = parse("p.yaml", "upstreams: {}\n").unwrap();
     assert_eq!(
         config.proxy.header_read_timeout,
         DEFAULT_HEADER_READ_TIMEOUT
@@ -480,4 +486,35 @@ fn proxy_bounds_its_caller_connections() {
     assert_eq!(config.proxy.max_connections, Some(100));
     assert!(error("proxy: {max_connections: 0}\n").contains("proxy.max_connections"));
     assert!(error("admin: {max_connections: 10}\n").contains("unknown field"));
+}
+
+#[test]
+fn serde_words_are_put_in_the_users_and_a_typo_gets_the_closest_key() {
+    let check = |yaml: &str| error(&format!("upstreams:\n  a: {{address: 'a:1', {yaml}}}\n"));
+    assert_eq!(
+        check("retry: {max_attempts: x}"),
+        "policies.yaml:2:45: upstreams.a.retry.max_attempts: expected a whole number, such as 3"
+    );
+    assert_eq!(
+        check("retry: {max_attempts: 0}"),
+        "policies.yaml:2:31: upstreams.a.retry.max_attempts: expected a whole number above 0, such as 3, not 0"
+    );
+    assert_eq!(
+        check("retry: {budget: {ratio: x}}"),
+        "policies.yaml:2:47: upstreams.a.retry.budget.ratio: expected a number, such as 0.5"
+    );
+    let typo = check("retyr: {}");
+    assert!(
+        typo.starts_with("policies.yaml:2:23: upstreams.a.retyr: unknown field \"retyr\": did you mean \"retry\"? (known here: address, protocol,"),
+        "{typo}"
+    );
+    let far = check("zzzzzz: 1");
+    assert!(
+        far.contains("unknown field \"zzzzzz\" (known here: "),
+        "{far}"
+    );
+    assert_eq!(
+        error("upstreams:\n  a: [1, 2]\n"),
+        "policies.yaml:2:6: upstreams.a: expected a block of keys here (`key: value` lines below it, or `{key: value}`)"
+    );
 }
