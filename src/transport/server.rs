@@ -148,26 +148,19 @@ pub async fn serve<S>(
             // The protocol is told from the first bytes: a connection
             // that sends none is closed.
             // A drain does not wait for a connection that sent nothing.
-            let mut first = [0u8; 3];
-            let peeked = tokio::select! {
+            let mut first = [0u8; 1];
+            tokio::select! {
                 peeked = tokio::time::timeout(first_byte, stream.peek(&mut first)) => {
-                    match peeked {
-                        Ok(peeked) => peeked.unwrap_or(0),
-                        Err(_) => {
-                            tracing::debug!("a connection sent nothing within the header-read timeout");
-                            return;
-                        }
+                    if peeked.is_err() {
+                        tracing::debug!("a connection sent nothing within the header-read timeout");
+                        return;
                     }
                 }
                 _ = stopping.wait_for(|stop| *stop) => return,
-            };
+            }
             let Some(tls) = tls else {
-                // An HTTP/1.1 request never starts as the HTTP/2 preface
-                // (`PRI * HTTP/2.0`) does; its connection has no streams to
-                // count.
-                let h2 = b"PRI".starts_with(&first[..peeked.min(3)]);
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
-                return drive(connection, stopping, idle, h2).await;
+                return drive(connection, stopping, idle).await;
             };
             let stream = match tls.accept(stream).await {
                 Ok(stream) => stream,
@@ -177,7 +170,7 @@ pub async fn serve<S>(
                 }
             };
             let connection = builder.serve_connection(TokioIo::new(stream), service);
-            drive(connection, stopping, idle, true).await;
+            drive(connection, stopping, idle).await;
         });
     }
 }
@@ -263,18 +256,13 @@ async fn accept(listener: &TcpListener) -> TcpStream {
 /// paced on its own); shut down gracefully when the drain starts
 /// (`stopping`: idle HTTP/1.1 connections close, HTTP/2 ones get a GOAWAY
 /// and finish their open streams) or when it has had no call open for
-/// `idle` (checked every `idle`, so after one to two of them). `h2`: it
-/// may be HTTP/2, whose streams are counted (an HTTP/1.1 connection has
-/// none, and is spared the count).
-async fn drive<C>(
-    connection: C,
-    mut stopping: watch::Receiver<bool>,
-    idle: Option<Duration>,
-    h2: bool,
-) where
+/// `idle` (checked every `idle`, so after one to two of them).
+async fn drive<C>(connection: C, mut stopping: watch::Receiver<bool>, idle: Option<Duration>)
+where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
+    let streams = Arc::new(Streams::default());
     let served = pace::paced(async move {
         tokio::pin!(connection);
         let period = idle.unwrap_or(Duration::MAX);
@@ -295,7 +283,7 @@ async fn drive<C>(
                     closing = true;
                 }
                 () = timer.as_mut(), if !closing && idle.is_some() => {
-                    let (open, started) = STREAMS.try_with(|s| s.now()).unwrap_or_default();
+                    let (open, started) = STREAMS.with(|s| s.now());
                     if open == 0 && started == seen {
                         tracing::debug!(after = ?period, "a connection with no call open: closed");
                         connection.as_mut().graceful_shutdown();
@@ -308,10 +296,7 @@ async fn drive<C>(
             }
         }
     });
-    match h2 {
-        true => STREAMS.scope(Arc::default(), served).await,
-        false => served.await,
-    }
+    STREAMS.scope(streams, served).await;
 }
 
 /// Longer than any connection lives: the idle timer of a connection
