@@ -36,7 +36,8 @@
 //! stops reading (`transport::pace`) has its stream cut after that long
 //! without asking for the next frame, so that it frees its slot. That cut
 //! is the caller's: counted in `breakwater_timeouts_total{kind=
-//! "caller-idle"}`, never reported to the breaker.
+//! "caller-idle"}`, never against the upstream (the breaker hears of the
+//! answer as the success it was until then, as of a caller that left).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -107,7 +108,7 @@ impl Cut {
 
     /// Whether a timeout cut it (else the upstream broke it).
     pub fn is_timeout(self) -> bool {
-        matches!(self, Cut::FirstByte | Cut::Idle | Cut::Caller)
+        matches!(self, Cut::FirstByte | Cut::Idle)
     }
 }
 

@@ -112,6 +112,12 @@ impl AdminState {
         )
     }
 
+    /// The status page's figures now.
+    fn status(&self) -> super::status::Status {
+        self.samples
+            .status(&self.metrics, self.live.load().upstreams())
+    }
+
     fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
         self.live.load().upstream(name).cloned()
     }
@@ -214,22 +220,15 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
     match path.as_str() {
-        "/" => {
-            let live = state.live.load();
-            let status = state.samples.status(&state.metrics, live.upstreams());
-            with_type(
-                StatusCode::OK,
-                super::status::page(&status, state.renders.fetch_add(1, Ordering::Relaxed) + 1),
-                "text/html; charset=utf-8",
-            )
-        }
-        "/status.json" => {
-            let live = state.live.load();
-            json(
-                StatusCode::OK,
-                &state.samples.status(&state.metrics, live.upstreams()),
-            )
-        }
+        "/" => with_type(
+            StatusCode::OK,
+            super::status::page(
+                &state.status(),
+                state.renders.fetch_add(1, Ordering::Relaxed) + 1,
+            ),
+            "text/html; charset=utf-8",
+        ),
+        "/status.json" => json(StatusCode::OK, &state.status()),
         "/circuits" => {
             let circuits = state.circuits();
             let snapshots: BTreeMap<&str, _> = circuits
