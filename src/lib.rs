@@ -30,6 +30,7 @@ pub mod telemetry;
 pub mod transport;
 pub mod upstream;
 pub mod values;
+pub mod web;
 
 /// Generated code for the demo's OCR agent.
 pub mod ocr {

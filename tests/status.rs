@@ -6,10 +6,9 @@
 
 mod support;
 
-use std::net::SocketAddr;
-
 use bytes::Bytes;
 use http::{Method, Request};
+use support::chromium::{chromium, render, rendered};
 use support::*;
 
 /// A sidecar with `ok` (an echo), `down` (a closed port, retried) and
@@ -145,67 +144,12 @@ async fn a_page_of_another_origin_may_not_change_the_sidecar() {
     assert_eq!(admin_json(addr, "/circuits").await["ok"]["state"], "open");
 }
 
-/// Debian's Chromium, or a visible skip.
-fn chromium() -> Option<&'static str> {
-    let found = ["chromium", "chromium-browser"].into_iter().find(|name| {
-        std::process::Command::new(name)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("BREAKWATER_REQUIRE_PEERS").is_none(),
-            "no chromium on this machine"
-        );
-        eprintln!("SKIPPED: no chromium (apt-get install chromium, or run .ci/run)");
-    }
-    found
-}
-
-/// The page as Chromium has it after running its script for `ms` of
-/// virtual time.
-async fn rendered(chromium: &str, admin: SocketAddr, ms: u32) -> String {
-    let profile = tempfile::tempdir().unwrap();
-    let output = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        tokio::process::Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(format!("--virtual-time-budget={ms}"))
-            .arg("--dump-dom")
-            .arg(format!("http://{admin}/"))
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("chromium finished")
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-/// The number of the render a page shows.
-fn render(page: &str) -> u64 {
-    let at = page.find("<main data-render=\"").expect("a render number") + 19;
-    page[at..].split('"').next().unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_renders_in_chromium_and_shows_a_circuit_the_test_opened() {
     let Some(chromium) = chromium() else { return };
     let (sidecar, _echo) = busy_sidecar().await;
     let addr = sidecar.admin_addr;
-    let dom = rendered(chromium, addr, 500).await;
+    let dom = rendered(chromium, &format!("http://{addr}/"), 500).await;
     assert!(
         dom.contains("<td class=\"circuit closed\">closed</td>"),
         "{dom}"
@@ -218,7 +162,7 @@ async fn the_page_renders_in_chromium_and_shows_a_circuit_the_test_opened() {
     // still shows every upstream.
     let (_, page) = admin(addr, Method::GET, "/", "").await;
     let served = render(&String::from_utf8_lossy(&page));
-    let dom = rendered(chromium, addr, 3_000).await;
+    let dom = rendered(chromium, &format!("http://{addr}/"), 3_000).await;
     assert!(render(&dom) >= served + 2, "refreshed: {dom}");
     let row = dom
         .split("<tr data-upstream=\"down\">")

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// The read-only token, for a call that changes something (403 /
     /// `PERMISSION_DENIED`).
     ReadOnly,
+    /// Refused for who is asking, such as a browser page of another
+    /// origin (403 / `PERMISSION_DENIED`).
+    Forbidden(String),
     /// The store failed (500 / `INTERNAL`); nothing was acknowledged.
     Internal(String),
 }
@@ -39,6 +42,7 @@ impl std::fmt::Display for ApiError {
             ApiError::Invalid(m)
             | ApiError::NotFound(m)
             | ApiError::Precondition(m)
+            | ApiError::Forbidden(m)
             | ApiError::Internal(m) => f.write_str(m),
             ApiError::Conflict { message, .. } => f.write_str(message),
             ApiError::Unauthenticated => {
@@ -73,4 +77,25 @@ pub(crate) fn page_size(size: u32) -> usize {
     } else {
         size.min(MAX_PAGE_SIZE)
     }) as usize
+}
+
+/// Page tokens that continue a listing by id: the last id served, in
+/// URL-safe base64 (an id may hold any printable character).
+const ID_TOKEN: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// The token that continues after `id`.
+pub(crate) fn id_token(id: &str) -> String {
+    base64::Engine::encode(&ID_TOKEN, id)
+}
+
+/// The id a token continues after (`None`: from the start).
+pub(crate) fn after_id(token: &str) -> Result<Option<String>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    base64::Engine::decode(&ID_TOKEN, token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .map(Some)
+        .ok_or_else(|| ApiError::Invalid(format!("page_token {token:?} is not one this API gave")))
 }

@@ -43,7 +43,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Precondition(_) => Status::failed_precondition(message),
             ApiError::Unauthenticated => Status::unauthenticated(message),
-            ApiError::ReadOnly => Status::permission_denied(message),
+            ApiError::ReadOnly | ApiError::Forbidden(_) => Status::permission_denied(message),
             ApiError::Internal(_) => Status::internal(message),
         }
     }

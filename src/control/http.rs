@@ -4,6 +4,9 @@
 //! | method and path | operation |
 //! |---|---|
 //! | `PUT /v1/checkpoints/{workflow}` | put (JSON body, below) |
+//! | `GET /` | the status page (see `status`) |
+//! | `GET /v1/status` | its overview, as JSON |
+//! | `GET /v1/checkpoints[?page_size=&page_token=]` | every workflow's latest checkpoint, by workflow |
 //! | `GET /v1/checkpoints/{workflow}[?version=N]` | get the latest or a version |
 //! | `GET /v1/checkpoints/{workflow}/history[?page_size=&page_token=]` | list, newest first |
 //! | `DELETE /v1/checkpoints/{workflow}` | delete the workflow |
@@ -22,11 +25,13 @@
 //!
 //! Errors answer `{"error": {"code": "NOT_FOUND", "message": "..."}}` with
 //! the matching HTTP status (400, 401, 403, 404, 409, 500). `GET`s need
-//! either token; the others the operator's.
+//! either token; the others the operator's, and are refused from a
+//! browser page of another origin (its `Origin` is not this port's).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -57,6 +62,8 @@ pub struct HttpApi {
     auth: Auth,
     /// The gRPC port, named to a gRPC client that came here instead.
     grpc_addr: std::net::SocketAddr,
+    /// Status pages served (which tells a refreshed page from the first).
+    renders: Arc<AtomicU64>,
 }
 
 /// `PUT /v1/checkpoints/{workflow}`.
@@ -91,7 +98,9 @@ impl ApiError {
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, "ABORTED"),
             ApiError::Precondition(_) => (StatusCode::BAD_REQUEST, "FAILED_PRECONDITION"),
             ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
-            ApiError::ReadOnly => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+            ApiError::ReadOnly | ApiError::Forbidden(_) => {
+                (StatusCode::FORBIDDEN, "PERMISSION_DENIED")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         }
     }
@@ -190,6 +199,7 @@ impl HttpApi {
             control,
             auth,
             grpc_addr,
+            renders: Arc::default(),
         }
     }
 
@@ -268,11 +278,54 @@ impl HttpApi {
     /// One arm per endpoint of the table above: long, and clearer as one
     /// table than split.
     async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        self.auth
-            .check(request.headers(), Access::of_http(request.method()))?;
         let path = request.uri().path().to_owned();
+        if path == "/" && request.method() == Method::GET {
+            // The page's shell holds no data: its script asks for the
+            // token and fetches the overview with it.
+            return Ok(body::typed(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                super::status::SHELL,
+            ));
+        }
+        let access = Access::of_http(request.method());
+        if access == Access::Operate && crate::web::cross_origin(&request) {
+            return Err(ApiError::Forbidden(
+                "a page of another origin may not change the control plane".into(),
+            ));
+        }
+        self.auth.check(request.headers(), access)?;
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (request.method().clone(), segments.as_slice()) {
+            (Method::GET, ["v1", "status"]) => Ok(json(
+                StatusCode::OK,
+                &super::status::overview(&self.control)?,
+            )),
+            (Method::GET, ["v1", "status", "page"]) => {
+                let render = self.renders.fetch_add(1, Ordering::Relaxed) + 1;
+                let overview = super::status::overview(&self.control)?;
+                Ok(body::typed(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    super::status::page(&overview, render, std::time::SystemTime::now()),
+                ))
+            }
+            (Method::GET, ["v1", "checkpoints"]) => {
+                let query = query(&request)?;
+                let (latest, next_page_token) = self.control.list_workflows(
+                    number(&query, "page_size")?.unwrap_or(0),
+                    query.get("page_token").map_or("", String::as_str),
+                )?;
+                let checkpoints: Vec<CheckpointJson> =
+                    latest.into_iter().map(CheckpointJson::from).collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "checkpoints": checkpoints,
+                        "next_page_token": next_page_token,
+                    }),
+                ))
+            }
             (method, ["v1", "checkpoints", workflow]) => {
                 let workflow = percent_decode(workflow)?;
                 match method {

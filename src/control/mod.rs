@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod plane;
 pub mod saga;
+pub mod status;
 pub mod store;
 
 use std::convert::Infallible;

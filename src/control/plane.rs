@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use super::error::{ApiError, page_size};
+use super::error::{ApiError, after_id, id_token, page_size};
 use super::metrics::ControlMetrics;
 use super::saga::Sagas;
 use super::saga::call::{Prepared, Upstreams, send};
@@ -40,7 +40,7 @@ const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// The control plane's state: the store, its group commit, limits and
 /// metrics.
 pub struct ControlPlane {
-    store: Arc<dyn Store>,
+    pub(super) store: Arc<dyn Store>,
     commit: GroupCommit,
     metrics: Arc<ControlMetrics>,
     max_state_bytes: usize,
@@ -274,6 +274,24 @@ impl ControlPlane {
             checkpoints,
             next_page_token: next.map(|v| v.to_string()).unwrap_or_default(),
         })
+    }
+
+    /// The latest checkpoint of each workflow, by workflow id; the token
+    /// continues a listing (empty: from the start), and the next one is
+    /// empty at the end.
+    pub fn list_workflows(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<Checkpoint>, String), ApiError> {
+        let _timer = self.timer("checkpoints.ListWorkflows");
+        let after = after_id(page_token)?;
+        let (latest, next) = self.store.list_workflows(
+            after.as_deref(),
+            self::page_size(page_size),
+            SystemTime::now(),
+        )?;
+        Ok((latest, next.as_deref().map_or_else(String::new, id_token)))
     }
 
     /// Deletes a workflow; answers once the deletion is durable.

@@ -195,7 +195,7 @@ async fn accept(
 async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
     let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
-    if changes && cross_origin(&request) {
+    if changes && crate::web::cross_origin(&request) {
         return text(
             StatusCode::FORBIDDEN,
             "refused: a page of another origin may not change this sidecar\n",
@@ -296,23 +296,6 @@ async fn bound_config(state: &AdminState) -> serde_json::Value {
         }
     }
     config
-}
-
-/// Whether a browser sent `request` from a page of another origin: its
-/// `Origin` names another host and port than the one it was sent to.
-fn cross_origin<B>(request: &Request<B>) -> bool {
-    let Some(origin) = request.headers().get(http::header::ORIGIN) else {
-        return false;
-    };
-    let host = request.headers().get(http::header::HOST);
-    let authority = origin.to_str().ok().and_then(|o| {
-        o.strip_prefix("http://")
-            .or_else(|| o.strip_prefix("https://"))
-    });
-    match (authority, host.and_then(|h| h.to_str().ok())) {
-        (Some(authority), Some(host)) => !authority.eq_ignore_ascii_case(host),
-        _ => true,
-    }
 }
 
 /// `PUT /faults/<upstream>`: the body is a `faults` block as JSON.

@@ -20,7 +20,7 @@ use super::decide::{self, Effect, Move, Transition};
 use super::record::{SagaEvent, SagaRecord, SagaState, Time};
 use super::spec::{Saga, SagaSpec};
 use crate::api::seal::LetterKey;
-use crate::control::error::{ApiError, page_size as page_size_for};
+use crate::control::error::{ApiError, after_id, id_token, page_size as page_size_for};
 use crate::control::metrics::ControlMetrics;
 use crate::control::store::{GroupCommit, Store, StoreError};
 
@@ -175,12 +175,20 @@ impl Sagas {
         tokio::spawn(self.clone().drive(cell, saga));
     }
 
+    /// How many sagas are in each state, as stored.
+    pub fn counts(&self) -> Result<Vec<(SagaState, u64)>, StoreError> {
+        Ok(self
+            .store
+            .saga_counts()?
+            .into_iter()
+            .filter_map(|(state, count)| Some((SagaState::parse(&state)?, count)))
+            .collect())
+    }
+
     /// Resumes every unfinished saga (at start); returns how many.
     pub async fn resume(self: &Arc<Self>) -> Result<usize, StoreError> {
-        for (state, count) in self.store.saga_counts()? {
-            if let Some(state) = SagaState::parse(&state) {
-                self.metrics.set_sagas(state.as_str(), count);
-            }
+        for (state, count) in self.counts()? {
+            self.metrics.set_sagas(state.as_str(), count);
         }
         let mut resumed = 0;
         for state in [SagaState::Running, SagaState::Compensating] {
@@ -258,23 +266,9 @@ impl Sagas {
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<SagaRecord>, String), ApiError> {
-        const TOKEN: base64::engine::GeneralPurpose =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let after = if page_token.is_empty() {
-            None
-        } else {
-            let bytes = base64::Engine::decode(&TOKEN, page_token)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    ApiError::Invalid(format!(
-                        "page_token {page_token:?} is not one this API gave"
-                    ))
-                })?;
-            Some(bytes)
-        };
+        let after = after_id(page_token)?;
         let (records, next) = self.list(state, after.as_deref(), page_size_for(page_size))?;
-        let next = next.map_or_else(String::new, |id| base64::Engine::encode(&TOKEN, id));
+        let next = next.as_deref().map_or_else(String::new, id_token);
         Ok((records, next))
     }
 

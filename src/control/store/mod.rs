@@ -83,6 +83,15 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         now: SystemTime,
     ) -> Result<Page, StoreError>;
+    /// The latest checkpoint of each workflow after `after`, by workflow
+    /// id, at most `limit`, expired ones left out; and the workflow to
+    /// continue after, if there are more.
+    fn list_workflows(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now: SystemTime,
+    ) -> Result<(Vec<Checkpoint>, Option<String>), StoreError>;
     /// Deletes a workflow; returns how many versions went.
     fn delete_workflow(&self, workflow: &str, now: SystemTime) -> Result<u64, StoreError>;
     /// Keeps the newest `keep` versions; returns how many went.

@@ -214,6 +214,42 @@ impl Store for SledStore {
         Ok(Page { checkpoints, next })
     }
 
+    fn list_workflows(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now: SystemTime,
+    ) -> Result<(Vec<Checkpoint>, Option<String>), StoreError> {
+        // A workflow's keys are `id 0x00` and `id 0x01 version`: from
+        // `id 0x02` on, the next workflow's. One seek per workflow, not a
+        // walk over every version.
+        let past = |id: &[u8]| [id, &[2]].concat();
+        let mut from = after.map_or_else(Vec::new, |id| past(id.as_bytes()));
+        let mut latest = Vec::with_capacity(limit.min(64));
+        while let Some(entry) = self.checkpoints.range(from.clone()..).next() {
+            let (key, value) = entry?;
+            let end = key.iter().position(|&b| b < 2).unwrap_or(key.len());
+            let id = std::str::from_utf8(&key[..end])
+                .map_err(|_| StoreError::Storage("a workflow id is corrupt".into()))?;
+            if key.get(end) == Some(&0) {
+                let record = Workflow::decode(&value)?;
+                if !record.expired(now) {
+                    if latest.len() == limit {
+                        let last = latest.last().map(|c: &Checkpoint| c.workflow_id.clone());
+                        return Ok((latest, last));
+                    }
+                    let bytes = self
+                        .checkpoints
+                        .get(version_key(id, record.latest))?
+                        .ok_or_else(|| not_found(id))?;
+                    latest.push(decode_checkpoint(&bytes)?);
+                }
+            }
+            from = past(&key[..end]);
+        }
+        Ok((latest, None))
+    }
+
     fn delete_workflow(&self, workflow: &str, now: SystemTime) -> Result<u64, StoreError> {
         self.workflow(workflow, now)?;
         self.remove_workflow(workflow)

@@ -259,3 +259,38 @@ fn an_expired_workflow_starts_over() {
     assert_eq!(history.checkpoints.len(), 1);
     assert_eq!(history.checkpoints[0].step, "new");
 }
+
+#[test]
+fn workflows_list_by_id_with_their_latest_version_and_pages() {
+    let (_dir, store) = store();
+    for (workflow, steps) in [("inv-2", 1), ("inv-1", 3), ("inv-10", 2)] {
+        for step in 0..steps {
+            put(&store, workflow, &format!("s{step}"), None, None, 1).unwrap();
+        }
+    }
+    put(&store, "gone", "s0", None, Some(5), 1).unwrap();
+    let (all, next) = store.list_workflows(None, 10, at(10)).unwrap();
+    let seen: Vec<(&str, u64, &str)> = all
+        .iter()
+        .map(|c| (c.workflow_id.as_str(), c.version, c.step.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [("inv-1", 3, "s2"), ("inv-10", 2, "s1"), ("inv-2", 1, "s0")],
+        "by id, the latest of each, the expired one left out"
+    );
+    assert_eq!(next, None);
+    let (first, next) = store.list_workflows(None, 2, at(10)).unwrap();
+    assert_eq!(first.len(), 2);
+    assert_eq!(next.as_deref(), Some("inv-10"));
+    let (rest, next) = store.list_workflows(Some("inv-10"), 2, at(10)).unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].workflow_id, "inv-2");
+    assert_eq!(next, None);
+    let (exact, next) = store.list_workflows(None, 3, at(10)).unwrap();
+    assert_eq!(
+        (exact.len(), next),
+        (3, None),
+        "a full last page has no next"
+    );
+}
