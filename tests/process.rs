@@ -71,6 +71,31 @@ fn config_check_prints_a_summary_or_positioned_errors() {
             bad.path().display()
         )
     );
+
+    // Three errors, three lines.
+    let three = write_config(
+        "upstreams:\n  ocr: {address: 'ocr:1', protocol: grcp}\n  llm: {address: 'llm:1', retyr: {}}\n  pay: {address: 'pay'}\n",
+    );
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(three.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let at: Vec<&str> = stderr
+        .lines()
+        .map(|l| l.split(": ").nth(1).unwrap_or(l))
+        .collect();
+    assert_eq!(
+        at,
+        [
+            "upstreams.ocr.protocol",
+            "upstreams.llm.retyr",
+            "upstreams.pay.address"
+        ],
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@
 
 mod check;
 mod error;
+mod parse;
 mod raw;
 mod resolve;
 mod upstream;
@@ -299,8 +300,7 @@ impl Config {
 /// Parses and validates a policy file's text. `file` names the source in
 /// error messages.
 pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
-    let raw = resolve::deserialize(file, text)?;
-    resolve::resolve(file, raw)
+    parse::parse(file, text)
 }
 
 /// Reads, parses and validates a policy file.

@@ -1,6 +1,6 @@
-//! From YAML text to a validated [`Config`]: syntax and type errors from the
-//! deserializer, then the checks serde cannot express (addresses, ports,
-//! host claims), all reported with the position of the offending value.
+//! From the raw model to a validated [`Config`]: the checks serde cannot
+//! express (addresses, ports, host claims), all reported with the
+//! position of the offending value.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,167 +15,15 @@ use serde_saphyr::Spanned;
 use super::check::{
     Checker, check_listens, parse_address, parse_host, relative_to, unit, valid_name,
 };
-use super::raw::{RawConfig, RawFallback, RawKeyPositions};
+use super::raw::{RawConfig, RawFallback};
 use super::upstream::{resolve_failover, resolve_injected, resolve_tls};
 use super::{
     AdminConfig, Config, ConfigError, ControlPlaneConfig, DEFAULT_ADMIN_LISTEN,
-    DEFAULT_PROXY_LISTEN, DeadLetterPolicy, DeadLettersConfig, Diagnostic, ProxyConfig,
-    UpstreamConfig,
+    DEFAULT_PROXY_LISTEN, DeadLetterPolicy, DeadLettersConfig, ProxyConfig, UpstreamConfig,
 };
 use crate::resilience::fallback::{Criticality, Fallback};
 use crate::resilience::faults::FaultSpec;
 use crate::values::Merge;
-
-/// Deserializes the raw model, turning serde's error into a diagnostic with
-/// the field path.
-pub(super) fn deserialize(file: &str, text: &str) -> Result<RawConfig, ConfigError> {
-    let blank = text
-        .lines()
-        .all(|line| line.trim().is_empty() || line.trim_start().starts_with('#'));
-    if blank {
-        return Err(ConfigError::single(
-            file,
-            Diagnostic {
-                line: 1,
-                column: 1,
-                field: String::new(),
-                message: "the file is empty: a policy file names the upstreams the sidecar calls, such as `upstreams: {ocr: {address: 'ocr-agent:8080'}}`".to_owned(),
-            },
-        ));
-    }
-    let mut raw: RawConfig = deserialize_with_path(file, text)?;
-    let positions: RawKeyPositions = deserialize_with_path(file, text)?;
-    for ((name, _), (key, _)) in raw.upstreams.0.iter_mut().zip(positions.upstreams.0) {
-        debug_assert_eq!(*name, key.value);
-        raw.upstream_names.push(unit(&key));
-    }
-    Ok(raw)
-}
-
-fn deserialize_with_path<'de, T: serde::Deserialize<'de>>(
-    file: &str,
-    text: &'de str,
-) -> Result<T, ConfigError> {
-    let mut path = String::new();
-    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            path = clean_path(&e.path().to_string());
-            e.into_inner()
-        })
-    });
-    parsed.map_err(|e| {
-        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-        let message = e.without_snippet().to_string();
-        let message = match message.rfind(" at line ") {
-            Some(cut) => message[..cut].to_owned(),
-            None => message,
-        };
-        ConfigError::single(
-            file,
-            Diagnostic {
-                line,
-                column,
-                field: path,
-                message: in_words(&message.replace('`', "\"")),
-            },
-        )
-    })
-}
-
-/// A serde or YAML message in the user's words: what was expected, with
-/// an example; the closest known key for an unknown one.
-fn in_words(message: &str) -> String {
-    if let Some(rest) = message.strip_prefix("unknown field \"")
-        && let Some((field, known)) = rest.split_once("\", expected one of ")
-    {
-        let known: Vec<&str> = known.split(", ").map(|k| k.trim_matches('"')).collect();
-        return match closest(field, &known) {
-            Some(near) => format!(
-                "unknown field \"{field}\": did you mean \"{near}\"? (known here: {})",
-                known.join(", ")
-            ),
-            None => format!(
-                "unknown field \"{field}\" (known here: {})",
-                known.join(", ")
-            ),
-        };
-    }
-    let plain = match message {
-        "invalid u32" | "invalid u64" | "invalid u16" | "invalid i64" | "invalid usize" => {
-            "expected a whole number, such as 3"
-        }
-        "invalid floating point" => "expected a number, such as 0.5",
-        "expected mapping start" => {
-            "expected a block of keys here (`key: value` lines below it, or `{key: value}`)"
-        }
-        "expected sequence start" => "expected a list here (`- item` lines below it, or `[a, b]`)",
-        "invalid boolean" | "invalid bool" => "expected true or false",
-        _ => "",
-    };
-    if !plain.is_empty() {
-        return plain.to_owned();
-    }
-    if message.contains("expected a nonzero u32") {
-        let got = message
-            .split('"')
-            .nth(1)
-            .map(|v| format!(", not {v}"))
-            .unwrap_or_default();
-        return format!("expected a whole number above 0, such as 3{got}");
-    }
-    message.to_owned()
-}
-
-/// The known key closest to `typed`, if one is near enough to be what was
-/// meant (at most a third of its letters off, and at least one).
-fn closest<'a>(typed: &str, known: &[&'a str]) -> Option<&'a str> {
-    // Edits, a swap of two letters side by side counted as one (`retyr`).
-    let distance = |a: &str, b: &str| {
-        let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-        let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-        for (i, row) in d.iter_mut().enumerate() {
-            row[0] = i;
-        }
-        for (j, cell) in d[0].iter_mut().enumerate() {
-            *cell = j;
-        }
-        for i in 1..=a.len() {
-            for j in 1..=b.len() {
-                let cost = usize::from(a[i - 1] != b[j - 1]);
-                d[i][j] = (d[i - 1][j] + 1)
-                    .min(d[i][j - 1] + 1)
-                    .min(d[i - 1][j - 1] + cost);
-                if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                    d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
-                }
-            }
-        }
-        d[a.len()][b.len()]
-    };
-    known
-        .iter()
-        .map(|k| (distance(typed, k), *k))
-        .filter(|(d, _)| *d <= (typed.chars().count() / 3).max(1))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-/// Drops the parts of a serde path that are implementation details: the
-/// `value` field of a [`Spanned`] wrapper (anywhere but as a key of a
-/// `headers` map) and unknown (`?`) segments.
-fn clean_path(path: &str) -> String {
-    let mut segments: Vec<&str> = Vec::new();
-    for segment in path.split('.') {
-        if segment == "value" && segments.last() != Some(&"headers") {
-            continue;
-        }
-        segments.push(segment);
-    }
-    while matches!(segments.last(), Some(&"?" | &"")) {
-        segments.pop();
-    }
-    segments.join(".")
-}
 
 /// An upstream being resolved.
 struct Pending {

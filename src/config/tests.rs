@@ -518,3 +518,112 @@ fn serde_words_are_put_in_the_users_and_a_typo_gets_the_closest_key() {
         "policies.yaml:2:6: upstreams.a: expected a block of keys here (`key: value` lines below it, or `{key: value}`)"
     );
 }
+
+#[test]
+fn every_error_is_reported_each_on_its_line() {
+    let text = "\
+upstreams:
+  ocr:
+    address: 'ocr:8080'
+    retry:
+      max_attempts: three
+  llm:
+    address: 'llm:443'
+    retyr: {max_attempts: 3}
+  mail:
+    address: 'mail:25'
+    timeout: 5 parsecs
+  pay:
+    address: 'pay:notaport'
+";
+    let lines: Vec<String> = error(text).lines().map(str::to_owned).collect();
+    let starts: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split(": ").next().unwrap())
+        .collect();
+    assert_eq!(
+        starts,
+        [
+            "policies.yaml:5:21",
+            "policies.yaml:8:5",
+            "policies.yaml:11:14",
+            "policies.yaml:13:14"
+        ],
+        "{lines:#?}"
+    );
+    assert!(lines[0].contains("upstreams.ocr.retry.max_attempts: expected a whole number"));
+    assert!(lines[1].contains("did you mean \"retry\"?"));
+    assert!(lines[2].contains("upstreams.mail.timeout: invalid duration"));
+    assert!(lines[3].contains("upstreams.pay.address: address \"pay:notaport\" has no port"));
+}
+
+#[test]
+fn what_a_bad_value_leaves_behind_is_not_reported_again() {
+    // The address is required: blanking the bad one must not add "missing
+    // field address", nor an empty upstream's complaint.
+    assert_eq!(
+        error("upstreams:\n  a:\n    address: [1, 2]\n  b:\n    timeout: x\n    address: 'b:1'\n"),
+        "policies.yaml:3:14: upstreams.a.address: expected a single value here (a name, an address), not a list or a block\n\
+         policies.yaml:5:14: upstreams.b.timeout: invalid duration \"x\": expected a number with a unit, such as 250ms, 30s or 5m"
+    );
+    // The only key of a block.
+    let only = error(
+        "upstreams:\n  a:\n    address: 'a:1'\n    retry:\n      max_attempts: x\n  b: {address: 'b:1', hedge: 3}\n",
+    );
+    assert_eq!(only.lines().count(), 2, "{only}");
+    assert!(only.contains("policies.yaml:6:"), "{only}");
+    // The checks after reading skip the upstream whose value was blanked
+    // (its other fields may now look wrong), not the others.
+    let checked = error(
+        "upstreams:\n  a:\n    address: 'a:nope'\n    retry: {max_attempts: x}\n  b: {address: 'b:nope'}\n",
+    );
+    assert_eq!(checked.lines().count(), 2, "{checked}");
+    assert!(
+        checked
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("policies.yaml:5:"),
+        "{checked}"
+    );
+    // An upstream set aside whole (a one-line block) is not "missing" to
+    // the failover that names it.
+    let named = error(
+        "upstreams:\n  a: {address: 'a:1', failover: [b]}\n  b: {address: 'b:1', timeout: x}\n  c: {address: 'c'}\n",
+    );
+    let fields: Vec<&str> = named
+        .lines()
+        .map(|l| l.split(": ").nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        ["upstreams.b.timeout", "upstreams.c.address"],
+        "{named}"
+    );
+}
+
+#[test]
+fn a_syntax_error_is_said_in_plain_words_and_ends_the_search() {
+    assert_eq!(
+        error("upstreams:\n\tocr: {}\n"),
+        "policies.yaml:2:2: YAML indents with spaces, not tabs (YAML said: tabs disallowed within this context (block indentation))"
+    );
+    let unclosed = error("upstreams:\n  ocr: {address: 'x:1'\n  b: {address: 3}\n");
+    assert!(
+        unclosed.starts_with("policies.yaml:3:3: upstreams.ocr: expected a `,` between the items"),
+        "{unclosed}"
+    );
+    let indented = error("upstreams:\n  ocr:\n   address: 'x:1'\n    timeout: 1s\n");
+    assert!(
+        indented.starts_with("policies.yaml:4:5: upstreams.ocr: expected another `key: value` here, indented as far as the keys above it"),
+        "{indented}"
+    );
+    assert_eq!(
+        error("upstreams:\n  ocr: {address: 'a:1'}\n  ocr: {address: 'b:1'}\n"),
+        "policies.yaml:3:3: upstreams: \"ocr\" is given twice in this block: keep one"
+    );
+    // A type error above a syntax error: both, and nothing more.
+    let both = error("upstreams:\n  a: {address: 'a:1', timeout: x}\n  b: {address: 'b:1'\n");
+    assert_eq!(both.lines().count(), 2, "{both}");
+    assert!(both.lines().nth(1).unwrap().contains("YAML said"), "{both}");
+}
