@@ -1,6 +1,7 @@
 //! Compiles the protobuf definitions with `protox`, a pure-Rust compiler,
 //! so building Breakwater never needs a system `protoc`. The control
-//! plane's descriptor set is kept too, for gRPC server reflection.
+//! plane's descriptor set is kept too, for gRPC server reflection, and the
+//! examples' (for tests that decode their messages by name).
 
 use prost::Message;
 
@@ -17,12 +18,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in example.iter().chain(&api) {
         println!("cargo:rerun-if-changed={proto}");
     }
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let examples = protox::compile(example, ["proto"])?;
+    std::fs::write(out.join("example_descriptor.bin"), examples.encode_to_vec())?;
     tonic_prost_build::configure()
         .bytes(".")
-        .compile_fds(protox::compile(example, ["proto"])?)?;
+        .compile_fds(examples)?;
 
     let descriptors = protox::compile(api, ["proto"])?;
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out.join("breakwater_descriptor.bin"),
         descriptors.encode_to_vec(),

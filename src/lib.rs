@@ -43,3 +43,8 @@ pub mod echo {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("breakwater.echo.v1");
 }
+
+/// The example services' descriptors (echo and the demo's OCR agent), as
+/// an encoded `FileDescriptorSet`.
+pub const EXAMPLE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/example_descriptor.bin"));

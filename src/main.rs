@@ -322,6 +322,11 @@ enum DlqCommand {
     Show {
         /// The letter's id.
         id: String,
+        /// A FileDescriptorSet (`buf build -o FILE`, `protoc
+        /// --include_imports -o FILE`) with the upstream's service: a gRPC
+        /// body is shown by its field names, not its field numbers.
+        #[arg(long, env = "BREAKWATER_DESCRIPTORS")]
+        descriptors: Option<std::path::PathBuf>,
     },
     /// Send letters again to their upstream; delivered ones are removed.
     Replay {
@@ -507,7 +512,9 @@ async fn dlq(remote: cli::Remote, command: DlqCommand) -> Result<(), cli::CliErr
             page_size,
             page_token,
         } => cli::dlq_list(&remote, upstream, page_size, page_token).await,
-        DlqCommand::Show { id } => cli::dlq_show(&remote, id).await,
+        DlqCommand::Show { id, descriptors } => {
+            cli::dlq_show(&remote, id, descriptors.as_deref()).await
+        }
         DlqCommand::Replay { selection, force } => {
             cli::dlq_replay(&remote, selection.into(), force).await
         }

@@ -409,11 +409,66 @@ async fn the_cli_and_the_json_api_list_show_replay_and_purge() {
 
     let out = cli(&["purge", &first]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1 letter purged\n");
+
+    // A gRPC letter: its message by field numbers, or by names with the
+    // service's descriptors.
+    let message = prost::Message::encode_to_vec(&breakwater::echo::EchoRequest {
+        payload: bytes::Bytes::from_static(b"hi"),
+        repeat: 3,
+        ..Default::default()
+    });
+    let mut framed = vec![0, 0, 0, 0, message.len() as u8];
+    framed.extend_from_slice(&message);
+    let body = serde_json::json!({
+        "upstream": "orders", "method": "POST", "uri": "/breakwater.echo.v1.Echo/Unary",
+        "grpc": true, "reason": "timeout", "attempts": 1,
+        "body_base64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &framed),
+    });
+    let (parts, answer) = admin(http, Method::POST, "/v1/dead-letters", body.to_string()).await;
+    assert_eq!(parts.status, StatusCode::OK, "{answer:?}");
+    let grpc_id = serde_json::from_slice::<serde_json::Value>(&answer).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = cli(&["show", &grpc_id]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("    1: \"hi\"\n    2: 3"), "{text}");
+    let descriptors = dir.path().join("echo.binpb");
+    std::fs::write(&descriptors, breakwater::EXAMPLE_DESCRIPTOR_SET).unwrap();
+    let out = cli(&[
+        "show",
+        &grpc_id,
+        "--descriptors",
+        descriptors.to_str().unwrap(),
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "message 0 ({} bytes, breakwater.echo.v1.EchoRequest)\n    payload: \"hi\"\n    repeat: 3",
+            message.len()
+        )),
+        "{text}"
+    );
+    let out = cli(&[
+        "show",
+        &grpc_id,
+        "--descriptors",
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read the descriptors"),
+        "{out:?}"
+    );
+
     let (parts, answer) = admin(http, Method::DELETE, "/v1/dead-letters?all=true", "").await;
     assert_eq!(parts.status, StatusCode::OK);
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&answer).unwrap()["purged"],
-        1
+        2
     );
     assert!(letters(running.grpc_addr).await.is_empty());
     running.shutdown().await;

@@ -62,8 +62,17 @@ pub async fn dlq_list(
     Ok(())
 }
 
-/// Shows one letter, with its headers and body.
-pub async fn dlq_show(remote: &Remote, id: String) -> Result<(), CliError> {
+/// Shows one letter, with its headers and body; a gRPC body by its field
+/// names when `descriptors` (a `FileDescriptorSet`) has its method.
+pub async fn dlq_show(
+    remote: &Remote,
+    id: String,
+    descriptors: Option<&std::path::Path>,
+) -> Result<(), CliError> {
+    let descriptors = descriptors
+        .map(super::wire::Descriptors::read)
+        .transpose()
+        .map_err(CliError::Usage)?;
     let letter = remote
         .dead_letters()
         .await?
@@ -73,12 +82,12 @@ pub async fn dlq_show(remote: &Remote, id: String) -> Result<(), CliError> {
     if remote.json {
         print_json(&LetterJson::from(letter));
     } else {
-        print_letter(&letter);
+        print_letter(&letter, descriptors.as_ref());
     }
     Ok(())
 }
 
-fn print_letter(l: &DeadLetter) {
+fn print_letter(l: &DeadLetter, descriptors: Option<&super::wire::Descriptors>) {
     say!("id         {}", l.id);
     say!("upstream   {}", l.upstream);
     say!("source     {}", l.source);
@@ -110,8 +119,18 @@ fn print_letter(l: &DeadLetter) {
         false => "present (checked by the control plane at replay)",
     };
     say!("seal       {seal}");
+    let request = match descriptors {
+        Some(d) if l.grpc => d
+            .request_of(&l.uri)
+            .inspect_err(|why| say!("types      not named: {why}"))
+            .ok(),
+        _ => None,
+    };
     let cut = if l.body_truncated { " (truncated)" } else { "" };
-    say!("body{cut}       {}", super::wire::body(&l.body, l.grpc));
+    say!(
+        "body{cut}       {}",
+        super::wire::body(&l.body, l.grpc, request.as_ref())
+    );
 }
 
 /// What to replay or purge.
