@@ -90,6 +90,11 @@ impl Upstream {
         self.stack.breaker()
     }
 
+    /// Retries its budget allows now, if it retries or hedges.
+    pub fn budget_left(&self) -> Option<u64> {
+        self.stack.budget_left()
+    }
+
     /// The faults in force, which the admin API may replace.
     pub fn faults(&self) -> &FaultCell {
         self.stack.faults()

@@ -107,6 +107,10 @@ async fn the_status_figures_are_the_metrics_counters() {
     .await;
     assert_eq!(down["totals"]["retries"], retried);
     assert_eq!(retried, 6.0, "two retries for each of three calls");
+    // The default budget: 10 retries a second over 10 s (100), and one per
+    // five calls; each retry spends one.
+    assert_eq!(ok["budget_left"], 100 + 7 / 5, "{ok}");
+    assert_eq!(down["budget_left"], (500 + 3 - 5 * 6) / 5, "{down}");
 
     let (parts, page) = admin(admin_addr, Method::GET, "/", "").await;
     assert_eq!(parts.headers["content-type"], "text/html; charset=utf-8");
@@ -116,6 +120,7 @@ async fn the_status_figures_are_the_metrics_counters() {
         "{page}"
     );
     assert!(page.contains("data-path=\"/circuits/down/open\""), "{page}");
+    assert!(page.contains("<td class=\"budget\">94</td>"), "{page}");
 }
 
 #[tokio::test]

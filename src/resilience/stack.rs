@@ -128,6 +128,11 @@ impl Stack {
         self.breaker.as_ref()
     }
 
+    /// Retries the budget allows now, if the upstream retries or hedges.
+    pub fn budget_left(&self) -> Option<u64> {
+        self.retry.budget_left()
+    }
+
     /// Sends a call through every step (`grpc`: the call is gRPC).
     pub async fn call(
         &self,

@@ -2,10 +2,10 @@
 //! the same figures for scripts.
 //!
 //! Every upstream with its protocol, its circuit (and the time to its next
-//! probe), faults in force, and over the last minute: requests a second,
-//! the share that failed, p50 and p99, retries, retries the budget
-//! refused, shed and degraded answers, failovers; each with its total
-//! since start.
+//! probe), faults in force, the retries its budget allows now, and over
+//! the last minute: requests a second, the share that failed, p50 and
+//! p99, retries, retries the budget refused, shed and degraded answers,
+//! failovers; each with its total since start.
 //!
 //! The figures are read from the metrics as `/metrics` serves them, not
 //! kept a second time: a sample of the encoded metrics is taken every 5
@@ -170,6 +170,8 @@ pub struct UpstreamStatus {
     pub circuit: Option<Circuit>,
     /// Faults in force.
     pub faults: Option<FaultSpec>,
+    /// Retries its budget allows now, if it retries or hedges.
+    pub budget_left: Option<u64>,
     /// Over the window.
     pub last_minute: Figures,
     /// Since start: the counters of `/metrics`.
@@ -359,6 +361,7 @@ fn upstream_status(
         protocol: upstream.config.protocol.to_string(),
         circuit,
         faults: upstream.faults().current().map(|f| f.spec().clone()),
+        budget_left: upstream.budget_left(),
         last_minute,
         totals,
     }
@@ -432,7 +435,7 @@ pub fn page(status: &Status, render: u64) -> String {
             "<tr data-upstream=\"{name}\"><th>{name}</th><td>{}</td>\
              <td class=\"circuit {state}\">{state}{probe}</td>\
              <td>{:.1}<small> / {:.0}</small></td><td>{}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td>{}</td><td class=\"budget\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
              <td class=\"faults\">{faults}</td><td>{actions}</td></tr>",
             escape(&u.protocol),
             m.requests_per_second,
@@ -441,6 +444,8 @@ pub fn page(status: &Status, render: u64) -> String {
             figure(m.p50_ms, " ms"),
             figure(m.p99_ms, " ms"),
             count(m.retries, u.totals.retries),
+            u.budget_left
+                .map_or_else(|| "–".to_owned(), |n| n.to_string()),
             count(m.budget_exhausted, u.totals.budget_exhausted),
             count(m.shed, u.totals.shed),
             count(m.degraded, u.totals.degraded),

@@ -33,6 +33,7 @@
 //! `x-breakwater-attempt: N`.
 
 pub mod backoff;
+pub mod budget;
 pub mod pushback;
 
 use std::future::Future;
@@ -43,8 +44,8 @@ use futures_util::stream::FuturesUnordered;
 use http::header::HeaderName;
 use http::{HeaderValue, Method, Request, Response};
 use tokio::time::Instant;
-use tower::retry::budget::{Budget, TpsBudget};
 
+use self::budget::RetryBudget;
 use super::deadline::Deadline;
 use super::policy::{HedgeParams, RetryParams};
 use crate::body::{self, Body};
@@ -98,7 +99,7 @@ pub struct Retry {
     hedge: Option<HedgeParams>,
     /// How long the caller's body may stall (`stream_idle_timeout`).
     request_idle: Option<Duration>,
-    budget: TpsBudget,
+    budget: RetryBudget,
     metrics: UpstreamMetrics,
 }
 
@@ -195,10 +196,10 @@ impl Retry {
         request_idle: Option<Duration>,
         metrics: UpstreamMetrics,
     ) -> Self {
-        let budget = TpsBudget::new(
+        let budget = RetryBudget::new(
             BUDGET_WINDOW,
             params.budget_min_per_second,
-            params.budget_ratio as f32,
+            params.budget_ratio,
         );
         Self {
             params,
@@ -207,6 +208,12 @@ impl Retry {
             budget,
             metrics,
         }
+    }
+
+    /// Retries (and hedges) the budget allows now; `None` when the
+    /// upstream neither retries nor hedges.
+    pub fn budget_left(&self) -> Option<u64> {
+        (self.params.max_attempts > 1 || self.hedge.is_some()).then(|| self.budget.left())
     }
 
     /// Runs `attempt` until it succeeds or no retry is allowed (`grpc`: the
@@ -246,7 +253,7 @@ impl Retry {
             return Box::pin(attempt(request, first)).await;
         }
         // Only a call that may be retried or hedged pays into the budget
-        // (a lock in tower's bucket); with retries off nothing withdraws.
+        // (an atomic add, mostly); with retries off nothing withdraws.
         self.budget.deposit();
         let (parts, body) = request.into_parts();
         let safe = safe_to_repeat(&parts, &self.params, grpc);
