@@ -6,6 +6,7 @@
 //! | `PUT /v1/checkpoints/{workflow}` | put (JSON body, below) |
 //! | `GET /` | the status page (see `status`) |
 //! | `GET /v1/status` | its overview, as JSON |
+//! | `GET /v1/status/page` | the overview as the page's HTML `<main>` |
 //! | `GET /v1/checkpoints[?page_size=&page_token=]` | every workflow's latest checkpoint, by workflow |
 //! | `GET /v1/checkpoints/{workflow}[?version=N]` | get the latest or a version |
 //! | `GET /v1/checkpoints/{workflow}/history[?page_size=&page_token=]` | list, newest first |

@@ -376,14 +376,12 @@ impl ControlPlane {
         let _timer = self.timer("dead_letters.List");
         let after = page_token(&request.page_token)?;
         let upstream = (!request.upstream.is_empty()).then_some(request.upstream.as_str());
-        let (mut letters, next) =
-            self.store
-                .list_letters(upstream, after, page_size(request.page_size))?;
-        if request.without_bodies {
-            for letter in &mut letters {
-                letter.body = bytes::Bytes::new();
-            }
-        }
+        let (letters, next) = self.store.list_letters(
+            upstream,
+            after,
+            page_size(request.page_size),
+            !request.without_bodies,
+        )?;
         Ok(ListDeadLettersResponse {
             letters,
             next_page_token: next.map(|v| v.to_string()).unwrap_or_default(),

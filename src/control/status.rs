@@ -214,7 +214,7 @@ pub fn overview(control: &ControlPlane) -> Result<Overview, ApiError> {
     }
 
     let store = &control.store;
-    let (oldest, _) = store.list_letters(None, None, LETTERS_GROUPED)?;
+    let (oldest, _) = store.list_letters(None, None, LETTERS_GROUPED, false)?;
     let mut letter_groups: Vec<LetterGroup> = Vec::new();
     for letter in &oldest {
         let reason = kind_of(&letter.reason);

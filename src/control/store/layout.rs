@@ -127,6 +127,72 @@ pub(super) fn id_of(key: &[u8]) -> u64 {
     )
 }
 
+/// A stored `DeadLetter` read without its body and seal: the same tags
+/// (checked against the generated message by a test), so that listing
+/// letters does not copy bodies of up to `--max-state` each. prost skips
+/// the fields this message does not name.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LetterHead {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(string, tag = "2")]
+    upstream: String,
+    #[prost(string, tag = "3")]
+    source: String,
+    #[prost(string, tag = "4")]
+    method: String,
+    #[prost(string, tag = "5")]
+    uri: String,
+    #[prost(message, repeated, tag = "6")]
+    headers: Vec<crate::api::Header>,
+    #[prost(bool, tag = "8")]
+    body_truncated: bool,
+    #[prost(string, tag = "9")]
+    reason: String,
+    #[prost(uint32, tag = "10")]
+    attempts: u32,
+    #[prost(message, optional, tag = "11")]
+    failed_at: Option<prost_types::Timestamp>,
+    #[prost(message, optional, tag = "12")]
+    enqueued_at: Option<prost_types::Timestamp>,
+    #[prost(uint32, tag = "13")]
+    replays: u32,
+    #[prost(string, tag = "14")]
+    last_replay_error: String,
+    #[prost(message, optional, tag = "15")]
+    last_replay_at: Option<prost_types::Timestamp>,
+    #[prost(bool, tag = "16")]
+    grpc: bool,
+    #[prost(string, tag = "17")]
+    capture_id: String,
+}
+
+/// A stored letter without its body and seal.
+pub(super) fn decode_letter_head(bytes: &[u8]) -> Result<DeadLetter, StoreError> {
+    let h = LetterHead::decode(bytes)
+        .map_err(|e| StoreError::Storage(format!("a dead letter is corrupt: {e}")))?;
+    Ok(DeadLetter {
+        id: h.id,
+        upstream: h.upstream,
+        source: h.source,
+        method: h.method,
+        uri: h.uri,
+        headers: h.headers,
+        body: bytes::Bytes::new(),
+        body_truncated: h.body_truncated,
+        reason: h.reason,
+        attempts: h.attempts,
+        failed_at: h.failed_at,
+        enqueued_at: h.enqueued_at,
+        replays: h.replays,
+        last_replay_error: h.last_replay_error,
+        last_replay_at: h.last_replay_at,
+        grpc: h.grpc,
+        capture_id: h.capture_id,
+        seal: bytes::Bytes::new(),
+    })
+}
+
 pub(super) fn decode_letter(bytes: &[u8]) -> Result<DeadLetter, StoreError> {
     DeadLetter::decode(bytes)
         .map_err(|e| StoreError::Storage(format!("a dead letter is corrupt: {e}")))

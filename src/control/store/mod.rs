@@ -103,12 +103,14 @@ pub trait Store: Send + Sync + 'static {
     fn enqueue_letter(&self, letter: DeadLetter, now: SystemTime)
     -> Result<DeadLetter, StoreError>;
     /// Letters after id `after`, oldest first, of one upstream or all, at
-    /// most `limit`; and the id to continue after, if there are more.
+    /// most `limit` (without their bodies and seals unless `bodies`); and
+    /// the id to continue after, if there are more.
     fn list_letters(
         &self,
         upstream: Option<&str>,
         after: Option<u64>,
         limit: usize,
+        bodies: bool,
     ) -> Result<(Vec<DeadLetter>, Option<u64>), StoreError>;
     /// One letter.
     fn get_letter(&self, id: u64) -> Result<DeadLetter, StoreError>;

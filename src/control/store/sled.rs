@@ -346,6 +346,7 @@ impl Store for SledStore {
         upstream: Option<&str>,
         after: Option<u64>,
         limit: usize,
+        bodies: bool,
     ) -> Result<(Vec<DeadLetter>, Option<u64>), StoreError> {
         let start = after.map_or(0, |a| a.saturating_add(1));
         let ids: Box<dyn Iterator<Item = Result<u64, StoreError>>> = match upstream {
@@ -374,7 +375,11 @@ impl Store for SledStore {
             // An index entry whose letter is gone (a purge cut short) is
             // skipped.
             if let Some(bytes) = self.letters.get(id.to_be_bytes())? {
-                letters.push(decode_letter(&bytes)?);
+                letters.push(if bodies {
+                    decode_letter(&bytes)?
+                } else {
+                    decode_letter_head(&bytes)?
+                });
             }
         }
         Ok((letters, None))

@@ -179,12 +179,12 @@ fn letters_are_listed_oldest_first_by_upstream_and_removed() {
     let a2 = store.enqueue_letter(letter("a", "r3"), at(3)).unwrap();
     assert_eq!(store.letter_count(), 3);
     let ids = |letters: &[DeadLetter]| letters.iter().map(|l| l.id.clone()).collect::<Vec<_>>();
-    let (all, next) = store.list_letters(None, None, 2).unwrap();
+    let (all, next) = store.list_letters(None, None, 2, true).unwrap();
     assert_eq!(ids(&all), [a1.id.clone(), b1.id.clone()]);
-    let (rest, end) = store.list_letters(None, next, 2).unwrap();
+    let (rest, end) = store.list_letters(None, next, 2, true).unwrap();
     assert_eq!(ids(&rest), std::slice::from_ref(&a2.id));
     assert_eq!(end, None);
-    let (of_a, _) = store.list_letters(Some("a"), None, 10).unwrap();
+    let (of_a, _) = store.list_letters(Some("a"), None, 10, true).unwrap();
     assert_eq!(ids(&of_a), [a1.id.clone(), a2.id.clone()]);
     assert_eq!(
         store.get_letter(b1.id.parse().unwrap()).unwrap().reason,
@@ -201,7 +201,7 @@ fn letters_are_listed_oldest_first_by_upstream_and_removed() {
     assert_eq!(store.letter_count(), 1);
     assert!(
         store
-            .list_letters(Some("a"), None, 10)
+            .list_letters(Some("a"), None, 10, true)
             .unwrap()
             .0
             .is_empty()
@@ -240,7 +240,14 @@ fn a_letter_enqueued_twice_under_its_capture_id_is_stored_once() {
     store.enqueue_letter(letter("a", "r1"), at(4)).unwrap();
     store.enqueue_letter(letter("a", "r1"), at(5)).unwrap();
     assert_eq!(store.letter_count(), 4);
-    assert_eq!(store.list_letters(Some("a"), None, 10).unwrap().0.len(), 4);
+    assert_eq!(
+        store
+            .list_letters(Some("a"), None, 10, true)
+            .unwrap()
+            .0
+            .len(),
+        4
+    );
     // Once removed (replayed, purged), the capture id is free again.
     store.remove_letters(&[first.id.parse().unwrap()]).unwrap();
     let later = store.enqueue_letter(captured, at(6)).unwrap();
@@ -292,5 +299,58 @@ fn workflows_list_by_id_with_their_latest_version_and_pages() {
         (exact.len(), next),
         (3, None),
         "a full last page has no next"
+    );
+}
+
+#[test]
+fn a_letter_is_listed_without_its_body_and_seal_and_nothing_else_lost() {
+    let (_dir, store) = store();
+    let ts = |s| {
+        Some(prost_types::Timestamp {
+            seconds: s,
+            nanos: 7,
+        })
+    };
+    let full = DeadLetter {
+        upstream: "a".into(),
+        source: "10.0.0.1".into(),
+        method: "POST".into(),
+        uri: "/x".into(),
+        headers: vec![crate::api::Header {
+            name: "k".into(),
+            value: bytes::Bytes::from_static(b"v"),
+        }],
+        body: bytes::Bytes::from_static(b"the body"),
+        body_truncated: true,
+        reason: "timeout".into(),
+        attempts: 3,
+        failed_at: ts(1),
+        replays: 2,
+        last_replay_error: "503".into(),
+        last_replay_at: ts(3),
+        grpc: true,
+        capture_id: "c-1".into(),
+        seal: bytes::Bytes::from_static(b"seal"),
+        ..Default::default()
+    };
+    let stored = store.enqueue_letter(full, at(5)).unwrap();
+    let (with, _) = store.list_letters(None, None, 10, true).unwrap();
+    assert_eq!(with[0], stored);
+    let (without, _) = store.list_letters(None, None, 10, false).unwrap();
+    let mut expected = stored.clone();
+    expected.body = bytes::Bytes::new();
+    expected.seal = bytes::Bytes::new();
+    assert_eq!(without[0], expected, "every other field, as stored");
+    // The head names every field of the message but the body (7) and the
+    // seal (18): a field added to the proto must be added to it too.
+    let pool = prost_reflect::DescriptorPool::decode(crate::api::FILE_DESCRIPTOR_SET).unwrap();
+    let message = pool
+        .get_message_by_name("breakwater.v1.DeadLetter")
+        .unwrap();
+    let tags: Vec<u32> = message.fields().map(|f| f.number()).collect();
+    assert_eq!(
+        tags,
+        (1..=18).collect::<Vec<_>>(),
+        "update LetterHead in layout.rs"
     );
 }
