@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::cli::CliError;
 use crate::control::auth::Auth;
 use crate::telemetry::traces::Tracing;
-use crate::{config, control, demo, inject, sidecar};
+use crate::{config, control, demo, inject, intercept, sidecar};
 
 /// Exit status for invalid configuration or arguments.
 pub const EXIT_CONFIG: u8 = 2;
@@ -170,6 +170,26 @@ pub fn injector(
         Err(error) => {
             eprintln!("injector: {error}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `breakwater init`: sets (or removes, or plans) the redirection rules,
+/// printing each command.
+pub fn init(options: &intercept::InitOptions) -> ExitCode {
+    match intercept::init(options, &mut intercept::rules::System) {
+        Ok(lines) => {
+            for line in &lines {
+                println!("{line}");
+            }
+            if lines.is_empty() {
+                println!("no rules of breakwater's were set: nothing to remove");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod error;
 pub mod example;
 pub mod grpc;
 pub mod inject;
+pub mod intercept;
 pub mod resilience;
 pub mod sidecar;
 pub mod telemetry;

@@ -42,6 +42,33 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         reload_interval: Duration,
     },
+    /// Redirect this network namespace's outbound TCP to the sidecar's
+    /// outbound port (once per pod, as an init container with NET_ADMIN
+    /// and NET_RAW). Prints the commands it ran.
+    Init {
+        /// The sidecar's outbound port (its proxy.listen).
+        #[arg(long, default_value_t = 15001)]
+        redirect_port: u16,
+        /// The sidecar's UID: its own connections go where they were
+        /// going. Repeat for more.
+        #[arg(long, required_unless_present = "cleanup")]
+        exclude_uid: Vec<u32>,
+        /// Destination ports left alone, such as a database's: 5432,6379.
+        #[arg(long, value_delimiter = ',')]
+        exclude_ports: Vec<u16>,
+        /// Destination networks left alone: 10.0.0.0/8,fd00::/8.
+        #[arg(long, value_delimiter = ',')]
+        exclude_cidrs: Vec<breakwater::intercept::rules::Cidr>,
+        /// Print the commands, run none.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove the rules (and leave the table as it was).
+        #[arg(long)]
+        cleanup: bool,
+        /// IPv6 rules too: auto (when the namespace has IPv6), on or off.
+        #[arg(long, value_enum, default_value_t = Ipv6Arg::Auto)]
+        ipv6: Ipv6Arg,
+    },
     /// Run the control plane: checkpoints, dead letters and sagas on sled,
     /// over gRPC and JSON/HTTP.
     ControlPlane {
@@ -378,6 +405,14 @@ enum ConfigCommand {
     },
 }
 
+/// `--ipv6`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Ipv6Arg {
+    Auto,
+    On,
+    Off,
+}
+
 fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(text)
 }
@@ -447,6 +482,29 @@ fn main() -> ExitCode {
                 threads,
             })
         }
+        Command::Init {
+            redirect_port,
+            exclude_uid,
+            exclude_ports,
+            exclude_cidrs,
+            dry_run,
+            cleanup,
+            ipv6,
+        } => commands::init(&breakwater::intercept::InitOptions {
+            redirect: breakwater::intercept::rules::Redirect {
+                port: redirect_port,
+                exclude_uids: exclude_uid,
+                exclude_ports,
+                exclude_cidrs,
+            },
+            dry_run,
+            cleanup,
+            ipv6: match ipv6 {
+                Ipv6Arg::Auto => breakwater::intercept::Ipv6::Auto,
+                Ipv6Arg::On => breakwater::intercept::Ipv6::On,
+                Ipv6Arg::Off => breakwater::intercept::Ipv6::Off,
+            },
+        }),
         Command::Dlq { remote, command } => commands::operator(dlq(remote.into(), command)),
         Command::Saga { remote, command } => commands::operator(saga(remote.into(), command)),
         Command::Checkpoint { remote, command } => {

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod chromium;
+pub mod netns;
 pub mod python;
 pub mod tls;
 

@@ -1,0 +1,213 @@
+//! Transparent interception with real redirection: `breakwater init` sets
+//! its rules in a network namespace the test created, and an unmodified
+//! `curl` to an upstream's own address (in a second namespace of the
+//! test's) goes through the sidecar and gets its policy. Needs root, `ip`
+//! and `iptables` (`.ci/run` installs them); without them each test says
+//! so and skips.
+
+mod support;
+
+use std::time::Duration;
+
+use support::netns::Pair;
+
+const BIN: &str = env!("CARGO_BIN_EXE_breakwater");
+
+/// What `iptables -t nat -S` and `ip6tables -t nat -S` list in `ns`.
+async fn listing(ns: &str) -> String {
+    let mut out = String::new();
+    for binary in ["iptables", "ip6tables"] {
+        let listed = Pair::run(ns, binary, &["-t", "nat", "-S"]).await;
+        assert!(listed.status.success(), "{listed:?}");
+        out.push_str(&String::from_utf8_lossy(&listed.stdout));
+    }
+    out
+}
+
+async fn init(ns: &str, args: &[&str]) -> String {
+    let out = Pair::run(ns, BIN, &[&["init"], args].concat()).await;
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn init_sets_its_rules_once_prints_them_and_cleanup_restores_the_table() {
+    let Some(pair) = Pair::new() else { return };
+    let ns = &pair.agent;
+    let before = listing(ns).await;
+    assert!(!before.contains("BREAKWATER"), "{before}");
+
+    let planned = init(ns, &["--exclude-uid", "1337", "--dry-run"]).await;
+    assert_eq!(listing(ns).await, before, "a dry run changes nothing");
+    let args = ["--exclude-uid", "1337", "--exclude-ports", "5432,6379"];
+    let set = init(ns, &args).await;
+    assert!(
+        set.contains("iptables -t nat -A BREAKWATER_OUTPUT -m owner --uid-owner 1337 -j RETURN"),
+        "{set}"
+    );
+    assert!(planned.lines().count() >= 6, "{planned}");
+    let once = listing(ns).await;
+    let again = init(ns, &args).await;
+    assert_eq!(listing(ns).await, once, "set twice: one set of rules");
+    assert!(
+        again.starts_with("iptables -t nat -F BREAKWATER_OUTPUT"),
+        "{again}"
+    );
+    for family in once.split("-P PREROUTING").skip(1) {
+        assert_eq!(
+            family
+                .matches("-A OUTPUT -p tcp -j BREAKWATER_OUTPUT")
+                .count(),
+            1,
+            "{once}"
+        );
+        let chain: Vec<&str> = family
+            .lines()
+            .filter(|l| l.starts_with("-A BREAKWATER_OUTPUT"))
+            .collect();
+        assert_eq!(
+            chain,
+            [
+                "-A BREAKWATER_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+                "-A BREAKWATER_OUTPUT -o lo -j RETURN",
+                "-A BREAKWATER_OUTPUT -p tcp -m multiport --dports 5432,6379 -j RETURN",
+                "-A BREAKWATER_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+            ],
+            "{once}"
+        );
+    }
+
+    let cleaned = init(ns, &["--cleanup"]).await;
+    assert!(
+        cleaned.contains("iptables -t nat -X BREAKWATER_OUTPUT"),
+        "{cleaned}"
+    );
+    assert_eq!(listing(ns).await, before, "as it was");
+    let nothing = init(ns, &["--cleanup"]).await;
+    assert!(nothing.contains("nothing to remove"), "{nothing}");
+
+    let refused = Pair::run(ns, BIN, &["init"]).await;
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--exclude-uid"));
+}
+
+/// An upstream that answers 503 to its first two `GET /flaky`s and 200
+/// after, and `GET /count` with how many `/flaky`s it has had.
+const FLAKY: &str = r#"
+import http.server, sys
+hits = [0]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/count":
+            code, body = 200, str(hits[0]).encode()
+        else:
+            hits[0] += 1
+            code, body = (503, b"busy") if hits[0] <= 2 else (200, b"ok")
+        self.send_response(code)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"#;
+
+async fn curl(ns: &str, url: &str) -> (u16, String) {
+    let out = Pair::run(ns, "curl", &["-s", "-m", "10", "-w", "\n%{http_code}", url]).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.parse().unwrap_or(0), body.to_owned())
+}
+
+/// The sum of a metric's series for `upstream` in the sidecar's
+/// `/metrics`, read inside the agent's namespace; it must be there.
+async fn metric(ns: &str, name: &str, upstream: &str) -> f64 {
+    let (status, text) = curl(ns, "http://127.0.0.1:15000/metrics").await;
+    assert_eq!(status, 200);
+    let prefix = format!("{name}{{upstream=\"{upstream}\"");
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!values.is_empty(), "no {prefix} in {text}");
+    values.iter().sum()
+}
+
+async fn eventually_200(ns: &str, url: &str) {
+    for _ in 0..200 {
+        if curl(ns, url).await.0 == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never answered 200");
+}
+
+#[tokio::test]
+async fn an_unmodified_client_calling_the_upstream_s_address_gets_the_sidecar_s_policy() {
+    let Some(pair) = Pair::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // The sidecar runs as UID 1337, which must read its policy.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let script = dir.path().join("flaky.py");
+    std::fs::write(&script, FLAKY).unwrap();
+    let upstream = format!("{}:8080", pair.upstream_ip);
+    let _flaky = Pair::command(&pair.upstream, "python3")
+        .arg(&script)
+        .args([&pair.upstream_ip, "8080"])
+        .spawn()
+        .unwrap();
+    let count = format!("http://{upstream}/count");
+    eventually_200(&pair.agent, &count).await;
+
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "upstreams:\n  web:\n    address: '{upstream}'\n    retry: {{max_attempts: 3, backoff: {{base: 1ms, max: 2ms}}}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&policy, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let _sidecar = Pair::command(&pair.agent, "setpriv")
+        .args(["--reuid", "1337", "--regid", "1337", "--clear-groups", BIN])
+        .args(["sidecar", "--config"])
+        .arg(&policy)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually_200(&pair.agent, "http://127.0.0.1:15000/readyz").await;
+    init(&pair.agent, &["--exclude-uid", "1337"]).await;
+
+    // curl knows nothing of the sidecar: it calls the upstream's address.
+    let (status, body) = curl(&pair.agent, &format!("http://{upstream}/flaky")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok"),
+        "retried through the sidecar"
+    );
+    assert_eq!(
+        metric(&pair.agent, "breakwater_retries_total", "web").await,
+        2.0
+    );
+    let requests = metric(&pair.agent, "breakwater_requests_total", "web").await;
+    assert_eq!(requests, 1.0);
+    // Three sends, and not one more: the sidecar's own connections went
+    // to the upstream, not back to itself.
+    assert_eq!(curl(&pair.agent, &count).await, (200, "3".to_owned()));
+
+    init(&pair.agent, &["--cleanup"]).await;
+    let (status, _) = curl(&pair.agent, &format!("http://{upstream}/flaky")).await;
+    assert_eq!(status, 200);
+    assert_eq!(curl(&pair.agent, &count).await, (200, "4".to_owned()));
+    assert_eq!(
+        metric(&pair.agent, "breakwater_requests_total", "web").await,
+        requests + 1.0,
+        "after cleanup, only the /count before it went through the sidecar"
+    );
+}
