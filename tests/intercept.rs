@@ -1,7 +1,8 @@
 //! Transparent interception with real redirection: `breakwater init` sets
 //! its rules in a network namespace the test created, and an unmodified
 //! `curl` to an upstream's own address (in a second namespace of the
-//! test's) goes through the sidecar and gets its policy. Needs root, `ip`
+//! test's) goes through the sidecar and gets its policy, while a
+//! connection to anywhere else is relayed byte for byte. Needs root, `ip`
 //! and `iptables` (`.ci/run` installs them); without them each test says
 //! so and skips.
 
@@ -134,6 +135,87 @@ async fn metric(ns: &str, name: &str, upstream: &str) -> f64 {
     values.iter().sum()
 }
 
+/// `breakwater_intercepted_connections_total{kind}` in the agent's
+/// namespace.
+async fn intercepted(ns: &str, kind: &str) -> f64 {
+    let (_, text) = curl(ns, "http://127.0.0.1:15000/metrics").await;
+    let series = format!("breakwater_intercepted_connections_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+}
+
+/// A TCP echo: every byte back, until the caller is done. Retries its
+/// bind until the namespace's address is up.
+const ECHO: &str = r#"
+import socket, sys, threading, time
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((sys.argv[1], int(sys.argv[2])))
+server.listen()
+def serve(conn):
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.close()
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+/// Waits (10 s at most) until something listens at the address.
+const LISTENING: &str = r#"
+import socket, sys, time
+for _ in range(200):
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.05)
+sys.exit(1)
+"#;
+
+/// Sends 1 MiB of random bytes to the echo, reads them back, and prints
+/// both digests.
+const ECHO_CLIENT: &str = r#"
+import hashlib, os, socket, sys, threading
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+data = os.urandom(1 << 20)
+if sys.argv[3:] == ["tls"]:
+    data = b"\x16\x03\x01" + data
+threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR))).start()
+back = b""
+while len(back) < len(data):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    back += chunk
+print(hashlib.sha256(data).hexdigest(), hashlib.sha256(back).hexdigest())
+"#;
+
+/// Starts an echo on the upstreams' `port`, waits for it from its own
+/// namespace (where nothing is redirected), and sends it 1 MiB from the
+/// agent's (`tls`: starting as a ClientHello does); the bytes must come
+/// back as sent. Answers the echo, to keep it running.
+async fn echo_round_trip(pair: &Pair, port: &str, tls: bool) -> tokio::process::Child {
+    let ip = pair.upstream_ip.as_str();
+    let echo = Pair::command(&pair.upstream, "python3")
+        .args(["-c", ECHO, ip, port])
+        .spawn()
+        .unwrap();
+    let up = Pair::run(&pair.upstream, "python3", &["-c", LISTENING, ip, port]).await;
+    assert!(up.status.success(), "the echo never listened: {up:?}");
+    let kind = if tls { "tls" } else { "plain" };
+    let sent = Pair::run(&pair.agent, "python3", &["-c", ECHO_CLIENT, ip, port, kind]).await;
+    assert!(sent.status.success(), "{sent:?}");
+    let report = String::from_utf8_lossy(&sent.stdout);
+    let (out, back) = report.trim().split_once(' ').unwrap();
+    assert_eq!(out, back, "the same bytes came back");
+    echo
+}
+
 async fn eventually_200(ns: &str, url: &str) {
     for _ in 0..200 {
         if curl(ns, url).await.0 == 200 {
@@ -145,7 +227,7 @@ async fn eventually_200(ns: &str, url: &str) {
 }
 
 #[tokio::test]
-async fn an_unmodified_client_calling_the_upstream_s_address_gets_the_sidecar_s_policy() {
+async fn redirected_connections_get_their_upstream_s_policy_or_are_relayed_byte_for_byte() {
     let Some(pair) = Pair::new() else { return };
     let dir = tempfile::tempdir().unwrap();
     // The sidecar runs as UID 1337, which must read its policy.
@@ -165,12 +247,17 @@ async fn an_unmodified_client_calling_the_upstream_s_address_gets_the_sidecar_s_
     let count = format!("http://{upstream}/count");
     eventually_200(&pair.agent, &count).await;
 
+    // The upstream is declared by name, as a Service is; the agent calls
+    // the address it resolves to, so its Host names no upstream and the
+    // sidecar goes by where the connection was going.
+    pair.agent_hosts(&format!(
+        "127.0.0.1 localhost\n{} flaky-svc\n",
+        pair.upstream_ip
+    ));
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
         &policy,
-        format!(
-            "upstreams:\n  web:\n    address: '{upstream}'\n    retry: {{max_attempts: 3, backoff: {{base: 1ms, max: 2ms}}}}\n"
-        ),
+        "upstreams:\n  web:\n    address: 'flaky-svc:8080'\n    retry: {max_attempts: 3, backoff: {base: 1ms, max: 2ms}}\n  secure:\n    address: 'flaky-svc:9443'\n",
     )
     .unwrap();
     std::fs::set_permissions(&policy, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
@@ -200,6 +287,19 @@ async fn an_unmodified_client_calling_the_upstream_s_address_gets_the_sidecar_s_
     // Three sends, and not one more: the sidecar's own connections went
     // to the upstream, not back to itself.
     assert_eq!(curl(&pair.agent, &count).await, (200, "3".to_owned()));
+    assert_eq!(intercepted(&pair.agent, "upstream").await, 2.0);
+
+    // Anything else is relayed where it was going, byte for byte: 1 MiB
+    // to an echo that no upstream claims.
+    let _echo = echo_round_trip(&pair, "9000", false).await;
+    assert_eq!(intercepted(&pair.agent, "passthrough").await, 1.0);
+    assert_eq!(intercepted(&pair.agent, "loop").await, 0.0);
+
+    // TLS to an upstream's address is the agent's own: relayed, not read
+    // (the echo stands in for a TLS server; the bytes start as a
+    // ClientHello does).
+    let _tls = echo_round_trip(&pair, "9443", true).await;
+    assert_eq!(intercepted(&pair.agent, "tls-passthrough").await, 1.0);
 
     init(&pair.agent, &["--cleanup"]).await;
     let (status, _) = curl(&pair.agent, &format!("http://{upstream}/flaky")).await;

@@ -4,7 +4,9 @@
 //! | room | what it holds |
 //! |---|---|
 //! | [`rules`] | `breakwater init`: the `iptables` rules that redirect outbound TCP to the sidecar |
+//! | [`outbound`] | the outbound port's look at a redirected connection: served with an upstream's policy, or relayed where it was going |
 
+pub mod outbound;
 pub mod rules;
 
 use rules::{Family, Redirect, Runner};

@@ -34,6 +34,7 @@ use tokio::sync::{Mutex, watch as signal};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
+use crate::intercept::outbound::{Look, Outbound, RESOLVE_EVERY};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::traces::Tracing;
 use crate::transport::server;
@@ -168,6 +169,16 @@ struct Control {
     ),
     status: signal::Sender<ReloadStatus>,
     stop: signal::Sender<bool>,
+    /// Where redirected connections were going (interception).
+    outbound: Arc<Outbound>,
+}
+
+/// Each upstream's name and address, for the outbound port to resolve.
+fn addresses(live: &Live) -> Vec<(Arc<str>, String)> {
+    live.upstreams()
+        .iter()
+        .map(|u| (u.config.name.clone(), u.config.address.to_string()))
+        .collect()
 }
 
 impl Control {
@@ -184,6 +195,10 @@ impl Control {
             self.tracing.clone(),
             self.dead_letters.clone(),
         );
+        let mut limits = self.connections.limits();
+        if *target == Target::Shared {
+            limits.divert = Some(server::Diverter(Arc::new(Look(self.outbound.clone()))));
+        }
         let accept = tokio::spawn(server::serve(
             listener,
             service,
@@ -191,7 +206,7 @@ impl Control {
             graceful.clone(),
             stop_rx,
             None,
-            self.connections.limits(),
+            limits,
         ));
         Ok(Listener {
             configured: addr,
@@ -256,7 +271,9 @@ impl Control {
             .collect();
         let live = Live::build(config, generation, &self.metrics, Some(&current));
         let source = live.config.source.clone();
+        let upstreams = addresses(&live);
         self.live.store(Arc::new(live));
+        self.outbound.resolve(&upstreams).await;
         for name in &removed {
             self.metrics.forget(name);
         }
@@ -418,12 +435,26 @@ impl Connections {
             open: self.open.clone(),
             header_read_timeout: self.proxy.header_read_timeout,
             idle_timeout: self.proxy.idle_timeout,
+            divert: None,
         }
     }
 
     /// Caller connections open now.
     pub fn open_now(&self) -> usize {
         self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Resolves the upstreams' addresses again every [`RESOLVE_EVERY`] until
+/// the sidecar stops.
+async fn resolve_again(outbound: Arc<Outbound>, live: LiveCell, mut stop: signal::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            () = tokio::time::sleep(RESOLVE_EVERY) => {}
+        }
+        let upstreams = addresses(&live.load());
+        outbound.resolve(&upstreams).await;
     }
 }
 
@@ -467,6 +498,13 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         generation: 1,
         ..ReloadStatus::default()
     });
+    let outbound = Arc::new(Outbound::new(metrics.clone()));
+    outbound.resolve(&addresses(&live.load())).await;
+    tokio::spawn(resolve_again(
+        outbound.clone(),
+        live.clone(),
+        stop_rx.clone(),
+    ));
     let control = Arc::new(Control {
         live: live.clone(),
         metrics: metrics.clone(),
@@ -479,6 +517,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         letters_config,
         status,
         stop,
+        outbound,
     });
     let mut listeners = BTreeMap::new();
     for (target, addr) in wanted {

@@ -88,8 +88,19 @@ impl ProxyService {
             }),
             Target::Shared => match live.routes().find(request) {
                 Ok(upstream) => Ok(upstream.clone()),
-                Err(Some(host)) => Err(ProxyError::UnknownHost { host }),
-                Err(None) => Err(ProxyError::NoHost),
+                // A redirected connection to an upstream's address whose
+                // request names no upstream (`Host: 10.96.0.5:8080`).
+                Err(missing) => match request
+                    .extensions()
+                    .get::<crate::transport::server::Destination>()
+                    .and_then(|d| live.upstream(&d.0))
+                {
+                    Some(upstream) => Ok(upstream.clone()),
+                    None => Err(match missing {
+                        Some(host) => ProxyError::UnknownHost { host },
+                        None => ProxyError::NoHost,
+                    }),
+                },
             },
         }
     }

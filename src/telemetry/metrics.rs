@@ -82,6 +82,11 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterceptLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     upstream: String,
     to: &'static str,
@@ -100,6 +105,7 @@ pub struct Metrics {
     duration: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
     in_flight: Family<UpstreamLabels, Gauge>,
     unrouted: Counter,
+    intercepted: Family<InterceptLabels, Counter>,
     retries: Family<ReasonLabels, Counter>,
     budget_exhausted: Family<UpstreamLabels, Counter>,
     circuit_state: Family<UpstreamLabels, Gauge>,
@@ -163,6 +169,24 @@ impl Metrics {
             "Requests for a host no upstream claims, answered 404 / UNIMPLEMENTED",
             unrouted.clone(),
         );
+        let intercepted = Family::<InterceptLabels, Counter>::default();
+        registry.register(
+            "intercepted_connections",
+            "Redirected connections on the outbound port, by what became of them: upstream (served \
+             with an upstream's policy), passthrough (relayed to where they were going), \
+             tls-passthrough (TLS to an upstream's address, relayed), loop (refused: they were \
+             going to the sidecar itself), connect-failure (the relay could not connect)",
+            intercepted.clone(),
+        );
+        for kind in [
+            "upstream",
+            "passthrough",
+            "tls-passthrough",
+            "loop",
+            "connect-failure",
+        ] {
+            drop(intercepted.get_or_create(&InterceptLabels { kind }));
+        }
         let retries = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "retries",
@@ -283,6 +307,7 @@ impl Metrics {
             duration,
             in_flight,
             unrouted,
+            intercepted,
             retries,
             budget_exhausted,
             circuit_state,
@@ -421,6 +446,14 @@ impl Metrics {
         };
         self.circuit_state.remove(&labels);
         self.in_flight.remove(&labels);
+    }
+
+    /// Counts a redirected connection by what became of it (the kinds
+    /// registered above).
+    pub fn intercepted(&self, kind: &'static str) {
+        self.intercepted
+            .get_or_create(&InterceptLabels { kind })
+            .inc();
     }
 
     /// Counts a request no upstream claimed.

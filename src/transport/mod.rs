@@ -7,7 +7,8 @@
 //! headers are hop-by-hop; [`server`] is the accept loop every listener of
 //! the sidecar and the control plane runs (over TLS for the control plane
 //! when it has a certificate, [`tls::server`]); [`channel`] is the gRPC
-//! channel to the control plane, for the sidecar and the CLI. Nothing here decides whether an
+//! channel to the control plane, for the sidecar and the CLI; [`original_dst`]
+//! reads where a redirected connection was going. Nothing here decides whether an
 //! answer failed or what to do about it: that is `resilience`.
 
 pub mod channel;
@@ -15,6 +16,7 @@ pub mod client;
 pub mod h2;
 pub mod headers;
 pub mod linger;
+pub mod original_dst;
 pub mod pace;
 pub mod server;
 pub mod tls;

@@ -47,6 +47,58 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 const H2_PING_INTERVAL: Duration = Duration::from_secs(60);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The upstream a redirected connection was going to: put in each of its
+/// requests' extensions, for routing when a request names no upstream.
+#[derive(Debug, Clone)]
+pub struct Destination(pub Arc<str>);
+
+/// What [`Divert::divert`] answers: `None` when it took the connection,
+/// else the connection to serve, with its destination if known.
+pub type Diverted = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<(TcpStream, Option<Destination>)>> + Send>,
+>;
+
+/// A look at each accepted connection before it is served as HTTP: it may
+/// take the connection (relay or close it), or hand it back with the
+/// upstream it was going to.
+pub trait Divert: Send + Sync + 'static {
+    /// Takes `stream`, or gives it back to be served.
+    fn divert(&self, stream: TcpStream) -> Diverted;
+}
+
+/// A [`Divert`], shared by a listener's connections.
+#[derive(Clone)]
+pub struct Diverter(pub Arc<dyn Divert>);
+
+impl std::fmt::Debug for Diverter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Diverter")
+    }
+}
+
+/// A service that puts the connection's [`Destination`] in each request.
+#[derive(Clone)]
+struct Hinted<S> {
+    inner: S,
+    destination: Option<Destination>,
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for Hinted<S>
+where
+    S: hyper::service::Service<Request<Incoming>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        if let Some(destination) = &self.destination {
+            request.extensions_mut().insert(destination.clone());
+        }
+        self.inner.call(request)
+    }
+}
+
 /// What every accepted connection is held to.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -60,6 +112,8 @@ pub struct Limits {
     /// How long a connection may stay open with no call in flight; none:
     /// as long as it likes.
     pub idle_timeout: Option<Duration>,
+    /// A look at each connection before it is served (interception).
+    pub divert: Option<Diverter>,
 }
 
 impl Default for Limits {
@@ -69,6 +123,7 @@ impl Default for Limits {
             open: Arc::default(),
             header_read_timeout: HEADER_READ_TIMEOUT,
             idle_timeout: Some(IDLE_TIMEOUT),
+            divert: None,
         }
     }
 }
@@ -141,10 +196,22 @@ pub async fn serve<S>(
             graceful.watcher(),
         );
         let (first_byte, idle) = (limits.header_read_timeout, limits.idle_timeout);
+        let divert = limits.divert.clone();
         let mut stopping = stop.clone();
         let open = Open::new(&limits.open);
         tokio::spawn(async move {
             let _held = (slot, open, watcher);
+            let (stream, destination) = match divert {
+                None => (stream, None),
+                Some(divert) => match divert.0.divert(stream).await {
+                    Some(kept) => kept,
+                    None => return,
+                },
+            };
+            let service = Hinted {
+                inner: service,
+                destination,
+            };
             // The protocol is told from the first bytes: a connection
             // that sends none is closed.
             // A drain does not wait for a connection that sent nothing.

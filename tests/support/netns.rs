@@ -91,6 +91,14 @@ impl Pair {
         Some(pair)
     }
 
+    /// Gives the agent's namespace its own `/etc/hosts` (`ip netns exec`
+    /// mounts `/etc/netns/<name>/hosts` over it).
+    pub fn agent_hosts(&self, text: &str) {
+        let dir = format!("/etc/netns/{}", self.agent);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(format!("{dir}/hosts"), text).unwrap();
+    }
+
     /// A command run in namespace `ns`.
     pub fn command(ns: &str, program: &str) -> tokio::process::Command {
         let mut command = tokio::process::Command::new("ip");
@@ -115,6 +123,7 @@ impl Drop for Pair {
         // Deleting a namespace ends its veth end, and the pair with it.
         for ns in [&self.agent, &self.upstream] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
         }
     }
 }
