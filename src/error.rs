@@ -39,6 +39,13 @@ pub enum ProxyError {
         /// The host the caller asked for.
         host: String,
     },
+    /// A `CONNECT` to a host no upstream claims: the sidecar is not an
+    /// open proxy.
+    #[error("no upstream claims {host:?}: a CONNECT goes only to an upstream's host")]
+    UnknownTunnel {
+        /// The `CONNECT`'s authority.
+        host: String,
+    },
     /// The request carries more than one `Host` header (RFC 9112 §3.2
     /// asks for a 400): which one a proxy routes by is ambiguous.
     #[error("the request has more than one Host header")]
@@ -46,11 +53,14 @@ pub enum ProxyError {
     /// The request names no host at all.
     #[error("the request has no Host header or authority to route by")]
     NoHost,
-    /// A method the sidecar does not proxy, such as `CONNECT`.
-    #[error("method {method} is not supported by the sidecar")]
-    UnsupportedMethod {
-        /// The request's method.
-        method: http::Method,
+    /// An `Upgrade` the sidecar does not proxy (a WebSocket): refused
+    /// rather than forwarded as a plain request.
+    #[error(
+        "an upgrade to {protocol:?} is not proxied: call the service directly, or leave its port out of interception"
+    )]
+    UnsupportedUpgrade {
+        /// The `Upgrade` header's value.
+        protocol: String,
     },
     /// The caller's request body could not be read, or is too large to
     /// keep.
@@ -170,7 +180,7 @@ impl ProxyError {
             ProxyError::UnknownHost { .. }
                 | ProxyError::NoHost
                 | ProxyError::DuplicateHost
-                | ProxyError::UnsupportedMethod { .. }
+                | ProxyError::UnsupportedUpgrade { .. }
                 | ProxyError::RequestBody { .. }
                 | ProxyError::RequestIdle { .. }
                 | ProxyError::TooManyHeaders { .. }
@@ -181,10 +191,10 @@ impl ProxyError {
     /// The machine-readable reason sent in `x-breakwater-error`.
     pub fn reason(&self) -> &'static str {
         match self {
-            ProxyError::UnknownHost { .. } => "unknown-host",
+            ProxyError::UnknownHost { .. } | ProxyError::UnknownTunnel { .. } => "unknown-host",
             ProxyError::NoHost => "no-host",
             ProxyError::DuplicateHost => "duplicate-host",
-            ProxyError::UnsupportedMethod { .. } => "unsupported-method",
+            ProxyError::UnsupportedUpgrade { .. } => "unsupported-upgrade",
             ProxyError::RequestBody { .. } => "request-body",
             ProxyError::TooManyHeaders { .. } => "request-headers",
             ProxyError::RequestIdle { .. } => "request-idle-timeout",
@@ -204,10 +214,11 @@ impl ProxyError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             ProxyError::UnknownHost { .. } => StatusCode::NOT_FOUND,
+            ProxyError::UnknownTunnel { .. } => StatusCode::FORBIDDEN,
             ProxyError::NoHost | ProxyError::DuplicateHost | ProxyError::RequestBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::UnsupportedMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnsupportedUpgrade { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::RequestIdle { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Connect { .. }
@@ -227,9 +238,9 @@ impl ProxyError {
     /// The gRPC status a gRPC caller gets.
     pub fn grpc_code(&self) -> u8 {
         match self {
-            ProxyError::UnknownHost { .. } | ProxyError::UnsupportedMethod { .. } => {
-                grpc::UNIMPLEMENTED
-            }
+            ProxyError::UnknownHost { .. }
+            | ProxyError::UnknownTunnel { .. }
+            | ProxyError::UnsupportedUpgrade { .. } => grpc::UNIMPLEMENTED,
             ProxyError::NoHost | ProxyError::DuplicateHost | ProxyError::RequestBody { .. } => {
                 grpc::INVALID_ARGUMENT
             }

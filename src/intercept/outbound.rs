@@ -140,6 +140,22 @@ impl Outbound {
     }
 }
 
+/// Relays `inbound` (a tunnel's inside) to `address` (`host:port`),
+/// until either side ends.
+pub async fn relay_to<I>(inbound: &mut I, address: &str)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+        Ok(Ok(mut outbound)) => {
+            let _ = outbound.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(inbound, &mut outbound).await;
+        }
+        Ok(Err(error)) => tracing::debug!(%address, %error, "a tunnel's upstream refused it"),
+        Err(_) => tracing::debug!(%address, "a tunnel's upstream did not answer in time"),
+    }
+}
+
 /// The look as the accept loop's [`Divert`].
 #[derive(Debug, Clone)]
 pub struct Look(pub Arc<Outbound>);

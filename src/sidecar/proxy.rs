@@ -106,6 +106,54 @@ impl ProxyService {
     }
 }
 
+impl ProxyService {
+    /// `CONNECT host:port`, from a client with `HTTP_PROXY` or
+    /// `HTTPS_PROXY` set: a tunnel to an upstream that claims the host,
+    /// whose inside is served as that upstream's HTTP (with its policy) or,
+    /// in TLS, relayed to its address. Any other host is refused (403): the
+    /// sidecar is not an open proxy.
+    fn tunnel(&self, request: Request<Incoming>) -> Response<Body> {
+        let upstream = match self.route(&request) {
+            Ok(upstream) => upstream,
+            Err(_) => {
+                self.metrics.unrouted();
+                self.metrics.intercepted("connect-refused");
+                let host = request
+                    .uri()
+                    .authority()
+                    .map_or_else(String::new, |a| a.to_string());
+                return edge::error_response(&ProxyError::UnknownTunnel { host }, false);
+            }
+        };
+        let service = self.clone();
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(request).await {
+                Ok(upgraded) => upgraded,
+                Err(error) => {
+                    tracing::debug!(%error, "a CONNECT tunnel did not open");
+                    return;
+                }
+            };
+            let mut inside = tokio::io::BufReader::new(hyper_util::rt::TokioIo::new(upgraded));
+            let first = match tokio::io::AsyncBufReadExt::fill_buf(&mut inside).await {
+                Ok([first, ..]) => *first,
+                _ => return,
+            };
+            if first == 0x16 {
+                // TLS to the upstream: the caller's own, relayed.
+                service.metrics.intercepted("connect-tls");
+                crate::intercept::outbound::relay_to(&mut inside, upstream.config.address.as_str())
+                    .await;
+                return;
+            }
+            service.metrics.intercepted("connect-http");
+            let destination = crate::transport::server::Destination(upstream.config.name.clone());
+            crate::transport::server::serve_inside(inside, service, destination).await;
+        });
+        Response::new(crate::body::empty())
+    }
+}
+
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -125,8 +173,17 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
         }
         if request.method() == Method::CONNECT {
-            let error = ProxyError::UnsupportedMethod {
-                method: Method::CONNECT,
+            return Box::pin(std::future::ready(Ok(self.tunnel(request))));
+        }
+        // An HTTP/1.1 upgrade (a WebSocket) is refused, not forwarded as a
+        // plain request with its `Upgrade` dropped. `h2c` may be ignored
+        // (RFC 9113 left it optional): the request is served as HTTP/1.1.
+        if let Some(upgrade) = request.headers().get(http::header::UPGRADE)
+            && !upgrade.as_bytes().eq_ignore_ascii_case(b"h2c")
+            && asks_to_upgrade(request.headers())
+        {
+            let error = ProxyError::UnsupportedUpgrade {
+                protocol: String::from_utf8_lossy(upgrade.as_bytes()).into_owned(),
             };
             return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
         }
@@ -158,6 +215,16 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             self.dead_letters.clone(),
         ))
     }
+}
+
+/// Whether `Connection` names `upgrade` (without it, `Upgrade` is only a
+/// hop-by-hop header, and is dropped as the others are).
+fn asks_to_upgrade(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
 }
 
 /// Sends a request to its upstream and records the outcome (and, with

@@ -226,7 +226,8 @@ pub async fn serve<S>(
                 _ = stopping.wait_for(|stop| *stop) => return,
             }
             let Some(tls) = tls else {
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 return drive(connection, stopping, idle).await;
             };
             let stream = match tls.accept(stream).await {
@@ -236,9 +237,30 @@ pub async fn serve<S>(
                     return;
                 }
             };
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             drive(connection, stopping, idle).await;
         });
+    }
+}
+
+/// Serves HTTP on the inside of a tunnel (a `CONNECT`'s), each request
+/// marked with the upstream the tunnel was opened to, until the caller
+/// closes it.
+pub async fn serve_inside<I, S>(io: I, service: S, destination: Destination)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let service = Hinted {
+        inner: service,
+        destination: Some(destination),
+    };
+    if let Err(error) = builder().serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(%error, "a tunnel's connection ended with an error");
     }
 }
 
