@@ -216,6 +216,38 @@ async fn echo_round_trip(pair: &Pair, port: &str, tls: bool) -> tokio::process::
     echo
 }
 
+/// The sidecar in the agent's namespace, as UID 1337, with `policy`
+/// (written into `dir`, which must be readable by that UID); ready.
+async fn sidecar_as_1337(
+    pair: &Pair,
+    dir: &std::path::Path,
+    policy: &str,
+) -> tokio::process::Child {
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, policy).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let sidecar = Pair::command(&pair.agent, "setpriv")
+        .args(["--reuid", "1337", "--regid", "1337", "--clear-groups", BIN])
+        .args(["sidecar", "--config"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually_200(&pair.agent, "http://127.0.0.1:15000/readyz").await;
+    sidecar
+}
+
+/// A readable temporary directory (the sidecar runs as UID 1337).
+fn shared_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    dir
+}
+
 async fn eventually_200(ns: &str, url: &str) {
     for _ in 0..200 {
         if curl(ns, url).await.0 == 200 {
@@ -229,13 +261,7 @@ async fn eventually_200(ns: &str, url: &str) {
 #[tokio::test]
 async fn redirected_connections_get_their_upstream_s_policy_or_are_relayed_byte_for_byte() {
     let Some(pair) = Pair::new() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    // The sidecar runs as UID 1337, which must read its policy.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let dir = shared_dir();
     let script = dir.path().join("flaky.py");
     std::fs::write(&script, FLAKY).unwrap();
     let upstream = format!("{}:8080", pair.upstream_ip);
@@ -254,21 +280,12 @@ async fn redirected_connections_get_their_upstream_s_policy_or_are_relayed_byte_
         "127.0.0.1 localhost\n{} flaky-svc\n",
         pair.upstream_ip
     ));
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
+    let _sidecar = sidecar_as_1337(
+        &pair,
+        dir.path(),
         "upstreams:\n  web:\n    address: 'flaky-svc:8080'\n    retry: {max_attempts: 3, backoff: {base: 1ms, max: 2ms}}\n  secure:\n    address: 'flaky-svc:9443'\n",
     )
-    .unwrap();
-    std::fs::set_permissions(&policy, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let _sidecar = Pair::command(&pair.agent, "setpriv")
-        .args(["--reuid", "1337", "--regid", "1337", "--clear-groups", BIN])
-        .args(["sidecar", "--config"])
-        .arg(&policy)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    eventually_200(&pair.agent, "http://127.0.0.1:15000/readyz").await;
+    .await;
     init(&pair.agent, &["--exclude-uid", "1337"]).await;
 
     // curl knows nothing of the sidecar: it calls the upstream's address.
@@ -310,4 +327,50 @@ async fn redirected_connections_get_their_upstream_s_policy_or_are_relayed_byte_
         requests + 1.0,
         "after cleanup, only the /count before it went through the sidecar"
     );
+}
+
+/// Sends one byte and prints how many came back before the connection
+/// ended.
+const ONE_BYTE: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+try:
+    s.sendall(b"x")
+    print(len(s.recv(16)))
+except ConnectionResetError:
+    print(0)
+"#;
+
+#[tokio::test]
+async fn with_unmatched_deny_a_connection_going_elsewhere_is_closed() {
+    let Some(pair) = Pair::new() else { return };
+    let dir = shared_dir();
+    let ip = pair.upstream_ip.clone();
+    let _sidecar = sidecar_as_1337(
+        &pair,
+        dir.path(),
+        &format!("intercept: {{unmatched: deny}}\nupstreams:\n  web: {{address: '{ip}:8080'}}\n"),
+    )
+    .await;
+    let _echo = Pair::command(&pair.upstream, "python3")
+        .args(["-c", ECHO, &ip, "9000"])
+        .spawn()
+        .unwrap();
+    let up = Pair::run(&pair.upstream, "python3", &["-c", LISTENING, &ip, "9000"]).await;
+    assert!(up.status.success(), "{up:?}");
+    let direct = Pair::run(&pair.agent, "python3", &["-c", ONE_BYTE, &ip, "9000"]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&direct.stdout).trim(),
+        "1",
+        "before init: {direct:?}"
+    );
+    init(&pair.agent, &["--exclude-uid", "1337"]).await;
+    let denied = Pair::run(&pair.agent, "python3", &["-c", ONE_BYTE, &ip, "9000"]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&denied.stdout).trim(),
+        "0",
+        "{denied:?}"
+    );
+    assert_eq!(intercepted(&pair.agent, "denied").await, 1.0);
+    assert_eq!(intercepted(&pair.agent, "passthrough").await, 0.0);
 }

@@ -80,11 +80,32 @@ pub struct Config {
     pub control_plane: Option<ControlPlaneConfig>,
     /// The local spool of dead letters on their way.
     pub dead_letters: DeadLettersConfig,
+    /// What the outbound port does with redirected connections.
+    pub intercept: InterceptConfig,
     /// Settings that are valid but cannot take effect as written, in file
     /// order: `config check` prints them, the sidecar logs them at every
     /// load.
     #[serde(skip)]
     pub warnings: Vec<Diagnostic>,
+}
+
+/// `intercept`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct InterceptConfig {
+    /// A redirected connection going to no upstream's address.
+    pub unmatched: Unmatched,
+}
+
+/// What becomes of a redirected connection going to no upstream's
+/// address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// Relayed, byte for byte, to where it was going.
+    #[default]
+    Passthrough,
+    /// Closed, and counted.
+    Deny,
 }
 
 /// `control_plane`.

@@ -27,6 +27,7 @@ pub(crate) struct RawConfig {
     pub proxy: Option<RawProxy>,
     pub control_plane: Option<Spanned<RawControlPlane>>,
     pub dead_letters: Option<RawDeadLetters>,
+    pub intercept: Option<RawIntercept>,
     #[serde(default)]
     pub defaults: RawPolicy,
     #[serde(default)]
@@ -54,6 +55,13 @@ pub(crate) struct RawProxy {
     pub header_read_timeout: Option<crate::values::HumanDuration>,
     pub max_connections: Option<NonZeroU32>,
     pub idle_timeout: Option<crate::values::HumanDuration>,
+}
+
+/// `intercept`: what the outbound port does with redirected connections.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIntercept {
+    pub unmatched: Option<super::Unmatched>,
 }
 
 /// `admin`: the admin API's address, and the read-only one for probes

@@ -206,6 +206,13 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         upstreams,
         control_plane,
         dead_letters,
+        intercept: super::InterceptConfig {
+            unmatched: raw
+                .intercept
+                .as_ref()
+                .and_then(|i| i.unmatched)
+                .unwrap_or_default(),
+        },
         warnings: {
             check.warnings.sort_by_key(|d| (d.line, d.column));
             check.warnings

@@ -627,3 +627,19 @@ fn a_syntax_error_is_said_in_plain_words_and_ends_the_search() {
     assert_eq!(both.lines().count(), 2, "{both}");
     assert!(both.lines().nth(1).unwrap().contains("YAML said"), "{both}");
 }
+
+#[test]
+fn intercept_unmatched_is_passthrough_unless_deny_is_asked() {
+    let base = "upstreams:\n  a: {address: 'a:1'}\n";
+    assert_eq!(
+        parse("p.yaml", base).unwrap().intercept.unmatched,
+        super::Unmatched::Passthrough
+    );
+    let deny = parse("p.yaml", &format!("intercept: {{unmatched: deny}}\n{base}")).unwrap();
+    assert_eq!(deny.intercept.unmatched, super::Unmatched::Deny);
+    let wrong = error(&format!("intercept: {{unmatched: drop}}\n{base}"));
+    assert!(
+        wrong.starts_with("policies.yaml:1:24: intercept.unmatched: unknown variant \"drop\", expected one of"),
+        "{wrong}"
+    );
+}

@@ -6,7 +6,7 @@
 //! | the sidecar's own port, or not redirected | served as HTTP, routed by `Host` / `:authority` as always | (not counted) |
 //! | an upstream's address, in HTTP or h2c | served as HTTP; a request that names no upstream goes to that one | `upstream` |
 //! | an upstream's address, in TLS | relayed byte for byte: no policy inside someone else's TLS | `tls-passthrough` |
-//! | anywhere else | relayed byte for byte to where it was going | `passthrough` |
+//! | anywhere else | relayed byte for byte to where it was going; closed with `intercept.unmatched: deny` | `passthrough`, `denied` |
 //! | the outbound port itself, redirected | closed: it would loop | `loop` |
 //!
 //! The relay is not an open proxy: it only ever connects where the
@@ -18,11 +18,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 
+use crate::config::Unmatched;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::original_dst::original_dst;
 use crate::transport::server::{Destination, Divert, Diverted};
@@ -39,6 +41,8 @@ const FIRST_BYTE: Duration = Duration::from_secs(30);
 pub struct Outbound {
     /// Each upstream address as it resolves, and the upstream's name.
     destinations: ArcSwap<HashMap<SocketAddr, Arc<str>>>,
+    /// `intercept.unmatched: deny`: connections going elsewhere are closed.
+    deny_unmatched: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -55,8 +59,16 @@ impl Outbound {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             destinations: ArcSwap::default(),
+            deny_unmatched: AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// What becomes of connections going to no upstream's address, as the
+    /// live config says.
+    pub fn set_unmatched(&self, unmatched: Unmatched) {
+        self.deny_unmatched
+            .store(unmatched == Unmatched::Deny, Ordering::Relaxed);
     }
 
     /// Resolves `upstreams` (name, `host:port`) and swaps in what they
@@ -101,6 +113,11 @@ impl Outbound {
             return None;
         }
         let Some(upstream) = self.upstream_at(to) else {
+            if self.deny_unmatched.load(Ordering::Relaxed) {
+                self.metrics.intercepted("denied");
+                tracing::debug!(%to, "a redirected connection to no upstream's address was closed (intercept.unmatched: deny)");
+                return None;
+            }
             self.relay(stream, to, "passthrough").await;
             return None;
         };

@@ -272,6 +272,7 @@ impl Control {
         let live = Live::build(config, generation, &self.metrics, Some(&current));
         let source = live.config.source.clone();
         let upstreams = addresses(&live);
+        self.outbound.set_unmatched(live.config.intercept.unmatched);
         self.live.store(Arc::new(live));
         self.outbound.resolve(&upstreams).await;
         for name in &removed {
@@ -499,6 +500,7 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
         ..ReloadStatus::default()
     });
     let outbound = Arc::new(Outbound::new(metrics.clone()));
+    outbound.set_unmatched(live.load().config.intercept.unmatched);
     outbound.resolve(&addresses(&live.load())).await;
     tokio::spawn(resolve_again(
         outbound.clone(),

@@ -175,7 +175,8 @@ impl Metrics {
             "Redirected connections on the outbound port, by what became of them: upstream (served \
              with an upstream's policy), passthrough (relayed to where they were going), \
              tls-passthrough (TLS to an upstream's address, relayed), loop (refused: they were \
-             going to the sidecar itself), connect-failure (the relay could not connect); and \
+             going to the sidecar itself), connect-failure (the relay could not connect), denied \
+             (going to no upstream, closed by intercept.unmatched: deny); and \
              CONNECT tunnels: connect-http (served with the upstream's policy), connect-tls \
              (relayed to the upstream), connect-refused (a host no upstream claims)",
             intercepted.clone(),
