@@ -639,7 +639,9 @@ fn intercept_unmatched_is_passthrough_unless_deny_is_asked() {
     assert_eq!(deny.intercept.unmatched, super::Unmatched::Deny);
     let wrong = error(&format!("intercept: {{unmatched: drop}}\n{base}"));
     assert!(
-        wrong.starts_with("policies.yaml:1:24: intercept.unmatched: unknown variant \"drop\", expected one of"),
+        wrong.starts_with(
+            "policies.yaml:1:24: intercept.unmatched: unknown variant \"drop\", expected one of"
+        ),
         "{wrong}"
     );
 }
