@@ -11,9 +11,11 @@
 //!
 //! The relay is not an open proxy: it only ever connects where the
 //! agent's own connection was already going. Upstreams' addresses are
-//! resolved at start and every 30 seconds (and at each reload), since
-//! Service IPs and DNS answers change; a name that fails to resolve keeps
-//! its last addresses.
+//! resolved at start (the start waits 2 seconds for it at most, so that a
+//! DNS that does not answer does not hold the agent back), every 30
+//! seconds and after each reload, in the background, since Service IPs and
+//! DNS answers change; a name that fails to resolve keeps its last
+//! addresses.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

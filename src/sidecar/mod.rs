@@ -274,7 +274,10 @@ impl Control {
         let upstreams = addresses(&live);
         self.outbound.set_unmatched(live.config.intercept.unmatched);
         self.live.store(Arc::new(live));
-        self.outbound.resolve(&upstreams).await;
+        // In the background: a name whose DNS does not answer must not
+        // hold the reload's answer back.
+        let outbound = self.outbound.clone();
+        tokio::spawn(async move { outbound.resolve(&upstreams).await });
         for name in &removed {
             self.metrics.forget(name);
         }
@@ -446,16 +449,27 @@ impl Connections {
     }
 }
 
-/// Resolves the upstreams' addresses again every [`RESOLVE_EVERY`] until
-/// the sidecar stops.
-async fn resolve_again(outbound: Arc<Outbound>, live: LiveCell, mut stop: signal::Receiver<bool>) {
+/// How long the start waits for the upstreams' first resolution: a name
+/// whose DNS does not answer must not hold the sidecar (and its agent)
+/// back; it is resolved in the background meanwhile.
+const FIRST_RESOLUTION: Duration = Duration::from_secs(2);
+
+/// Resolves the upstreams' addresses now (then `resolved` is notified),
+/// and again every [`RESOLVE_EVERY`], until the sidecar stops.
+async fn resolve_again(
+    outbound: Arc<Outbound>,
+    live: LiveCell,
+    resolved: Arc<tokio::sync::Notify>,
+    mut stop: signal::Receiver<bool>,
+) {
     loop {
+        let upstreams = addresses(&live.load());
+        outbound.resolve(&upstreams).await;
+        resolved.notify_waiters();
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
             () = tokio::time::sleep(RESOLVE_EVERY) => {}
         }
-        let upstreams = addresses(&live.load());
-        outbound.resolve(&upstreams).await;
     }
 }
 
@@ -501,12 +515,15 @@ pub async fn start(config: Config, options: Options) -> Result<Sidecar, StartErr
     });
     let outbound = Arc::new(Outbound::new(metrics.clone()));
     outbound.set_unmatched(live.load().config.intercept.unmatched);
-    outbound.resolve(&addresses(&live.load())).await;
+    let resolved = Arc::new(tokio::sync::Notify::new());
+    let first = resolved.clone().notified_owned();
     tokio::spawn(resolve_again(
         outbound.clone(),
         live.clone(),
+        resolved,
         stop_rx.clone(),
     ));
+    let _ = tokio::time::timeout(FIRST_RESOLUTION, first).await;
     let control = Arc::new(Control {
         live: live.clone(),
         metrics: metrics.clone(),
