@@ -6,17 +6,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
+use http::header::HeaderName;
 use http::uri::Authority;
-use http::{HeaderMap, StatusCode};
 use serde_saphyr::Spanned;
 
 use super::check::{
     Checker, check_listens, parse_address, parse_host, relative_to, unit, valid_name,
 };
-use super::raw::{RawConfig, RawFallback};
-use super::upstream::{resolve_failover, resolve_injected, resolve_tls};
+use super::raw::{RawConfig, RawControlPlane};
+use super::upstream::{
+    resolve_dead_letter, resolve_degradation, resolve_failover, resolve_injected, resolve_tls,
+};
 use super::{
     AdminConfig, Config, ConfigError, ControlPlaneConfig, DEFAULT_ADMIN_LISTEN,
     DEFAULT_PROXY_LISTEN, DeadLetterPolicy, DeadLettersConfig, ProxyConfig, UpstreamConfig,
@@ -42,9 +42,61 @@ struct Pending {
     request_headers: Vec<super::InjectedHeader>,
 }
 
+/// A listener's address, and where the file sets it (`None`: the default).
+type Listen = Option<(SocketAddr, Option<Spanned<()>>)>;
+
+/// Every listener the file asks for, with its field, to check for clashes.
+type Listens = Vec<(SocketAddr, String, Option<Spanned<()>>)>;
+
 /// Validates the raw model and resolves it into the runtime [`Config`].
 pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     let mut check = Checker::default();
+    let (admin, proxy, probes, mut listens) = resolve_listens(&mut check, &raw);
+    let pending: Vec<Pending> = (0..raw.upstreams.0.len())
+        .map(|i| resolve_upstream(&mut check, file, &raw, i, &mut listens))
+        .collect();
+    check_listens(&mut check, &listens);
+    let control_plane = raw
+        .control_plane
+        .as_ref()
+        .and_then(|c| resolve_control_plane(&mut check, file, &c.value));
+    let dead_letters = resolve_dead_letters(&mut check, file, raw.dead_letters.as_ref());
+    check_claims(&mut check, &raw, &pending);
+    let failovers = resolve_failover(&mut check, &raw);
+    let implicit = implicit_hosts(&mut check, &pending);
+
+    if !check.diagnostics.is_empty() {
+        check.diagnostics.sort_by_key(|d| (d.line, d.column));
+        return Err(ConfigError {
+            file: file.to_owned(),
+            diagnostics: check.diagnostics,
+        });
+    }
+    check.warnings.sort_by_key(|d| (d.line, d.column));
+    Ok(Config {
+        source: file.to_owned(),
+        admin: AdminConfig {
+            listen: admin.expect("checked above").0,
+            probes_listen: probes.map(|p| p.0),
+        },
+        proxy: resolve_proxy(&raw, proxy.expect("checked above").0),
+        upstreams: finish_upstreams(pending, implicit, failovers),
+        control_plane,
+        dead_letters,
+        intercept: super::InterceptConfig {
+            unmatched: raw
+                .intercept
+                .as_ref()
+                .and_then(|i| i.unmatched)
+                .unwrap_or_default(),
+        },
+        warnings: check.warnings,
+    })
+}
+
+/// The admin, proxy and probes listeners, and the list of all three that
+/// the upstreams' own listeners join.
+fn resolve_listens(check: &mut Checker, raw: &RawConfig) -> (Listen, Listen, Listen, Listens) {
     let admin = check.listen(
         raw.admin.as_ref().and_then(|b| b.listen.as_ref()),
         "admin.listen",
@@ -60,7 +112,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         .as_ref()
         .and_then(|b| b.probes_listen.as_ref())
         .and_then(|s| Some((check.socket_addr(s, "admin.probes_listen")?, Some(unit(s)))));
-    let mut listens: Vec<(SocketAddr, String, Option<Spanned<()>>)> = Vec::new();
+    let mut listens = Vec::new();
     for (addr, field) in [
         (&admin, "admin.listen"),
         (&proxy, "proxy.listen"),
@@ -70,90 +122,102 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
             listens.push((*addr, field.to_owned(), at.clone()));
         }
     }
-    let pending: Vec<Pending> = (0..raw.upstreams.0.len())
-        .map(|i| resolve_upstream(&mut check, file, &raw, i, &mut listens))
-        .collect();
-    check_listens(&mut check, &listens);
-    let control_plane = raw.control_plane.as_ref().and_then(|c| {
-        let url = &c.value.url;
-        let has_authority = url
-            .value
-            .parse::<http::Uri>()
-            .is_ok_and(|uri| uri.authority().is_some());
-        match crate::api::check_url(&url.value) {
-            Err(why) if has_authority => {
-                check.error(url, "control_plane.url", why);
-                None
-            }
-            Ok(()) if has_authority => {
-                let ca_file = c.value.ca_file.as_ref().map(|f| relative_to(file, f));
-                // Reads the CA file: a bad one is an error of the file.
-                let channel = crate::transport::channel::ControlChannel::new(
-                    &url.value,
-                    ca_file.as_deref(),
-                    std::time::Duration::from_secs(5),
-                    None,
-                );
-                let letter_key_file = c
-                    .value
-                    .letter_key_file
-                    .as_ref()
-                    .map(|f| relative_to(file, f));
-                // Read now, so that a short or missing key is an error of
-                // the file, not of the first dead letter.
-                let key = letter_key_file
-                    .as_deref()
-                    .map(crate::api::seal::LetterKey::read)
-                    .transpose();
-                let token_file = c.value.token_file.as_ref().map(|f| relative_to(file, f));
-                // A token missing now may be mounted later (a Secret): the
-                // sidecar starts and reads it again at each delivery.
-                if let Some(Err(why)) = token_file.as_deref().map(crate::api::token::read) {
-                    check.warn(
-                        url,
-                        "control_plane.token_file",
-                        format!("{why}; dead letters wait in the spool until it can be read"),
-                    );
-                }
-                match (channel, key) {
-                    (Ok(_), Ok(_)) => Some(ControlPlaneConfig {
-                        url: url.value.clone(),
-                        token_file,
-                        ca_file,
-                        letter_key_file,
-                    }),
-                    (Err(why), _) => {
-                        check.error(url, "control_plane.ca_file", why);
-                        None
-                    }
-                    (_, Err(why)) => {
-                        check.error(url, "control_plane.letter_key_file", why);
-                        None
-                    }
-                }
-            }
-            _ => {
-                check.error(
-                    url,
-                    "control_plane.url",
-                    format!("invalid URL {:?}: expected http://host:port", url.value),
-                );
-                None
-            }
-        }
-    });
-    let dead_letters = resolve_dead_letters(&mut check, file, raw.dead_letters.as_ref());
-    check_claims(&mut check, &raw, &pending);
-    let failovers = resolve_failover(&mut check, &raw);
-    let implicit = implicit_hosts(&mut check, &pending);
+    (admin, proxy, probes, listens)
+}
 
-    if !check.diagnostics.is_empty() {
-        check.diagnostics.sort_by_key(|d| (d.line, d.column));
-        return Err(ConfigError {
-            file: file.to_owned(),
-            diagnostics: check.diagnostics,
-        });
+/// The shared port's settings.
+fn resolve_proxy(raw: &RawConfig, listen: SocketAddr) -> ProxyConfig {
+    let proxy = raw.proxy.as_ref();
+    ProxyConfig {
+        listen,
+        header_read_timeout: proxy
+            .and_then(|p| p.header_read_timeout)
+            .map_or(super::DEFAULT_HEADER_READ_TIMEOUT, |h| h.0),
+        max_connections: proxy
+            .and_then(|p| p.max_connections)
+            .map(std::num::NonZeroU32::get),
+        idle_timeout: match proxy.and_then(|p| p.idle_timeout) {
+            None => Some(crate::transport::server::IDLE_TIMEOUT),
+            Some(h) => Some(h.0).filter(|d| !d.is_zero()),
+        },
     }
+}
+
+/// The `control_plane` block: its URL, and the files it names, read now so
+/// that a bad CA or letter key is an error of the file, not of the first
+/// dead letter.
+fn resolve_control_plane(
+    check: &mut Checker,
+    file: &str,
+    c: &RawControlPlane,
+) -> Option<ControlPlaneConfig> {
+    let url = &c.url;
+    let has_authority = url
+        .value
+        .parse::<http::Uri>()
+        .is_ok_and(|uri| uri.authority().is_some());
+    match crate::api::check_url(&url.value) {
+        Ok(()) if has_authority => {}
+        Err(why) if has_authority => {
+            check.error(url, "control_plane.url", why);
+            return None;
+        }
+        _ => {
+            check.error(
+                url,
+                "control_plane.url",
+                format!("invalid URL {:?}: expected http://host:port", url.value),
+            );
+            return None;
+        }
+    }
+    let ca_file = c.ca_file.as_ref().map(|f| relative_to(file, f));
+    let channel = crate::transport::channel::ControlChannel::new(
+        &url.value,
+        ca_file.as_deref(),
+        std::time::Duration::from_secs(5),
+        None,
+    );
+    let letter_key_file = c.letter_key_file.as_ref().map(|f| relative_to(file, f));
+    let key = letter_key_file
+        .as_deref()
+        .map(crate::api::seal::LetterKey::read)
+        .transpose();
+    let token_file = c.token_file.as_ref().map(|f| relative_to(file, f));
+    // A token missing now may be mounted later (a Secret): the sidecar
+    // starts and reads it again at each delivery.
+    if let Some(Err(why)) = token_file.as_deref().map(crate::api::token::read) {
+        check.warn(
+            url,
+            "control_plane.token_file",
+            format!("{why}; dead letters wait in the spool until it can be read"),
+        );
+    }
+    match (channel, key) {
+        (Ok(_), Ok(_)) => Some(ControlPlaneConfig {
+            url: url.value.clone(),
+            token_file,
+            ca_file,
+            letter_key_file,
+        }),
+        (Err(why), _) => {
+            check.error(url, "control_plane.ca_file", why);
+            None
+        }
+        (_, Err(why)) => {
+            check.error(url, "control_plane.letter_key_file", why);
+            None
+        }
+    }
+}
+
+/// The checked upstreams with their implicit claims and failover lists,
+/// sorted by name.
+fn finish_upstreams(
+    pending: Vec<Pending>,
+    implicit: Vec<(Vec<String>, Option<String>)>,
+    failovers: Vec<Vec<super::FailoverTarget>>,
+) -> Vec<Arc<UpstreamConfig>> {
     let mut upstreams: Vec<Arc<UpstreamConfig>> = pending
         .into_iter()
         .zip(implicit)
@@ -180,44 +244,7 @@ pub(super) fn resolve(file: &str, raw: RawConfig) -> Result<Config, ConfigError>
         })
         .collect();
     upstreams.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Config {
-        source: file.to_owned(),
-        admin: AdminConfig {
-            listen: admin.expect("checked above").0,
-            probes_listen: probes.map(|p| p.0),
-        },
-        proxy: ProxyConfig {
-            listen: proxy.expect("checked above").0,
-            header_read_timeout: raw
-                .proxy
-                .as_ref()
-                .and_then(|p| p.header_read_timeout)
-                .map_or(super::DEFAULT_HEADER_READ_TIMEOUT, |h| h.0),
-            max_connections: raw
-                .proxy
-                .as_ref()
-                .and_then(|p| p.max_connections)
-                .map(std::num::NonZeroU32::get),
-            idle_timeout: match raw.proxy.as_ref().and_then(|p| p.idle_timeout) {
-                None => Some(crate::transport::server::IDLE_TIMEOUT),
-                Some(h) => Some(h.0).filter(|d| !d.is_zero()),
-            },
-        },
-        upstreams,
-        control_plane,
-        dead_letters,
-        intercept: super::InterceptConfig {
-            unmatched: raw
-                .intercept
-                .as_ref()
-                .and_then(|i| i.unmatched)
-                .unwrap_or_default(),
-        },
-        warnings: {
-            check.warnings.sort_by_key(|d| (d.line, d.column));
-            check.warnings
-        },
-    })
+    upstreams
 }
 
 fn resolve_dead_letters(
@@ -285,21 +312,9 @@ fn resolve_upstream(
         listens.push((addr, field, Some(unit(l))));
         Some(addr)
     });
-    let mut hosts = vec![name.value.to_ascii_lowercase()];
-    for (h, host) in up.hosts.iter().enumerate() {
-        match parse_host(&host.value) {
-            Ok(host) => hosts.push(host),
-            Err(why) => check.error(host, format!("{prefix}.hosts[{h}]"), why),
-        }
-    }
-    let policy = up.policy().merge(&raw.defaults);
-    if policy.hedge.as_ref().is_some_and(|h| h.delay.is_none()) {
-        check.error(
-            &name,
-            format!("{prefix}.hedge.delay"),
-            "hedging needs a delay, such as 50ms",
-        );
-    }
+    let hosts = resolve_hosts(check, &name.value, up, &prefix);
+    let protocol = up.protocol.unwrap_or_default();
+    let policy = resolve_policy(check, raw, up, &name, protocol, &prefix);
     let criticality = up.criticality.as_ref().map(|c| c.value).unwrap_or_default();
     let fallback = resolve_degradation(check, file, up, criticality, &prefix);
     let dead_letter = resolve_dead_letter(check, raw, up, &prefix);
@@ -310,9 +325,6 @@ fn resolve_upstream(
             check.error(faults, format!("{prefix}.faults.{field}"), message);
         }
     }
-    let protocol = up.protocol.unwrap_or_default();
-    let resolved = policy.resolve();
-    super::check::policy_warnings(check, &name, &prefix, &policy, &resolved, protocol);
     let tls = match (&up.tls, &address) {
         (Some(block), Some(address)) => resolve_tls(check, file, block, address, protocol, &prefix),
         _ => None,
@@ -327,153 +339,51 @@ fn resolve_upstream(
         protocol,
         listen,
         hosts,
-        policy: resolved,
+        policy,
         criticality,
         fallback: fallback.map(Arc::new),
         name,
     }
 }
 
-/// An upstream's fallback: only an optional upstream has one (empty when
-/// it declares none).
-fn resolve_degradation(
+/// An upstream's explicit claims: its name, then its `hosts`.
+fn resolve_hosts(
     check: &mut Checker,
-    file: &str,
+    name: &str,
     up: &super::raw::RawUpstream,
-    criticality: Criticality,
     prefix: &str,
-) -> Option<Fallback> {
-    match (&up.fallback, criticality) {
-        (Some(block), Criticality::Critical) => {
-            check.error(
-                block,
-                format!("{prefix}.fallback"),
-                "a critical upstream never degrades: set criticality: optional to use a fallback",
-            );
-            None
+) -> Vec<String> {
+    let mut hosts = vec![name.to_ascii_lowercase()];
+    for (h, host) in up.hosts.iter().enumerate() {
+        match parse_host(&host.value) {
+            Ok(host) => hosts.push(host),
+            Err(why) => check.error(host, format!("{prefix}.hosts[{h}]"), why),
         }
-        (Some(block), Criticality::Optional) => {
-            resolve_fallback(check, file, &block.value, &format!("{prefix}.fallback"))
-        }
-        (None, Criticality::Optional) => Some(Fallback::default()),
-        (None, Criticality::Critical) => None,
     }
+    hosts
 }
 
-/// An upstream's `dead_letter` block; it needs the control plane.
-fn resolve_dead_letter(
+/// An upstream's policy merged over the defaults, checked, and
+/// warned of where it can never apply.
+fn resolve_policy(
     check: &mut Checker,
     raw: &RawConfig,
     up: &super::raw::RawUpstream,
+    name: &Spanned<String>,
+    protocol: super::Protocol,
     prefix: &str,
-) -> Option<DeadLetterPolicy> {
-    let d = up.dead_letter.as_ref().filter(|d| d.value.enabled)?;
-    if raw.control_plane.is_none() {
+) -> crate::resilience::policy::Policy {
+    let policy = up.policy().merge(&raw.defaults);
+    if policy.hedge.as_ref().is_some_and(|h| h.delay.is_none()) {
         check.error(
-            d,
-            format!("{prefix}.dead_letter"),
-            "dead letters go to the control plane: set control_plane.url",
+            name,
+            format!("{prefix}.hedge.delay"),
+            "hedging needs a delay, such as 50ms",
         );
     }
-    Some(DeadLetterPolicy {
-        max_body: d
-            .value
-            .max_body
-            .map_or(super::DEFAULT_DEAD_LETTER_MAX_BODY, |b| b.0),
-        durable: d.value.durable,
-    })
-}
-
-/// Checks a `fallback` block and reads its `body_file` (relative to the
-/// policy file's directory).
-fn resolve_fallback(
-    check: &mut Checker,
-    file: &str,
-    raw: &RawFallback,
-    prefix: &str,
-) -> Option<Fallback> {
-    let before = check.diagnostics.len();
-    let mut headers = HeaderMap::new();
-    for (name, value) in &raw.headers.0 {
-        let field = format!("{prefix}.headers.{name}");
-        let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
-            check.error(value, field, format!("{name:?} is not a valid header name"));
-            continue;
-        };
-        if header == CONTENT_LENGTH || crate::transport::headers::is_hop_by_hop(&header) {
-            check.error(
-                value,
-                field,
-                "this header is set by the sidecar, not by a fallback",
-            );
-            continue;
-        }
-        match HeaderValue::from_str(&value.value) {
-            Ok(v) => {
-                headers.append(header, v);
-            }
-            Err(_) => check.error(value, field, "not a valid header value"),
-        }
-    }
-    let body = match (&raw.body, &raw.body_file) {
-        (Some(_), Some(path)) => {
-            check.error(
-                path,
-                format!("{prefix}.body_file"),
-                "give either body or body_file, not both",
-            );
-            Bytes::new()
-        }
-        (Some(text), None) => Bytes::from(text.clone()),
-        (None, Some(path)) => {
-            let full = relative_to(file, &path.value);
-            match std::fs::read(&full) {
-                Ok(bytes) => Bytes::from(bytes),
-                Err(e) => {
-                    check.error(
-                        path,
-                        format!("{prefix}.body_file"),
-                        format!("cannot read {}: {e}", full.display()),
-                    );
-                    Bytes::new()
-                }
-            }
-        }
-        (None, None) => Bytes::new(),
-    };
-    let status = match &raw.status {
-        None if body.is_empty() => StatusCode::NO_CONTENT,
-        None => StatusCode::OK,
-        Some(code) => match StatusCode::from_u16(code.value) {
-            Ok(status) if (200..600).contains(&code.value) => status,
-            _ => {
-                check.error(
-                    code,
-                    format!("{prefix}.status"),
-                    format!("{} is not an HTTP status between 200 and 599", code.value),
-                );
-                StatusCode::OK
-            }
-        },
-    };
-    let message = match &raw.message_base64 {
-        None => Bytes::new(),
-        Some(text) => {
-            use base64::Engine as _;
-            match base64::engine::general_purpose::STANDARD.decode(text.value.trim()) {
-                Ok(bytes) => Bytes::from(bytes),
-                Err(e) => {
-                    check.error(
-                        text,
-                        format!("{prefix}.message_base64"),
-                        format!("not valid base64: {e}"),
-                    );
-                    Bytes::new()
-                }
-            }
-        }
-    };
-    (check.diagnostics.len() == before).then(|| Fallback::new(status, headers, body, message))
+    let resolved = policy.resolve();
+    super::check::policy_warnings(check, name, prefix, &policy, &resolved, protocol);
+    resolved
 }
 
 /// Names and `hosts` are explicit claims on the shared port: two upstreams

@@ -1,16 +1,21 @@
 //! The blocks of an upstream that reach outside the policy file: its TLS
 //! (certificate files), its credentials (files, environment) and its
-//! failover list (the other upstreams), each checked with the position of
-//! what is wrong.
+//! failover list (the other upstreams), its fallback (a body file) and
+//! its dead letters (the control plane), each checked with the position
+//! of what is wrong.
 
 use std::collections::HashMap;
 
-use http::header::{HeaderName, HeaderValue};
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
 use http::uri::Authority;
+use http::{HeaderMap, StatusCode};
 use serde_saphyr::Spanned;
 
+use super::DeadLetterPolicy;
 use super::check::{Checker, relative_to};
-use super::raw::RawConfig;
+use super::raw::{RawConfig, RawFallback};
+use crate::resilience::fallback::{Criticality, Fallback};
 
 /// Checks a `tls` block by building its client: the files it names are
 /// read (relative to the policy file's directory) and must hold what they
@@ -235,4 +240,157 @@ fn leads_back(raw: &RawConfig, names: &HashMap<&str, usize>, from: &str, to: &st
         }
     }
     false
+}
+
+/// An upstream's fallback: only an optional upstream has one (empty when
+/// it declares none).
+pub(super) fn resolve_degradation(
+    check: &mut Checker,
+    file: &str,
+    up: &super::raw::RawUpstream,
+    criticality: Criticality,
+    prefix: &str,
+) -> Option<Fallback> {
+    match (&up.fallback, criticality) {
+        (Some(block), Criticality::Critical) => {
+            check.error(
+                block,
+                format!("{prefix}.fallback"),
+                "a critical upstream never degrades: set criticality: optional to use a fallback",
+            );
+            None
+        }
+        (Some(block), Criticality::Optional) => {
+            resolve_fallback(check, file, &block.value, &format!("{prefix}.fallback"))
+        }
+        (None, Criticality::Optional) => Some(Fallback::default()),
+        (None, Criticality::Critical) => None,
+    }
+}
+
+/// An upstream's `dead_letter` block; it needs the control plane.
+pub(super) fn resolve_dead_letter(
+    check: &mut Checker,
+    raw: &RawConfig,
+    up: &super::raw::RawUpstream,
+    prefix: &str,
+) -> Option<DeadLetterPolicy> {
+    let d = up.dead_letter.as_ref().filter(|d| d.value.enabled)?;
+    if raw.control_plane.is_none() {
+        check.error(
+            d,
+            format!("{prefix}.dead_letter"),
+            "dead letters go to the control plane: set control_plane.url",
+        );
+    }
+    Some(DeadLetterPolicy {
+        max_body: d
+            .value
+            .max_body
+            .map_or(super::DEFAULT_DEAD_LETTER_MAX_BODY, |b| b.0),
+        durable: d.value.durable,
+    })
+}
+
+/// Checks a `fallback` block and reads its `body_file` (relative to the
+/// policy file's directory).
+fn resolve_fallback(
+    check: &mut Checker,
+    file: &str,
+    raw: &RawFallback,
+    prefix: &str,
+) -> Option<Fallback> {
+    let before = check.diagnostics.len();
+    let headers = fallback_headers(check, raw, prefix);
+    let body = fallback_body(check, file, raw, prefix);
+    let status = match &raw.status {
+        None if body.is_empty() => StatusCode::NO_CONTENT,
+        None => StatusCode::OK,
+        Some(code) => match StatusCode::from_u16(code.value) {
+            Ok(status) if (200..600).contains(&code.value) => status,
+            _ => {
+                check.error(
+                    code,
+                    format!("{prefix}.status"),
+                    format!("{} is not an HTTP status between 200 and 599", code.value),
+                );
+                StatusCode::OK
+            }
+        },
+    };
+    let message = match &raw.message_base64 {
+        None => Bytes::new(),
+        Some(text) => {
+            use base64::Engine as _;
+            match base64::engine::general_purpose::STANDARD.decode(text.value.trim()) {
+                Ok(bytes) => Bytes::from(bytes),
+                Err(e) => {
+                    check.error(
+                        text,
+                        format!("{prefix}.message_base64"),
+                        format!("not valid base64: {e}"),
+                    );
+                    Bytes::new()
+                }
+            }
+        }
+    };
+    (check.diagnostics.len() == before).then(|| Fallback::new(status, headers, body, message))
+}
+
+/// A fallback's headers: valid, and none the sidecar sets itself.
+fn fallback_headers(check: &mut Checker, raw: &RawFallback, prefix: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &raw.headers.0 {
+        let field = format!("{prefix}.headers.{name}");
+        let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+            check.error(value, field, format!("{name:?} is not a valid header name"));
+            continue;
+        };
+        if header == CONTENT_LENGTH || crate::transport::headers::is_hop_by_hop(&header) {
+            check.error(
+                value,
+                field,
+                "this header is set by the sidecar, not by a fallback",
+            );
+            continue;
+        }
+        match HeaderValue::from_str(&value.value) {
+            Ok(v) => {
+                headers.append(header, v);
+            }
+            Err(_) => check.error(value, field, "not a valid header value"),
+        }
+    }
+    headers
+}
+
+/// A fallback's body: `body`, or the bytes of `body_file`, not both.
+fn fallback_body(check: &mut Checker, file: &str, raw: &RawFallback, prefix: &str) -> Bytes {
+    match (&raw.body, &raw.body_file) {
+        (Some(_), Some(path)) => {
+            check.error(
+                path,
+                format!("{prefix}.body_file"),
+                "give either body or body_file, not both",
+            );
+            Bytes::new()
+        }
+        (Some(text), None) => Bytes::from(text.clone()),
+        (None, Some(path)) => {
+            let full = relative_to(file, &path.value);
+            match std::fs::read(&full) {
+                Ok(bytes) => Bytes::from(bytes),
+                Err(e) => {
+                    check.error(
+                        path,
+                        format!("{prefix}.body_file"),
+                        format!("cannot read {}: {e}", full.display()),
+                    );
+                    Bytes::new()
+                }
+            }
+        }
+        (None, None) => Bytes::new(),
+    }
 }

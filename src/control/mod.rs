@@ -183,16 +183,37 @@ fn local(listener: &TcpListener) -> SocketAddr {
         .expect("a bound listener has an address")
 }
 
+/// The listeners of a control plane: gRPC always, HTTP and admin if asked.
+struct Listeners {
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    async fn bind(options: &ControlOptions) -> Result<Self, StartError> {
+        Ok(Self {
+            grpc: bind("gRPC", options.listen).await?,
+            http: match options.http_listen {
+                Some(addr) => Some(bind("HTTP", addr).await?),
+                None => None,
+            },
+            admin: match options.admin_listen {
+                Some(addr) => Some(bind("admin", addr).await?),
+                None => None,
+            },
+        })
+    }
+}
+
 /// Opens the store, binds every listener and serves until shut down.
 pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
     options.check_exposure()?;
-    let store: Arc<dyn Store> =
-        Arc::new(
-            SledStore::open(&options.data_dir).map_err(|source| StartError::Store {
-                dir: options.data_dir.clone(),
-                source,
-            })?,
-        );
+    let store_error = |source| StartError::Store {
+        dir: options.data_dir.clone(),
+        source,
+    };
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&options.data_dir).map_err(store_error)?);
     let metrics = Arc::new(ControlMetrics::new());
     let upstreams = options
         .policies
@@ -206,78 +227,19 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         options.saga_workers,
         options.letter_key.clone(),
     ));
-    let grpc_listener = bind("gRPC", options.listen).await?;
-    let http_listener = match options.http_listen {
-        Some(addr) => Some(bind("HTTP", addr).await?),
-        None => None,
-    };
-    let admin_listener = match options.admin_listen {
-        Some(addr) => Some(bind("admin", addr).await?),
-        None => None,
-    };
-    let grpc_addr = local(&grpc_listener);
-    let http_addr = http_listener.as_ref().map(local);
-    let admin_addr = admin_listener.as_ref().map(local);
-    if options.auth.is_open() {
-        tracing::warn!(
-            "the control plane is OPEN: no --token-file was given, so anyone who can reach \
-             its ports can read and change checkpoints and dead letters"
-        );
-    }
-    if options.letter_key.is_none() && options.policies.is_some() {
-        tracing::warn!(
-            "no --letter-key-file: dead letters are replayed without checking that a \
-             sidecar captured them"
-        );
-    }
-
+    let listeners = Listeners::bind(&options).await?;
+    let grpc_addr = local(&listeners.grpc);
+    let http_addr = listeners.http.as_ref().map(local);
+    let admin_addr = listeners.admin.as_ref().map(local);
+    warn_of_openness(&options);
     if let Some(tls) = &options.tls {
         tls.keep_fresh();
     }
     let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    let routes = grpc::router(control.clone(), options.auth.clone());
-    tasks.spawn(serve_grpc(
-        grpc_listener,
-        routes,
-        options.tls.clone(),
-        stop_rx.clone(),
-    ));
-    if let Some(listener) = http_listener {
-        let api = http::HttpApi::new(control.clone(), options.auth.clone(), grpc_addr);
-        let tls = options.tls.clone();
-        tasks.spawn(serve_http(listener, stop_rx.clone(), tls, move |request| {
-            let api = api.clone();
-            async move { api.handle(request).await }
-        }));
-    }
-    if let Some(listener) = admin_listener {
-        let (metrics, admin_control) = (metrics.clone(), control.clone());
-        tasks.spawn(serve_http(
-            listener,
-            stop_rx.clone(),
-            None,
-            move |request| {
-                let (metrics, control) = (metrics.clone(), admin_control.clone());
-                async move { Ok::<_, Infallible>(admin(&metrics, &control, request.uri().path())) }
-            },
-        ));
-    }
-    tasks.spawn(sweep(
-        control.clone(),
-        options.sweep_interval,
-        stop_rx.clone(),
-    ));
+    let tasks = serve_all(listeners, &control, &metrics, &options, stop_rx);
     // Unfinished sagas go on where they stopped; a call that was in
     // flight is sent again with the same Idempotency-Key.
-    let resumed = control
-        .sagas
-        .resume()
-        .await
-        .map_err(|source| StartError::Store {
-            dir: options.data_dir.clone(),
-            source,
-        })?;
+    let resumed = control.sagas.resume().await.map_err(store_error)?;
     let or_off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         grpc = %grpc_addr,
@@ -297,6 +259,58 @@ pub async fn start(options: ControlOptions) -> Result<Running, StartError> {
         store,
         control,
     })
+}
+
+/// Says at start what an operator may not have meant: no token, no key.
+fn warn_of_openness(options: &ControlOptions) {
+    if options.auth.is_open() {
+        tracing::warn!(
+            "the control plane is OPEN: no --token-file was given, so anyone who can reach \
+             its ports can read and change checkpoints and dead letters"
+        );
+    }
+    if options.letter_key.is_none() && options.policies.is_some() {
+        tracing::warn!(
+            "no --letter-key-file: dead letters are replayed without checking that a \
+             sidecar captured them"
+        );
+    }
+}
+
+/// Serves every listener, and sweeps expired records, until `stop`.
+fn serve_all(
+    listeners: Listeners,
+    control: &Arc<ControlPlane>,
+    metrics: &Arc<ControlMetrics>,
+    options: &ControlOptions,
+    stop: watch::Receiver<bool>,
+) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    let grpc_addr = local(&listeners.grpc);
+    let routes = grpc::router(control.clone(), options.auth.clone());
+    tasks.spawn(serve_grpc(
+        listeners.grpc,
+        routes,
+        options.tls.clone(),
+        stop.clone(),
+    ));
+    if let Some(listener) = listeners.http {
+        let api = http::HttpApi::new(control.clone(), options.auth.clone(), grpc_addr);
+        let tls = options.tls.clone();
+        tasks.spawn(serve_http(listener, stop.clone(), tls, move |request| {
+            let api = api.clone();
+            async move { api.handle(request).await }
+        }));
+    }
+    if let Some(listener) = listeners.admin {
+        let (metrics, admin_control) = (metrics.clone(), control.clone());
+        tasks.spawn(serve_http(listener, stop.clone(), None, move |request| {
+            let (metrics, control) = (metrics.clone(), admin_control.clone());
+            async move { Ok::<_, Infallible>(admin(&metrics, &control, request.uri().path())) }
+        }));
+    }
+    tasks.spawn(sweep(control.clone(), options.sweep_interval, stop));
+    tasks
 }
 
 /// Serves the gRPC services until `stop`, over TLS with `tls`.

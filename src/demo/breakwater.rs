@@ -158,23 +158,13 @@ async fn metrics_text(client: &HttpClient, addr: std::net::SocketAddr, path: &st
     }
 }
 
-pub(super) async fn breakwater_run(
-    model: Model,
-    options: &DemoOptions,
-) -> Result<(RunReport, Running), DemoError> {
-    let agents = agents::start(model).await?;
-    let (data_dir, temporary) = match &options.data_dir {
-        Some(dir) => (dir.clone(), None),
-        None => {
-            let dir = std::env::temp_dir().join(format!(
-                "breakwater-demo-{}-{}",
-                std::process::id(),
-                fastrand::u32(..)
-            ));
-            (dir.clone(), Some(TempDir(dir)))
-        }
-    };
-    std::fs::create_dir_all(&data_dir)?;
+/// Runs the pipeline through a sidecar and a control plane, over the
+/// invoices not already done in `--data-dir`'s checkpoints.
+/// Starts the control plane, then the sidecar, on the demo's policies.
+async fn start_breakwater(
+    agents: &agents::Agents,
+    data_dir: &std::path::Path,
+) -> Result<(control::Running, sidecar::Sidecar), DemoError> {
     // The control plane first: the policies name it for dead letters.
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let control_addr = listener.local_addr()?;
@@ -194,12 +184,17 @@ pub(super) async fn breakwater_run(
     control_options.policies = Some(config.clone());
     let control = control::start(control_options).await?;
     let sidecar = sidecar::start(config, sidecar::Options::default()).await?;
+    Ok((control, sidecar))
+}
 
-    let url = format!("http://{}", control.grpc_addr);
-    let checkpoints = CheckpointsClient::connect(url.clone()).await?;
+/// The invoices whose checkpoint is not at `done`, and how many are.
+async fn not_done(
+    checkpoints: &CheckpointsClient<tonic::transport::Channel>,
+    invoices: u64,
+) -> (Vec<u64>, u64) {
     let mut todo = Vec::new();
     let mut resumed = 0;
-    for i in 0..options.invoices {
+    for i in 0..invoices {
         let done = checkpoints
             .clone()
             .get(GetCheckpointRequest {
@@ -214,6 +209,63 @@ pub(super) async fn breakwater_run(
             todo.push(i);
         }
     }
+    (todo, resumed)
+}
+
+/// Retries, circuits opened, compensations and dead letters, read from
+/// the sidecar's and the control plane's metrics once the spool is empty.
+async fn count_from_metrics(
+    report: &mut RunReport,
+    http: &HttpClient,
+    sidecar: &sidecar::Sidecar,
+    control: &control::Running,
+) {
+    // Letters reach the control plane from the sidecar's spool: wait
+    // (a little) for it to empty.
+    let mut sidecar_metrics = metrics_text(http, sidecar.admin_addr, "/metrics").await;
+    for _ in 0..100 {
+        if metric_sum(&sidecar_metrics, "breakwater_dead_letter_spool", "") == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sidecar_metrics = metrics_text(http, sidecar.admin_addr, "/metrics").await;
+    }
+    // The sidecar's calls, and the control plane's (the sagas').
+    let mut texts = vec![sidecar_metrics];
+    if let Some(admin) = control.admin_addr {
+        let text = metrics_text(http, admin, "/metrics").await;
+        report.compensations = metric_sum(&text, "breakwater_saga_compensations_total", "");
+        report.dead_letters = metric_sum(&text, "breakwater_dead_letters", "");
+        texts.push(metrics_text(http, admin, "/metrics/upstreams").await);
+    }
+    for text in &texts {
+        report.retries += metric_sum(text, "breakwater_retries_total", "");
+        report.circuits_opened +=
+            metric_sum(text, "breakwater_circuit_transitions_total", "to=\"open\"");
+    }
+}
+
+pub(super) async fn breakwater_run(
+    model: Model,
+    options: &DemoOptions,
+) -> Result<(RunReport, Running), DemoError> {
+    let agents = agents::start(model).await?;
+    let (data_dir, temporary) = match &options.data_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let dir = std::env::temp_dir().join(format!(
+                "breakwater-demo-{}-{}",
+                std::process::id(),
+                fastrand::u32(..)
+            ));
+            (dir.clone(), Some(TempDir(dir)))
+        }
+    };
+    std::fs::create_dir_all(&data_dir)?;
+    let (control, sidecar) = start_breakwater(&agents, &data_dir).await?;
+    let url = format!("http://{}", control.grpc_addr);
+    let checkpoints = CheckpointsClient::connect(url.clone()).await?;
+    let (todo, resumed) = not_done(&checkpoints, options.invoices).await;
     let pipeline = Arc::new(ThroughBreakwater {
         proxy: sidecar.proxy_addr,
         ocr: OcrClient::connect(format!("http://{}", sidecar.upstream_addrs["ocr"])).await?,
@@ -225,29 +277,7 @@ pub(super) async fn breakwater_run(
     let mut report = run_all(pipeline.clone(), options, "through Breakwater", todo).await;
     report.resumed = resumed;
     report.degraded = pipeline.degraded.load(Ordering::Relaxed) as u64;
-    // Letters reach the control plane from the sidecar's spool: wait
-    // (a little) for it to empty.
-    let mut sidecar_metrics = metrics_text(&pipeline.http, sidecar.admin_addr, "/metrics").await;
-    for _ in 0..100 {
-        if metric_sum(&sidecar_metrics, "breakwater_dead_letter_spool", "") == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        sidecar_metrics = metrics_text(&pipeline.http, sidecar.admin_addr, "/metrics").await;
-    }
-    // The sidecar's calls, and the control plane's (the sagas').
-    let mut texts = vec![sidecar_metrics];
-    if let Some(admin) = control.admin_addr {
-        let text = metrics_text(&pipeline.http, admin, "/metrics").await;
-        report.compensations = metric_sum(&text, "breakwater_saga_compensations_total", "");
-        report.dead_letters = metric_sum(&text, "breakwater_dead_letters", "");
-        texts.push(metrics_text(&pipeline.http, admin, "/metrics/upstreams").await);
-    }
-    for text in &texts {
-        report.retries += metric_sum(text, "breakwater_retries_total", "");
-        report.circuits_opened +=
-            metric_sum(text, "breakwater_circuit_transitions_total", "to=\"open\"");
-    }
+    count_from_metrics(&mut report, &pipeline.http, &sidecar, &control).await;
     Ok((
         report,
         Running {

@@ -217,10 +217,11 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, DemoError> {
     Ok(report)
 }
 
-fn print_report(report: &DemoReport) {
-    let (d, b) = (&report.direct, &report.breakwater);
+/// The side-by-side table: a row per figure, direct then through
+/// Breakwater.
+fn report_rows(d: &RunReport, b: &RunReport) -> [(&'static str, String, String); 9] {
     let ms = |t: Duration| format!("{:.0} ms", t.as_secs_f64() * 1000.0);
-    let rows: [(&str, String, String); 9] = [
+    [
         (
             "end-to-end success",
             format!("{:.1}%", d.success_rate() * 100.0),
@@ -262,9 +263,13 @@ fn print_report(report: &DemoReport) {
             "-".to_owned(),
             b.dead_letters.to_string(),
         ),
-    ];
+    ]
+}
+
+fn print_report(report: &DemoReport) {
+    let (d, b) = (&report.direct, &report.breakwater);
     println!("\n{:<28} {:>12} {:>20}", "", "direct", "through Breakwater");
-    for (name, direct, breakwater) in rows {
+    for (name, direct, breakwater) in report_rows(d, b) {
         println!("{name:<28} {direct:>12} {breakwater:>20}");
     }
     let stops = |r: &RunReport| {

@@ -172,6 +172,12 @@ impl Stack {
 
     /// One attempt: through the breaker, bounded by the per-try timeout,
     /// with the faults drawn for it.
+    ///
+    /// Longer than most functions on purpose: it is on every call, and each
+    /// `async fn` split out of it is one more future nested in its state,
+    /// moved at every poll that builds it (the regressions in
+    /// docs/BENCHMARKS.md were such moves). Split it only with
+    /// `bench/instructions.sh` before and after.
     async fn attempt(
         &self,
         mut request: Request<Body>,

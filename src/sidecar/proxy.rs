@@ -230,6 +230,10 @@ fn asks_to_upgrade(headers: &http::HeaderMap) -> bool {
 /// Sends a request to its upstream and records the outcome (and, with
 /// tracing on, the request's span; with dead letters on, a letter for a
 /// request that finally failed).
+///
+/// Kept whole for the reason `Stack::attempt` is: it is on every call, and
+/// a nested future is one more move per call; split it only with
+/// `bench/instructions.sh` before and after.
 async fn forward(
     upstream: Arc<Upstream>,
     failover: Vec<(Arc<Upstream>, Option<Arc<Rewrite>>)>,
