@@ -1,5 +1,8 @@
 //! The `breakwater` command: parses arguments and calls the library, one
 //! function of `breakwater::commands` per subcommand.
+//!
+//! Most of its length is the argument types, with their help text: the
+//! whole command line in one file, as `--help` shows it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -5,6 +5,9 @@
 //! ([`UpstreamMetrics`]): recording a request is a few atomic operations, no
 //! label lookup, no allocation. Labels stay bounded: the upstream's name
 //! (from the config) and a fixed set of outcomes.
+//!
+//! The file is long because it is the table of every metric: one place to
+//! read what the sidecar exports.
 
 use std::sync::Arc;
 

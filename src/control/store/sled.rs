@@ -1,5 +1,8 @@
 //! The embedded store, on sled: checkpoints, dead letters and sagas, each
 //! change an atomic batch or transaction (see `layout` for the keys).
+//!
+//! One implementation of the `Store` trait, so one `impl` block; its size
+//! is the trait's.
 
 use std::sync::Arc;
 use std::time::SystemTime;
