@@ -26,6 +26,11 @@ EXAMPLE = os.path.join(ROOT, "helm", "examples", "agent-without-webhook")
 BREAKWATER = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "debug", "breakwater")
 NAMESPACE = "breakwater"
 
+def chart_version():
+    with open(os.path.join(CHART, "Chart.yaml")) as f:
+        return yaml.safe_load(f)["appVersion"]
+
+
 VALUE_SETS = {
     "defaults": [],
     "webhook off": ["--set", "injector.enabled=false"],
@@ -36,6 +41,9 @@ VALUE_SETS = {
     "existing secret": ["--set", "controlPlane.auth.existingSecret=my-token"],
     "auth off": ["--set", "controlPlane.auth.enabled=false"],
     "cert-manager": ["--set", "injector.certManager.enabled=true"],
+    "intercept env, exclusions": ["--set", "intercept.mode=env",
+                                  "--set", "intercept.excludeOutboundPorts={5432,6379}",
+                                  "--set", "intercept.excludeOutboundCIDRs={10.0.0.0/8}"],
     "agent namespaces and upstreams": ["--values", "AGENTS"],
 }
 AGENTS_VALUES = {
@@ -296,6 +304,13 @@ def main():
         secret = "my-token" if label == "existing secret" else "breakwater-token"
         if injector_args and injector_args[injector_args.index("--token-secret") + 1] != secret:
             problem(f"[{label}]", f"the injector does not mount the token Secret {secret}: {injector_args}")
+        # The injector is told the mode, the init image and the exclusions.
+        want = ["--intercept=iptables"]
+        if label == "intercept env, exclusions":
+            want = ["--intercept=env", "--exclude-outbound-ports=5432,6379", "--exclude-outbound-cidrs=10.0.0.0/8"]
+        want.append("--init-image=breakwater-init:" + chart_version())
+        if injector_args and not set(want) <= set(injector_args):
+            problem(f"[{label}]", f"the injector is not given {want}: {injector_args}")
         if label == "agent namespaces and upstreams":
             for ns in ("agents", "billing"):
                 for kind in ("ConfigMap", "Secret"):
@@ -315,6 +330,8 @@ def main():
                            ("controlPlane.grpcPort=0", "grpcPort"),
                            ("monitoring.prometheusRule.thresholds.errorRate=2", "errorRate"),
                            ("sidecar.resources.limits.memory=lots", "memory"),
+                           ("intercept.mode=ebpf", "mode"),
+                           ("intercept.excludeOutboundPorts={0}", "excludeOutboundPorts"),
                            ("controlPlane.sagaWorkrs=3", "sagaWorkrs")):
         out = helm("template", "bw", CHART, "--set", setting)
         if out.returncode == 0 or field not in out.stderr:
@@ -328,13 +345,15 @@ def main():
     docs = render("example without webhook", [], chart=EXAMPLE)
     validate("example without webhook", docs)
     check_render("example without webhook", docs, set())
-    manual = next(c for d in docs if d["kind"] == "Deployment"
-                  for c in d["spec"]["template"]["spec"]["initContainers"])
+    added = {c["name"]: c for d in docs if d["kind"] == "Deployment"
+             for c in d["spec"]["template"]["spec"]["initContainers"]}
+    manual, manual_init = added["breakwater"], added["breakwater-init"]
     with open(os.path.join(ROOT, "tests", "data", "admission", "annotated-pod.json")) as f:
         pod = json.load(f)["request"]["object"]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(pod, f)
-    preview = run([BREAKWATER, "inject-preview", f.name, "--image", manual["image"]])
+    preview = run([BREAKWATER, "inject-preview", f.name, "--image", manual["image"],
+                   "--init-image", manual_init["image"]])
     os.unlink(f.name)
     if preview.returncode != 0:
         problem("[injected pod]", preview.stderr)
@@ -346,19 +365,32 @@ def main():
         token = next((v for v in injected["spec"]["volumes"] if v["name"] == "breakwater-token"), None)
         if token != {"name": "breakwater-token", "secret": {"secretName": "breakwater-token", "optional": True}}:
             problem("[injected pod]", f"no optional volume of the token Secret: {token}")
+        init = {c["name"]: c for c in injected["spec"]["initContainers"]}
+        if [c["name"] for c in injected["spec"]["initContainers"]] != ["breakwater-init", "breakwater"]:
+            problem("[injected pod]", "the init container does not come first, then the sidecar")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            if injected["spec"]["initContainers"][0][probe]["httpGet"]["port"] != "bw-probes":
+            if init["breakwater"][probe]["httpGet"]["port"] != "bw-probes":
                 problem("[injected pod]", f"{probe} is not on the probes port")
-        mounts = {m["mountPath"]: m["name"] for m in injected["spec"]["initContainers"][0]["volumeMounts"]}
+        mounts = {m["mountPath"]: m["name"] for m in init["breakwater"]["volumeMounts"]}
         if mounts.get("/var/run/breakwater") != "breakwater-token":
             problem("[injected pod]", f"the sidecar does not mount the token where the policies name it: {mounts}")
-        sidecar = injected["spec"]["initContainers"][0]
+        sidecar = init["breakwater"]
         # The pod's annotation raised the memory limit; otherwise the same.
         sidecar["resources"]["limits"]["memory"] = manual["resources"]["limits"]["memory"]
         if sidecar != manual:
             problem("[injected pod]", "the injector's sidecar differs from the chart's breakwater.sidecar:\n"
                     f"injector: {json.dumps(sidecar, sort_keys=True)}\nchart:    {json.dumps(manual, sort_keys=True)}")
-        print("injected pod: valid, and the same sidecar as breakwater.sidecar")
+        if init["breakwater-init"] != manual_init:
+            problem("[injected pod]", "the injector's init container differs from the chart's breakwater.init:\n"
+                    f"injector: {json.dumps(init['breakwater-init'], sort_keys=True)}\n"
+                    f"chart:    {json.dumps(manual_init, sort_keys=True)}")
+        # The init container leaves the sidecar's own traffic alone.
+        uid = str(sidecar["securityContext"]["runAsUser"])
+        args = manual_init["args"]
+        if args[args.index("--exclude-uid") + 1] != uid or args[args.index("--redirect-port") + 1] != str(
+                manual["ports"][0]["containerPort"]):
+            problem("[injected pod]", f"the init container's {args} do not match the sidecar's UID {uid} and port")
+        print("injected pod: valid, and the same init container and sidecar as breakwater.init and breakwater.sidecar")
 
     if problems:
         print(f"\n{len(problems)} problem(s):", file=sys.stderr)

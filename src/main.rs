@@ -188,6 +188,8 @@ enum Command {
         /// The sidecar's default memory limit (empty: none).
         #[arg(long, default_value = "128Mi")]
         memory_limit: String,
+        #[command(flatten)]
+        intercept: InterceptArgs,
     },
     /// Print a pod manifest (JSON or YAML file, `-` for stdin) as the
     /// injector would change it, as JSON.
@@ -197,6 +199,8 @@ enum Command {
         /// The sidecar image.
         #[arg(long, default_value = concat!("breakwater:", env!("CARGO_PKG_VERSION")))]
         image: String,
+        #[command(flatten)]
+        intercept: InterceptArgs,
     },
     /// Check a policy file.
     Config {
@@ -408,6 +412,42 @@ enum ConfigCommand {
     },
 }
 
+/// How injected pods reach their sidecar (the injector and its preview).
+#[derive(Debug, clap::Args)]
+struct InterceptArgs {
+    /// iptables: an init container redirects the pod's outbound TCP to
+    /// the sidecar; env: only BREAKWATER_PROXY. A pod's
+    /// breakwater.io/intercept annotation overrides it.
+    #[arg(long, default_value = "iptables", value_parser = parse_intercept)]
+    intercept: inject::intercept::Intercept,
+    /// The init container's image (it has the iptables binary).
+    #[arg(long, env = "BREAKWATER_INIT_IMAGE", default_value = concat!("breakwater-init:", env!("CARGO_PKG_VERSION")))]
+    init_image: String,
+    /// Destination ports never redirected, unless a pod names its own
+    /// (breakwater.io/exclude-outbound-ports): 5432,6379.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Destination networks never redirected, unless a pod names its own
+    /// (breakwater.io/exclude-outbound-cidrs): 10.0.0.0/8.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_cidrs: Vec<breakwater::intercept::rules::Cidr>,
+}
+
+impl From<InterceptArgs> for inject::intercept::InterceptSettings {
+    fn from(args: InterceptArgs) -> Self {
+        Self {
+            mode: args.intercept,
+            image: args.init_image,
+            exclude_ports: args.exclude_outbound_ports,
+            exclude_cidrs: args.exclude_outbound_cidrs,
+        }
+    }
+}
+
+fn parse_intercept(text: &str) -> Result<inject::intercept::Intercept, String> {
+    text.parse()
+}
+
 /// `--ipv6`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Ipv6Arg {
@@ -525,6 +565,7 @@ fn main() -> ExitCode {
             memory_request,
             cpu_limit,
             memory_limit,
+            intercept,
         } => commands::injector(
             listen,
             inject::server::TlsFiles {
@@ -537,13 +578,19 @@ fn main() -> ExitCode {
                 config_map,
                 token_secret,
                 resources: [cpu_request, memory_request, cpu_limit, memory_limit],
+                intercept: intercept.into(),
                 ..Default::default()
             },
         ),
-        Command::InjectPreview { file, image } => commands::inject_preview(
+        Command::InjectPreview {
+            file,
+            image,
+            intercept,
+        } => commands::inject_preview(
             &file,
             &inject::Settings {
                 image,
+                intercept: intercept.into(),
                 ..Default::default()
             },
         ),

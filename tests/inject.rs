@@ -96,8 +96,32 @@ fn an_annotated_pod_gains_exactly_the_sidecar() {
     );
     assert_eq!(answer["response"]["allowed"], true);
 
-    let sidecar = &patched["spec"]["initContainers"][0];
+    // First the init container that redirects the pod's outbound TCP to
+    // the sidecar's port, leaving the sidecar's own UID alone: with
+    // NET_ADMIN and NET_RAW only, not privileged.
+    let init = &patched["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "breakwater-init");
+    assert_eq!(
+        init["image"],
+        format!("breakwater-init:{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(
+        init["args"],
+        json!(["init", "--redirect-port", "15001", "--exclude-uid", "65532"])
+    );
+    assert!(init.get("restartPolicy").is_none(), "it runs once: {init}");
+    let context = &init["securityContext"];
+    assert_eq!(
+        context["capabilities"]["add"],
+        json!(["NET_ADMIN", "NET_RAW"])
+    );
+    assert_eq!(context["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(context["privileged"], false);
+    assert_eq!(context["allowPrivilegeEscalation"], false);
+    assert_eq!(context["runAsUser"], 0);
+    let sidecar = &patched["spec"]["initContainers"][1];
     assert_eq!(sidecar["name"], "breakwater");
+    assert_eq!(sidecar["securityContext"]["runAsUser"], 65532);
     assert_eq!(sidecar["restartPolicy"], "Always");
     assert_eq!(sidecar["image"], "registry.example/breakwater:0.1.0");
     assert_eq!(
@@ -171,9 +195,10 @@ fn an_annotated_pod_gains_exactly_the_sidecar() {
 fn the_sidecar_goes_first_among_init_containers_with_the_pods_own_config() {
     let (_, pod, patched) = mutate("pod-with-init-containers.json");
     let init = patched["spec"]["initContainers"].as_array().unwrap();
-    assert_eq!(init.len(), 2);
-    assert_eq!(init[0]["name"], "breakwater");
-    assert_eq!(init[1], pod["spec"]["initContainers"][0]);
+    assert_eq!(init.len(), 3);
+    assert_eq!(init[0]["name"], "breakwater-init");
+    assert_eq!(init[1]["name"], "breakwater");
+    assert_eq!(init[2], pod["spec"]["initContainers"][0]);
     assert_eq!(
         patched["spec"]["volumes"][0]["configMap"]["name"],
         "ocr-policies"
@@ -198,6 +223,104 @@ fn pods_without_the_annotation_injected_ones_and_other_objects_are_left_alone() 
         );
         assert_eq!(patched, pod);
     }
+}
+
+/// The annotated pod with `annotations` added, as the injector leaves it
+/// under `settings`.
+fn injected_with(annotations: Value, settings: &Settings) -> Result<Value, inject::BadReview> {
+    let review: Value = serde_json::from_slice(&document("annotated-pod.json")).unwrap();
+    let mut pod = review["request"]["object"].clone();
+    for (name, value) in annotations.as_object().unwrap() {
+        pod["metadata"]["annotations"][name] = value.clone();
+    }
+    inject::preview(&pod, settings)
+}
+
+fn init_names(pod: &Value) -> Vec<&str> {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn interception_follows_the_pods_annotations_over_the_injectors_default() {
+    let s = settings();
+    // The env mode: no init container, the sidecar alone.
+    let pod = injected_with(json!({"breakwater.io/intercept": "env"}), &s).unwrap();
+    assert_eq!(init_names(&pod), ["breakwater"]);
+    // An injector whose default is env, and a pod that asks for iptables.
+    let mut env_default = settings();
+    env_default.intercept.mode = inject::intercept::Intercept::Env;
+    env_default.intercept.exclude_ports = vec![5432];
+    let pod = injected_with(json!({}), &env_default).unwrap();
+    assert_eq!(init_names(&pod), ["breakwater"]);
+    let pod = injected_with(json!({"breakwater.io/intercept": "iptables"}), &env_default).unwrap();
+    assert_eq!(init_names(&pod), ["breakwater-init", "breakwater"]);
+    // The injector's exclusions, unless the pod names its own.
+    assert_eq!(
+        pod["spec"]["initContainers"][0]["args"],
+        json!([
+            "init",
+            "--redirect-port",
+            "15001",
+            "--exclude-uid",
+            "65532",
+            "--exclude-ports",
+            "5432"
+        ])
+    );
+    let pod = injected_with(
+        json!({
+            "breakwater.io/exclude-outbound-ports": "5432, 6379",
+            "breakwater.io/exclude-outbound-cidrs": "10.0.0.0/8,fd00::/8",
+        }),
+        &s,
+    )
+    .unwrap();
+    assert_eq!(
+        pod["spec"]["initContainers"][0]["args"],
+        json!([
+            "init",
+            "--redirect-port",
+            "15001",
+            "--exclude-uid",
+            "65532",
+            "--exclude-ports",
+            "5432,6379",
+            "--exclude-cidrs",
+            "10.0.0.0/8,fd00::/8"
+        ])
+    );
+    // What cannot be honoured refuses the pod, with the reason.
+    for (annotations, message) in [
+        (
+            json!({"breakwater.io/intercept": "ebpf"}),
+            "annotation breakwater.io/intercept: \"ebpf\" is not a mode: iptables or env",
+        ),
+        (
+            json!({"breakwater.io/exclude-outbound-ports": "5432,http"}),
+            "annotation breakwater.io/exclude-outbound-ports: \"http\" is not a port",
+        ),
+        (
+            json!({"breakwater.io/exclude-outbound-ports": "0"}),
+            "annotation breakwater.io/exclude-outbound-ports: \"0\" is not a port",
+        ),
+    ] {
+        assert_eq!(injected_with(annotations, &s).unwrap_err().0, message);
+    }
+    let bad_cidr = injected_with(
+        json!({"breakwater.io/exclude-outbound-cidrs": "10.0.0.0/33"}),
+        &s,
+    );
+    assert!(
+        bad_cidr
+            .unwrap_err()
+            .0
+            .starts_with("annotation breakwater.io/exclude-outbound-cidrs: "),
+    );
 }
 
 #[test]

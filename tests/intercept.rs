@@ -92,6 +92,48 @@ async fn init_sets_its_rules_once_prints_them_and_cleanup_restores_the_table() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--exclude-uid"));
 }
 
+#[tokio::test]
+async fn the_injected_init_container_sets_the_rules_the_sidecar_needs() {
+    let Some(pair) = Pair::new() else { return };
+    let ns = &pair.agent;
+    let before = listing(ns).await;
+    // What the injector adds to a pod that excludes its database's port.
+    let review: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/admission/annotated-pod.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut pod = review["request"]["object"].clone();
+    pod["metadata"]["annotations"]["breakwater.io/exclude-outbound-ports"] = "5432".into();
+    let pod = breakwater::inject::preview(&pod, &breakwater::inject::Settings::default()).unwrap();
+    let containers = pod["spec"]["initContainers"].as_array().unwrap();
+    let (init_container, sidecar) = (&containers[0], &containers[1]);
+    let args: Vec<&str> = init_container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    // Its command, run as the init container would run it.
+    let out = Pair::run(ns, BIN, &args).await;
+    assert!(out.status.success(), "{out:?}");
+    let set = listing(ns).await;
+    let uid = sidecar["securityContext"]["runAsUser"].to_string();
+    let port = sidecar["ports"][0]["containerPort"].to_string();
+    for rule in [
+        format!("-A BREAKWATER_OUTPUT -m owner --uid-owner {uid} -j RETURN"),
+        "-A BREAKWATER_OUTPUT -p tcp -m multiport --dports 5432 -j RETURN".to_owned(),
+        format!("-A BREAKWATER_OUTPUT -p tcp -j REDIRECT --to-ports {port}"),
+    ] {
+        assert!(set.contains(&rule), "{rule} not in:\n{set}");
+    }
+    init(ns, &["--cleanup"]).await;
+    assert_eq!(listing(ns).await, before);
+}
+
 /// An upstream that answers 503 to its first two `GET /flaky`s and 200
 /// after, and `GET /count` with how many `/flaky`s it has had.
 const FLAKY: &str = r#"

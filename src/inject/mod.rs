@@ -12,8 +12,11 @@
 //! the pod's namespace), the control plane's token (an optional Secret),
 //! probes on its admin port, resources, a hardened
 //! security context, and `BREAKWATER_PROXY` / `BREAKWATER_ADMIN` in every
-//! app container's environment.
+//! app container's environment. Before it, unless the pod asks for the
+//! `env` mode, goes the init container that redirects the pod's outbound
+//! TCP to it ([`intercept`]).
 
+pub mod intercept;
 pub mod server;
 
 use base64::Engine as _;
@@ -66,6 +69,9 @@ pub struct Settings {
     /// Default resources: `(requests cpu, requests memory, limits cpu,
     /// limits memory)`; empty strings are left out.
     pub resources: [String; 4],
+    /// Interception: the default mode, the init container's image, and
+    /// what is never redirected.
+    pub intercept: intercept::InterceptSettings,
 }
 
 impl Default for Settings {
@@ -79,6 +85,7 @@ impl Default for Settings {
             admin_port: 15000,
             probes_port: 15020,
             resources: ["50m".into(), "32Mi".into(), String::new(), "128Mi".into()],
+            intercept: intercept::InterceptSettings::default(),
         }
     }
 }
@@ -137,7 +144,7 @@ pub fn review(body: &[u8], settings: &Settings) -> Result<Value, BadReview> {
     }))
 }
 
-fn annotation<'a>(pod: &'a Value, name: &str) -> Option<&'a str> {
+pub(crate) fn annotation<'a>(pod: &'a Value, name: &str) -> Option<&'a str> {
     pod["metadata"]["annotations"][name].as_str()
 }
 
@@ -195,11 +202,20 @@ pub fn patch(pod: &Value, settings: &Settings) -> Result<Option<Value>, BadRevie
         .ok_or_else(|| BadReview("the pod has no spec.containers".into()))?;
     let config_map = annotation(pod, CONFIG).unwrap_or(&settings.config_map);
     let mut ops = Vec::new();
-    let sidecar = sidecar(pod, settings)?;
+    // The init container first: the sidecar, and every container after
+    // it, start with the pod's traffic already redirected.
+    let mut first = Vec::new();
+    if intercept::mode(pod, settings)? == intercept::Intercept::Iptables {
+        first.push(intercept::init_container(pod, settings)?);
+    }
+    first.push(sidecar(pod, settings)?);
     if pod["spec"]["initContainers"].is_array() {
-        ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": sidecar}));
+        for (i, container) in first.into_iter().enumerate() {
+            let path = format!("/spec/initContainers/{i}");
+            ops.push(json!({"op": "add", "path": path, "value": container}));
+        }
     } else {
-        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [sidecar]}));
+        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": first}));
     }
     let volumes = [
         json!({"name": VOLUME, "configMap": {"name": config_map}}),
@@ -282,8 +298,8 @@ fn sidecar(pod: &Value, settings: &Settings) -> Result<Value, BadReview> {
         "resources": resources,
         "securityContext": {
             "runAsNonRoot": true,
-            "runAsUser": 65532,
-            "runAsGroup": 65532,
+            "runAsUser": intercept::SIDECAR_UID,
+            "runAsGroup": intercept::SIDECAR_UID,
             "readOnlyRootFilesystem": true,
             "allowPrivilegeEscalation": false,
             "capabilities": {"drop": ["ALL"]},

@@ -26,6 +26,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{- define "breakwater.initImage" -}}
+{{- printf "%s:%s" .Values.intercept.image.repository (default .Chart.AppVersion .Values.intercept.image.tag) -}}
+{{- end -}}
+
 {{- define "breakwater.tokenSecret" -}}
 {{- default "breakwater-token" .Values.controlPlane.auth.existingSecret -}}
 {{- end -}}
@@ -95,6 +99,46 @@ dependency):
     - {name: breakwater-policies, mountPath: /etc/breakwater, readOnly: true}
     - {name: breakwater-tmp, mountPath: /tmp}
     - {name: breakwater-token, mountPath: /var/run/breakwater, readOnly: true}
+{{- end -}}
+
+{{/*
+The init container that redirects the pod's outbound TCP to the sidecar
+(interception in iptables mode), for pod specs in clusters without the
+webhook: put it under `initContainers:` before "breakwater.sidecar". It
+needs NET_ADMIN and NET_RAW, and runs as root, once.
+*/}}
+{{- define "breakwater.init" -}}
+- name: breakwater-init
+  image: {{ include "breakwater.initImage" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args:
+    - init
+    - --redirect-port
+    - {{ .Values.sidecar.proxyPort | quote }}
+    - --exclude-uid
+    - "65532"
+    {{- with .Values.intercept.excludeOutboundPorts }}
+    - --exclude-ports
+    - {{ join "," . | quote }}
+    {{- end }}
+    {{- with .Values.intercept.excludeOutboundCIDRs }}
+    - --exclude-cidrs
+    - {{ join "," . | quote }}
+    {{- end }}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 64Mi}
+  securityContext:
+    runAsNonRoot: false
+    runAsUser: 0
+    runAsGroup: 0
+    readOnlyRootFilesystem: true
+    allowPrivilegeEscalation: false
+    privileged: false
+    capabilities: {add: [NET_ADMIN, NET_RAW], drop: [ALL]}
+    seccompProfile: {type: RuntimeDefault}
+  volumeMounts:
+    - {name: breakwater-tmp, mountPath: /run}
 {{- end -}}
 
 {{- define "breakwater.sidecarVolumes" -}}
