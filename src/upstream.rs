@@ -12,6 +12,7 @@ use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::resilience::breaker::Breaker;
+use crate::resilience::connect::ConnectPolicy;
 use crate::resilience::faults::{FaultCell, Faults};
 use crate::resilience::stack::{Observe, Stack};
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
@@ -88,6 +89,17 @@ impl Upstream {
     /// Its circuit breaker, unless disabled.
     pub fn breaker(&self) -> Option<&Arc<Breaker>> {
         self.stack.breaker()
+    }
+
+    /// What a connect to it for a stream the sidecar does not read (TLS
+    /// relayed) is held to: its retries' attempts and backoff, its breaker.
+    pub fn connect_policy(&self) -> ConnectPolicy<'_> {
+        ConnectPolicy {
+            upstream: &self.config.name,
+            retry: &self.config.policy.retry,
+            breaker: self.breaker(),
+            metrics: &self.metrics,
+        }
     }
 
     /// Retries its budget allows now, if it retries or hedges.

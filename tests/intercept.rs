@@ -371,6 +371,113 @@ async fn redirected_connections_get_their_upstream_s_policy_or_are_relayed_byte_
     );
 }
 
+/// An HTTPS server: `GET` answers `tls ok`; argv: address, port, cert,
+/// key.
+const TLS_SERVER: &str = r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"tls ok"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[3], sys.argv[4])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+#[tokio::test]
+async fn tls_is_routed_by_its_server_name_under_the_upstream_s_connect_policy() {
+    let Some(pair) = Pair::new() else { return };
+    let dir = shared_dir();
+    let pki = support::tls::Pki::new();
+    let names = ["api.example.test", "other.example.test"];
+    let signed = pki.sign("server", &names, false);
+    let ip = pair.upstream_ip.clone();
+    let mut server = Pair::command(&pair.upstream, "python3")
+        .args(["-c", TLS_SERVER, &ip, "8443"])
+        .arg(&signed.cert_file)
+        .arg(&signed.key_file)
+        .spawn()
+        .unwrap();
+    let up = Pair::run(&pair.upstream, "python3", &["-c", LISTENING, &ip, "8443"]).await;
+    assert!(up.status.success(), "{up:?}");
+    // The upstream's own address is elsewhere (the agent's address, where
+    // nothing listens): only the server name can route the connection.
+    pair.agent_hosts(&format!(
+        "127.0.0.1 localhost\n{} model-svc\n",
+        pair.agent_ip
+    ));
+    let _sidecar = sidecar_as_1337(
+        &pair,
+        dir.path(),
+        "upstreams:\n  model:\n    address: 'model-svc:8443'\n    sni: [API.example.test]\n    retry: {max_attempts: 3, backoff: {base: 1ms, max: 2ms}}\n    circuit_breaker: {consecutive_failures: 3, open_for: 60s}\n",
+    )
+    .await;
+    init(&pair.agent, &["--exclude-uid", "1337"]).await;
+    let ca = pki.ca_file.to_str().unwrap().to_owned();
+    let https = |name: &str| {
+        let (ca, ip) = (ca.clone(), ip.clone());
+        let resolve = format!("{name}:8443:{ip}");
+        let url = format!("https://{name}:8443/");
+        let ns = pair.agent.clone();
+        async move {
+            let out = Pair::run(
+                &ns,
+                "curl",
+                &[
+                    "-s",
+                    "-m",
+                    "10",
+                    "--cacert",
+                    &ca,
+                    "--resolve",
+                    &resolve,
+                    "-w",
+                    "\n%{http_code}",
+                    &url,
+                ],
+            )
+            .await;
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+
+    // The agent's own TLS, end to end: the sidecar only read its name.
+    assert_eq!(https("api.example.test").await, "tls ok\n200");
+    assert_eq!(intercepted(&pair.agent, "tls-passthrough").await, 1.0);
+    // A name no upstream declares goes where it was going, as any other
+    // connection does.
+    assert_eq!(https("other.example.test").await, "tls ok\n200");
+    assert_eq!(intercepted(&pair.agent, "passthrough").await, 1.0);
+
+    // The upstream goes down: three connects (two retries), each a failure
+    // for the breaker, which opens; the next connection is refused at
+    // once, with no connect.
+    server.kill().await.unwrap();
+    server.wait().await.unwrap();
+    assert_eq!(https("api.example.test").await, "\n000");
+    assert_eq!(intercepted(&pair.agent, "connect-failure").await, 1.0);
+    assert_eq!(
+        metric(&pair.agent, "breakwater_retries_total", "model").await,
+        2.0
+    );
+    assert_eq!(https("api.example.test").await, "\n000");
+    assert_eq!(intercepted(&pair.agent, "circuit-open").await, 1.0);
+    assert_eq!(
+        metric(&pair.agent, "breakwater_retries_total", "model").await,
+        2.0,
+        "an open circuit makes no attempt"
+    );
+    let (_, state) = curl(&pair.agent, "http://127.0.0.1:15000/circuits").await;
+    assert!(state.contains("open"), "{state}");
+}
+
 /// Sends one byte and prints how many came back before the connection
 /// ended.
 const ONE_BYTE: &str = r#"

@@ -200,6 +200,9 @@ pub struct UpstreamConfig {
     /// The host of its address when it is among `hosts` only implicitly:
     /// it routes an authority without a port, never `host:other-port`.
     pub address_host: Option<String>,
+    /// Server names (SNI) of redirected TLS connections routed to it,
+    /// lowercase: its connect policy applies to them.
+    pub sni: Vec<String>,
     /// Its resilience policy, with `defaults` merged in.
     pub policy: Policy,
     /// Whether its failure may be replaced by a fallback.

@@ -82,6 +82,8 @@ pub(crate) struct RawUpstream {
     pub listen: Option<Spanned<String>>,
     #[serde(default)]
     pub hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub sni: Vec<Spanned<String>>,
     pub criticality: Option<Spanned<Criticality>>,
     pub fallback: Option<Spanned<RawFallback>>,
     pub faults: Option<Spanned<FaultSpec>>,

@@ -33,6 +33,7 @@ struct Pending {
     listen: Option<SocketAddr>,
     /// Explicit claims first: the name, then `hosts`.
     hosts: Vec<String>,
+    sni: Vec<String>,
     policy: crate::resilience::policy::Policy,
     criticality: Criticality,
     fallback: Option<Arc<Fallback>>,
@@ -232,6 +233,7 @@ fn finish_upstreams(
                 listen: p.listen,
                 hosts: p.hosts,
                 address_host,
+                sni: p.sni,
                 policy: p.policy,
                 criticality: p.criticality,
                 fallback: p.fallback,
@@ -313,6 +315,7 @@ fn resolve_upstream(
         Some(addr)
     });
     let hosts = resolve_hosts(check, &name.value, up, &prefix);
+    let sni = resolve_sni(check, up, &prefix);
     let protocol = up.protocol.unwrap_or_default();
     let policy = resolve_policy(check, raw, up, &name, protocol, &prefix);
     let criticality = up.criticality.as_ref().map(|c| c.value).unwrap_or_default();
@@ -339,6 +342,7 @@ fn resolve_upstream(
         protocol,
         listen,
         hosts,
+        sni,
         policy,
         criticality,
         fallback: fallback.map(Arc::new),
@@ -361,6 +365,22 @@ fn resolve_hosts(
         }
     }
     hosts
+}
+
+/// An upstream's `sni`: host names, without a port.
+fn resolve_sni(check: &mut Checker, up: &super::raw::RawUpstream, prefix: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, name) in up.sni.iter().enumerate() {
+        match parse_host(&name.value) {
+            Ok(host) if !host.contains(':') => names.push(host.trim_end_matches('.').to_owned()),
+            _ => check.error(
+                name,
+                format!("{prefix}.sni[{i}]"),
+                format!("invalid server name {:?}: expected a host name such as api.example.com, without a port", name.value),
+            ),
+        }
+    }
+    names
 }
 
 /// An upstream's policy merged over the defaults, checked, and
@@ -387,8 +407,22 @@ fn resolve_policy(
 }
 
 /// Names and `hosts` are explicit claims on the shared port: two upstreams
-/// may not claim one name.
+/// may not claim one name, nor one server name.
 fn check_claims(check: &mut Checker, raw: &RawConfig, pending: &[Pending]) {
+    let mut sni: HashMap<&str, &str> = HashMap::new();
+    for (i, p) in pending.iter().enumerate() {
+        for (n, name) in p.sni.iter().enumerate() {
+            if let Some(other) = sni.insert(name, &p.name.value)
+                && other != p.name.value
+            {
+                check.error(
+                    &raw.upstreams.0[i].1.sni[n],
+                    format!("upstreams.{}.sni[{n}]", p.name.value),
+                    format!("server name {name:?} is already routed to upstream {other:?}"),
+                );
+            }
+        }
+    }
     let mut owners: HashMap<&str, usize> = HashMap::new();
     for (i, p) in pending.iter().enumerate() {
         for (h, host) in p.hosts.iter().enumerate() {

@@ -119,6 +119,27 @@ fn invalid_listen_address() {
 }
 
 #[test]
+fn server_names_are_host_names_and_route_to_one_upstream() {
+    let config = parse(
+        "p.yaml",
+        "upstreams:\n  model:\n    address: api.example.com:443\n    sni: [API.example.com, eu.api.example.com.]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.upstreams[0].sni,
+        ["api.example.com", "eu.api.example.com"]
+    );
+    let text = "upstreams:\n  a:\n    address: a:443\n    sni: [x.example, 'x.example:443']\n  b:\n    address: b:443\n    sni: [X.example]\n";
+    assert_eq!(
+        error(text).lines().collect::<Vec<_>>(),
+        [
+            "policies.yaml:4:22: upstreams.a.sni[1]: invalid server name \"x.example:443\": expected a host name such as api.example.com, without a port",
+            "policies.yaml:7:11: upstreams.b.sni[0]: server name \"x.example\" is already routed to upstream \"a\"",
+        ]
+    );
+}
+
+#[test]
 fn two_upstreams_claiming_one_host() {
     let text = "upstreams:\n  ocr:\n    address: a:1\n    hosts: [scan]\n  vision:\n    address: b:1\n    hosts: [Scan]\n";
     assert_eq!(

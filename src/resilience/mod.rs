@@ -5,6 +5,7 @@
 
 pub mod breaker;
 pub mod concurrency;
+pub mod connect;
 pub mod deadline;
 pub mod fallback;
 pub mod faults;

@@ -132,7 +132,7 @@ impl Control {
         let live = Live::build(config, generation, &self.metrics, Some(&current));
         let source = live.config.source.clone();
         let upstreams = addresses(&live);
-        self.outbound.set_unmatched(live.config.intercept.unmatched);
+        self.outbound.configure(&live.config);
         self.live.store(Arc::new(live));
         // In the background: a name whose DNS does not answer must not
         // hold the reload's answer back.

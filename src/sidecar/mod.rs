@@ -313,8 +313,12 @@ async fn start_outbound(
     live: &LiveCell,
     stop: signal::Receiver<bool>,
 ) -> Arc<Outbound> {
-    let outbound = Arc::new(Outbound::new(metrics.clone()));
-    outbound.set_unmatched(live.load().config.intercept.unmatched);
+    let find = {
+        let live = live.clone();
+        Arc::new(move |name: &str| live.load().upstream(name).cloned())
+    };
+    let outbound = Arc::new(Outbound::new(metrics.clone(), find));
+    outbound.configure(&live.load().config);
     let resolved = Arc::new(tokio::sync::Notify::new());
     let first = resolved.clone().notified_owned();
     tokio::spawn(resolve_again(

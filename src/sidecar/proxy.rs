@@ -142,8 +142,7 @@ impl ProxyService {
             if first == 0x16 {
                 // TLS to the upstream: the caller's own, relayed.
                 service.metrics.intercepted("connect-tls");
-                crate::intercept::outbound::relay_to(&mut inside, upstream.config.address.as_str())
-                    .await;
+                crate::intercept::outbound::relay_to(inside, &upstream).await;
                 return;
             }
             service.metrics.intercepted("connect-http");

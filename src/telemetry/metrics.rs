@@ -177,8 +177,9 @@ impl Metrics {
             "intercepted_connections",
             "Redirected connections on the outbound port, by what became of them: upstream (served \
              with an upstream's policy), passthrough (relayed to where they were going), \
-             tls-passthrough (TLS to an upstream's address, relayed), loop (refused: they were \
-             going to the sidecar itself), connect-failure (the relay could not connect), denied \
+             tls-passthrough (TLS to an upstream, by its server name or address, relayed), loop \
+             (refused: they were going to the sidecar itself), connect-failure (the relay could \
+             not connect), circuit-open (TLS to an upstream whose circuit is open), denied \
              (going to no upstream, closed by intercept.unmatched: deny); and \
              CONNECT tunnels: connect-http (served with the upstream's policy), connect-tls \
              (relayed to the upstream), connect-refused (a host no upstream claims)",
@@ -190,6 +191,7 @@ impl Metrics {
             "tls-passthrough",
             "loop",
             "connect-failure",
+            "circuit-open",
         ] {
             drop(intercepted.get_or_create(&InterceptLabels { kind }));
         }

@@ -19,4 +19,5 @@ pub mod linger;
 pub mod original_dst;
 pub mod pace;
 pub mod server;
+pub mod sni;
 pub mod tls;
