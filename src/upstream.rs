@@ -12,9 +12,10 @@ use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::resilience::breaker::Breaker;
-use crate::resilience::connect::ConnectPolicy;
+use crate::resilience::connect::{ConnectError, ConnectPolicy};
 use crate::resilience::faults::{FaultCell, Faults};
 use crate::resilience::stack::{Observe, Stack};
+use crate::telemetry::metrics::Outcome;
 use crate::telemetry::metrics::{Metrics, UpstreamMetrics};
 use crate::transport::client::{Endpoint, UpstreamClient};
 
@@ -123,6 +124,99 @@ impl Upstream {
     ) -> Result<Response<Body>, ProxyError> {
         let request = self.client.prepare(request);
         self.stack.call(request, grpc, observe).await
+    }
+}
+
+impl Upstream {
+    /// Relays a caller's HTTP/1.1 upgrade (a WebSocket) asking for
+    /// `protocol`: connected under the upstream's connect policy, over its
+    /// TLS if it has one, the upstream's answer awaited within the call's
+    /// `timeout`. A `101` joins the two connections; any other answer is
+    /// passed back as it is.
+    pub async fn upgrade(
+        &self,
+        mut request: Request<hyper::body::Incoming>,
+        protocol: http::HeaderValue,
+    ) -> Result<Response<Body>, ProxyError> {
+        let name = &self.config.name;
+        let started = tokio::time::Instant::now();
+        let caller = hyper::upgrade::on(&mut request);
+        let (parts, _) = request.into_parts();
+        let result = self.switch(parts, protocol).await;
+        let outcome = match &result {
+            Ok((response, _)) if response.status().is_server_error() => Outcome::Error,
+            Ok(_) => Outcome::Success,
+            Err(_) => Outcome::Failure,
+        };
+        self.metrics
+            .record(outcome, started.elapsed().as_secs_f64());
+        let (response, upstream) = result?;
+        if let Some(upstream) = upstream {
+            crate::transport::upgrade::join(caller, upstream);
+        }
+        tracing::debug!(upstream = %name, status = %response.status(), "upgrade answered");
+        Ok(response)
+    }
+
+    async fn switch(
+        &self,
+        parts: http::request::Parts,
+        protocol: http::HeaderValue,
+    ) -> Result<(Response<Body>, Option<hyper::upgrade::OnUpgrade>), ProxyError> {
+        let name = &self.config.name;
+        let address = self.config.address.as_str();
+        let to = tokio::net::lookup_host(address)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| ProxyError::Connect {
+                upstream: name.clone(),
+                source: format!("{address} does not resolve").into(),
+            })?;
+        let tcp = crate::resilience::connect::connect(to, self.connect_policy())
+            .await
+            .map_err(|error| match error {
+                ConnectError::CircuitOpen(upstream) => ProxyError::CircuitOpen { upstream },
+                failed @ ConnectError::Failed { .. } => ProxyError::Connect {
+                    upstream: name.clone(),
+                    source: failed.into(),
+                },
+            })?;
+        let io: Box<dyn crate::transport::upgrade::Io> =
+            match &self.config.tls {
+                None => Box::new(tcp),
+                Some(tls) => Box::new(tls.client.connect(tcp).await.map_err(|e| {
+                    ProxyError::TlsHandshake {
+                        upstream: name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?),
+            };
+        let mut outgoing = self
+            .client
+            .prepare(Request::from_parts(parts, crate::body::empty()));
+        crate::transport::upgrade::restore(&mut outgoing, protocol);
+        let timeout = self.config.policy.timeout;
+        let sent = tokio::time::timeout(timeout, crate::transport::upgrade::send(io, outgoing));
+        let mut response = match sent.await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                return Err(ProxyError::Upstream {
+                    upstream: name.clone(),
+                    source: error.into(),
+                });
+            }
+            Err(_) => {
+                return Err(ProxyError::DeadlineExceeded {
+                    upstream: name.clone(),
+                    after: timeout,
+                    by: "policy",
+                });
+            }
+        };
+        let upgraded = (response.status() == http::StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| hyper::upgrade::on(&mut response));
+        Ok((response.map(Body::incoming), upgraded))
     }
 }
 

@@ -174,18 +174,6 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         if request.method() == Method::CONNECT {
             return Box::pin(std::future::ready(Ok(self.tunnel(request))));
         }
-        // An HTTP/1.1 upgrade (a WebSocket) is refused, not forwarded as a
-        // plain request with its `Upgrade` dropped. `h2c` may be ignored
-        // (RFC 9113 left it optional): the request is served as HTTP/1.1.
-        if let Some(upgrade) = request.headers().get(http::header::UPGRADE)
-            && !upgrade.as_bytes().eq_ignore_ascii_case(b"h2c")
-            && asks_to_upgrade(request.headers())
-        {
-            let error = ProxyError::UnsupportedUpgrade {
-                protocol: String::from_utf8_lossy(upgrade.as_bytes()).into_owned(),
-            };
-            return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
-        }
         let upstream = match self.route(&request) {
             Ok(upstream) => upstream,
             Err(error) => {
@@ -194,6 +182,23 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
             }
         };
+        // An HTTP/1.1 upgrade (a WebSocket) is relayed to an HTTP/1.1
+        // upstream, refused for others; never forwarded as a plain request
+        // with its `Upgrade` dropped.
+        if let Some(protocol) = crate::transport::upgrade::requested(request.headers()).cloned() {
+            if upstream.config.protocol.is_http2() {
+                let error = ProxyError::UnsupportedUpgrade {
+                    protocol: String::from_utf8_lossy(protocol.as_bytes()).into_owned(),
+                };
+                return Box::pin(std::future::ready(Ok(edge::error_response(&error, grpc))));
+            }
+            return Box::pin(async move {
+                Ok(upstream
+                    .upgrade(request, protocol)
+                    .await
+                    .unwrap_or_else(|error| edge::error_response(&error, false)))
+            });
+        }
         let failover = if upstream.config.failover.is_empty() {
             Vec::new()
         } else {
@@ -214,16 +219,6 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             self.dead_letters.clone(),
         ))
     }
-}
-
-/// Whether `Connection` names `upgrade` (without it, `Upgrade` is only a
-/// hop-by-hop header, and is dropped as the others are).
-fn asks_to_upgrade(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
 }
 
 /// Sends a request to its upstream and records the outcome (and, with

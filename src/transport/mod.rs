@@ -21,3 +21,4 @@ pub mod pace;
 pub mod server;
 pub mod sni;
 pub mod tls;
+pub mod upgrade;
