@@ -137,7 +137,7 @@ async fn the_injected_init_container_sets_the_rules_the_sidecar_needs() {
 /// An upstream that answers 503 to its first two `GET /flaky`s and 200
 /// after, and `GET /count` with how many `/flaky`s it has had.
 const FLAKY: &str = r#"
-import http.server, sys
+import http.server, socket, sys
 hits = [0]
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -152,7 +152,9 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args):
         pass
-http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+Server((sys.argv[1], int(sys.argv[2])), H).serve_forever()
 "#;
 
 async fn curl(ns: &str, url: &str) -> (u16, String) {
@@ -476,6 +478,50 @@ async fn tls_is_routed_by_its_server_name_under_the_upstream_s_connect_policy() 
     );
     let (_, state) = curl(&pair.agent, "http://127.0.0.1:15000/circuits").await;
     assert!(state.contains("open"), "{state}");
+}
+
+#[tokio::test]
+async fn redirected_ipv6_connections_get_their_upstream_s_policy() {
+    let Some(pair) = Pair::new() else { return };
+    let Some(ip6) = pair.upstream_ip6.clone() else {
+        assert!(
+            std::env::var_os("BREAKWATER_REQUIRE_PEERS").is_none(),
+            "the namespaces have no IPv6"
+        );
+        eprintln!("SKIPPED: the namespaces have no IPv6");
+        return;
+    };
+    let dir = shared_dir();
+    let script = dir.path().join("flaky.py");
+    std::fs::write(&script, FLAKY).unwrap();
+    let _flaky = Pair::command(&pair.upstream, "python3")
+        .arg(&script)
+        .args([&ip6, "8080"])
+        .spawn()
+        .unwrap();
+    let count = format!("http://[{ip6}]:8080/count");
+    eventually_200(&pair.agent, &count).await;
+    let _sidecar = sidecar_as_1337(
+        &pair,
+        dir.path(),
+        &format!("upstreams:\n  web6:\n    address: '[{ip6}]:8080'\n    retry: {{max_attempts: 3, backoff: {{base: 1ms, max: 2ms}}}}\n"),
+    )
+    .await;
+    init(&pair.agent, &["--exclude-uid", "1337", "--ipv6", "on"]).await;
+    // curl to the upstream's IPv6 address: redirected to the sidecar's
+    // IPv6 loopback, served with the upstream's policy.
+    let (status, body) = curl(&pair.agent, &format!("http://[{ip6}]:8080/flaky")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok"),
+        "retried through the sidecar"
+    );
+    assert_eq!(
+        metric(&pair.agent, "breakwater_retries_total", "web6").await,
+        2.0
+    );
+    assert_eq!(intercepted(&pair.agent, "upstream").await, 1.0);
+    assert_eq!(curl(&pair.agent, &count).await, (200, "3".to_owned()));
 }
 
 /// Sends one byte and prints how many came back before the connection

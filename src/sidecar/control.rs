@@ -30,7 +30,9 @@ pub(super) struct Listener {
     pub(super) local: SocketAddr,
     pub(super) stop: signal::Sender<bool>,
     pub(super) graceful: Arc<GracefulShutdown>,
-    pub(super) accept: JoinHandle<()>,
+    /// Its accept loops: one, and a second on the IPv6 loopback for the
+    /// shared port (see [`Control::listen`]).
+    pub(super) accept: Vec<JoinHandle<()>>,
 }
 
 impl Listener {
@@ -38,7 +40,9 @@ impl Listener {
     /// `grace_period`.
     pub(super) async fn close(self, grace_period: Duration) {
         let _ = self.stop.send(true);
-        let _ = self.accept.await;
+        for accept in self.accept {
+            let _ = accept.await;
+        }
         drain(self.graceful, grace_period).await;
     }
 }
@@ -76,7 +80,10 @@ pub(super) fn addresses(live: &Live) -> Vec<(Arc<str>, String)> {
 }
 
 impl Control {
-    /// Binds and serves a listener for `target`.
+    /// Binds and serves a listener for `target`. The shared port on the
+    /// IPv4 loopback also listens on the IPv6 loopback, on the same port,
+    /// where it can: `ip6tables` redirects a pod's IPv6 connections to
+    /// `[::1]`, as `iptables` redirects its IPv4 ones to `127.0.0.1`.
     pub(super) async fn listen(
         &self,
         target: &Target,
@@ -97,7 +104,29 @@ impl Control {
         if *target == Target::Shared {
             limits.divert = Some(server::Diverter(Arc::new(Look(self.outbound.clone()))));
         }
-        let accept = tokio::spawn(server::serve(
+        let mut accept = Vec::new();
+        if *target == Target::Shared && local.ip() == std::net::Ipv4Addr::LOCALHOST {
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, local.port()));
+            match TcpListener::bind(v6).await {
+                Ok(also) => accept.push(tokio::spawn(server::serve(
+                    also,
+                    service.clone(),
+                    self.builder.clone(),
+                    graceful.clone(),
+                    stop_rx.clone(),
+                    None,
+                    limits.clone(),
+                ))),
+                // No IPv6 here: nothing to redirect there either.
+                Err(error) if error.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    tracing::debug!(%v6, %error, "no IPv6 loopback");
+                }
+                Err(error) => {
+                    tracing::warn!(%v6, %error, "the shared port cannot listen on the IPv6 loopback: redirected IPv6 connections will be refused")
+                }
+            }
+        }
+        accept.push(tokio::spawn(server::serve(
             listener,
             service,
             self.builder.clone(),
@@ -105,7 +134,7 @@ impl Control {
             stop_rx,
             None,
             limits,
-        ));
+        )));
         Ok(Listener {
             configured: addr,
             local,

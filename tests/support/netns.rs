@@ -17,6 +17,8 @@ pub struct Pair {
     pub agent_ip: String,
     /// The upstreams' address.
     pub upstream_ip: String,
+    /// The upstreams' IPv6 address, where the namespaces have IPv6.
+    pub upstream_ip6: Option<String>,
 }
 
 fn ok(program: &str, args: &[&str]) -> bool {
@@ -67,6 +69,7 @@ impl Pair {
             upstream: format!("{tag}u"),
             agent_ip: format!("10.77.{n}.1"),
             upstream_ip: format!("10.77.{n}.2"),
+            upstream_ip6: None,
         };
         must("ip", &["netns", "add", &pair.agent]);
         must("ip", &["netns", "add", &pair.upstream]);
@@ -87,6 +90,19 @@ impl Pair {
             );
             must("ip", &["-n", ns, "link", "set", dev, "up"]);
             must("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        // IPv6 too, without duplicate address detection (the address is
+        // usable at once), where the kernel has it.
+        let v6 = [
+            (pair.agent.clone(), &a, format!("fd77:{n}::1/64")),
+            (pair.upstream.clone(), &u, format!("fd77:{n}::2/64")),
+        ];
+        let mut pair = pair;
+        if v6
+            .iter()
+            .all(|(ns, dev, ip)| ok("ip", &["-n", ns, "addr", "add", ip, "dev", dev, "nodad"]))
+        {
+            pair.upstream_ip6 = Some(format!("fd77:{n}::2"));
         }
         Some(pair)
     }
