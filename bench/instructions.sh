@@ -5,7 +5,9 @@
 #   bench/instructions.sh
 #
 # For HTTP/1.1 and gRPC unary, with retries and the breaker off
-# (pass-through) and with the default policy (resilience on), the sidecar
+# (pass-through), with the default policy (resilience on) and with the
+# default policy under routes (each call tried against every route before
+# the last, which takes it), the sidecar
 # runs under `valgrind --tool=callgrind` while the load generator sends
 # exactly RATE × SECONDS calls at a fixed rate; the sidecar's total
 # instruction count, divided by the calls, is printed. Startup is included
@@ -49,7 +51,7 @@ wait_port 18080
 printf '| protocol | policy | calls | instructions per call |\n|---|---|---:|---:|\n'
 for protocol in http1 grpc; do
     port=18100; [ "$protocol" = grpc ] && port=18101
-    for policy in off on; do
+    for policy in off on routed; do
       for run in $(seq "$RUNS"); do
         RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
             "$BW" sidecar --threads 1 --config "$OUT/instructions-$policy.yaml" 2>/dev/null &

@@ -244,6 +244,9 @@ pub fn config_check(file: &Path) -> ExitCode {
             listen,
             upstream.hosts.join(", ")
         );
+        for route in &upstream.routes {
+            println!("    route {}: {}", route.name, route.matches.describe());
+        }
     }
     ExitCode::SUCCESS
 }

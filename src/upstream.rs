@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::{Request, Response};
 
 use crate::body::Body;
-use crate::config::UpstreamConfig;
+use crate::config::{RouteConfig, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::resilience::breaker::Breaker;
 use crate::resilience::connect::{ConnectError, ConnectPolicy};
@@ -28,12 +28,34 @@ pub struct Upstream {
     pub metrics: UpstreamMetrics,
     client: Arc<UpstreamClient>,
     stack: Arc<Stack>,
+    routes: Vec<Route>,
+}
+
+/// One of an upstream's routes, ready: its stack shares the upstream's
+/// slots and client (and breaker and faults unless it has its own).
+#[derive(Debug)]
+pub struct Route {
+    /// Its resolved config.
+    pub config: Arc<RouteConfig>,
+    /// Its handles: they count for the route and for the upstream.
+    pub metrics: UpstreamMetrics,
+    stack: Arc<Stack>,
+}
+
+/// How one request goes to an upstream: under the first of its routes
+/// that matches, or under the upstream's own policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Lane<'a> {
+    /// The upstream.
+    pub upstream: &'a Upstream,
+    /// The route that matched, if any.
+    pub route: Option<&'a Route>,
 }
 
 impl Upstream {
     /// Builds the upstream's client, stack and metrics.
-    pub fn new(config: Arc<UpstreamConfig>, metrics: &Metrics) -> Self {
-        let metrics = metrics.upstream(&config.name);
+    pub fn new(config: Arc<UpstreamConfig>, all: &Metrics) -> Self {
+        let metrics = all.upstream(&config.name);
         let client = Arc::new(UpstreamClient::new(Endpoint {
             name: config.name.clone(),
             address: config.address.clone(),
@@ -49,16 +71,55 @@ impl Upstream {
         let stack = Stack::new(
             config.name.clone(),
             &config.policy,
-            resolve_faults(&config),
+            resolve_faults(config.faults.as_ref()),
             client.clone(),
             &metrics,
         );
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| {
+                let metrics = all.route(&metrics, &route.name);
+                let stack = stack.route(
+                    format!("{}/{}", config.name, route.name).into(),
+                    &route.policy,
+                    route.own_breaker,
+                    route
+                        .own_faults
+                        .then(|| resolve_faults(route.faults.as_ref())),
+                    &metrics,
+                );
+                Route {
+                    config: route.clone(),
+                    metrics,
+                    stack: Arc::new(stack),
+                }
+            })
+            .collect();
         Self {
             config,
             metrics,
             client,
             stack: Arc::new(stack),
+            routes,
         }
+    }
+
+    /// The lane a request takes: the first route that matches it, else
+    /// the upstream's own policy.
+    pub fn lane<B>(&self, request: &Request<B>) -> Lane<'_> {
+        Lane {
+            upstream: self,
+            route: self
+                .routes
+                .iter()
+                .find(|r| r.config.matches.matches(request)),
+        }
+    }
+
+    /// Its routes, in order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     /// The same upstream under a reloaded `config`, keeping its client and
@@ -73,17 +134,36 @@ impl Upstream {
             || old.tls != config.tls
             || old.request_headers != config.request_headers
             || old.policy != config.policy
+            || old.routes.len() != config.routes.len()
+            || old
+                .routes
+                .iter()
+                .zip(&config.routes)
+                .any(|(a, b)| !a.same_stack(b))
         {
             return None;
         }
         if old.faults != config.faults {
-            self.stack.faults().set(resolve_faults(config));
+            self.stack
+                .faults()
+                .set(resolve_faults(config.faults.as_ref()));
         }
+        let routes = self
+            .routes
+            .iter()
+            .zip(&config.routes)
+            .map(|(route, config)| Route {
+                config: config.clone(),
+                metrics: route.metrics.clone(),
+                stack: route.stack.clone(),
+            })
+            .collect();
         Some(Self {
             config: config.clone(),
             metrics: self.metrics.clone(),
             client: self.client.clone(),
             stack: self.stack.clone(),
+            routes,
         })
     }
 
@@ -122,8 +202,54 @@ impl Upstream {
         grpc: bool,
         observe: Observe<'_>,
     ) -> Result<Response<Body>, ProxyError> {
-        let request = self.client.prepare(request);
-        self.stack.call(request, grpc, observe).await
+        self.lane(&request).call(request, grpc, observe).await
+    }
+}
+
+impl Route {
+    /// Its circuit breaker, if it has one of its own.
+    pub fn own_breaker(&self) -> Option<&Arc<Breaker>> {
+        self.stack.breaker().filter(|_| self.config.own_breaker)
+    }
+}
+
+impl<'a> Lane<'a> {
+    /// Sends the request under the lane's policy.
+    pub async fn call(
+        self,
+        request: Request<Body>,
+        grpc: bool,
+        observe: Observe<'_>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let request = self.upstream.client.prepare(request);
+        let stack = self.route.map_or(&self.upstream.stack, |r| &r.stack);
+        stack.call(request, grpc, observe).await
+    }
+
+    /// The metrics its requests count in.
+    pub fn metrics(self) -> &'a UpstreamMetrics {
+        self.route.map_or(&self.upstream.metrics, |r| &r.metrics)
+    }
+
+    /// The answer its failures degrade to, if it is optional.
+    pub fn fallback(self) -> Option<&'a Arc<crate::resilience::fallback::Fallback>> {
+        match self.route {
+            Some(route) => route.config.fallback.as_ref(),
+            None => self.upstream.config.fallback.as_ref(),
+        }
+    }
+
+    /// Whether its requests that finally fail are dead-lettered, and how.
+    pub fn dead_letter(self) -> Option<crate::config::DeadLetterPolicy> {
+        match self.route {
+            Some(route) => route.config.dead_letter,
+            None => self.upstream.config.dead_letter,
+        }
+    }
+
+    /// The route's name, if a route matched.
+    pub fn route_name(self) -> Option<&'a str> {
+        self.route.map(|r| &*r.config.name)
     }
 }
 
@@ -220,8 +346,8 @@ impl Upstream {
     }
 }
 
-fn resolve_faults(config: &UpstreamConfig) -> Option<Faults> {
-    config.faults.as_ref().map(|spec| {
+fn resolve_faults(faults: Option<&crate::resilience::faults::FaultSpec>) -> Option<Faults> {
+    faults.map(|spec| {
         spec.resolve()
             .expect("fault specs are checked when the config loads")
     })

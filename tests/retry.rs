@@ -263,19 +263,6 @@ async fn the_budget_caps_retries_under_total_failure() {
     assert!(exhausted > 0.0);
 }
 
-/// A gRPC answer, trailers-only in its body (status after headers, no
-/// message), as proxies and some servers send failures.
-fn grpc_failure(code: &'static str) -> Response<body::Body> {
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", code.parse().unwrap());
-    let frames = vec![Ok::<_, BoxError>(Frame::trailers(trailers))];
-    let mut response = Response::new(body::boxed(StreamBody::new(tokio_stream::iter(frames))));
-    response
-        .headers_mut()
-        .insert("content-type", "application/grpc".parse().unwrap());
-    response
-}
-
 fn grpc_message_then(code: &'static str) -> Response<body::Body> {
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", code.parse().unwrap());

@@ -12,6 +12,7 @@ mod error;
 mod parse;
 mod raw;
 mod resolve;
+mod routes;
 mod upstream;
 
 pub(crate) use raw::Entries;
@@ -220,6 +221,51 @@ pub struct UpstreamConfig {
     /// The upstreams a call goes to, in order, when it finally fails here
     /// before any answer byte went to the caller.
     pub failover: Vec<FailoverTarget>,
+    /// Its routes, in order: the first that matches a request gives it its
+    /// policy; a request none matches gets the upstream's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Arc<RouteConfig>>,
+}
+
+/// One of an upstream's routes: what it matches, and its policy, merged
+/// over the upstream's.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteConfig {
+    /// Its name: the `route` label of its metrics.
+    pub name: Arc<str>,
+    /// What it matches.
+    #[serde(rename = "match")]
+    pub matches: crate::matching::RouteMatch,
+    /// Its policy: its blocks over the upstream's (which are over
+    /// `defaults`).
+    pub policy: Policy,
+    /// It has a circuit breaker of its own (it sets `circuit_breaker`);
+    /// otherwise its attempts count on the upstream's.
+    pub own_breaker: bool,
+    /// Whether its failure may be replaced by a fallback.
+    pub criticality: Criticality,
+    /// The answer it degrades to: set exactly when it is optional.
+    pub fallback: Option<Arc<Fallback>>,
+    /// Faults injected at start.
+    pub faults: Option<FaultSpec>,
+    /// Its faults are its own (it sets `faults`); otherwise they are the
+    /// upstream's, changed with them by the admin API.
+    pub own_faults: bool,
+    /// Requests that finally fail are dead-lettered, if set.
+    pub dead_letter: Option<DeadLetterPolicy>,
+}
+
+impl RouteConfig {
+    /// Whether a reload may keep this route's running state (breaker,
+    /// budget) for `other`: the same name, match and policy.
+    pub fn same_stack(&self, other: &RouteConfig) -> bool {
+        self.name == other.name
+            && self.matches == other.matches
+            && self.policy == other.policy
+            && self.own_breaker == other.own_breaker
+            && self.own_faults == other.own_faults
+            && (!self.own_faults || self.faults == other.faults)
+    }
 }
 
 /// One upstream of a failover list, and how a request is changed for it.

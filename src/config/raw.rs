@@ -93,6 +93,8 @@ pub(crate) struct RawUpstream {
     pub request_headers: Entries<String, Spanned<RawInjected>>,
     #[serde(default)]
     pub failover: Vec<Spanned<RawFailover>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
     // The policy fields, as in `defaults` (see `policy()`). They are
     // listed here rather than flattened: serde's `flatten` loses source
     // positions and cannot deny unknown fields.
@@ -106,6 +108,56 @@ pub(crate) struct RawUpstream {
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_pending: Option<u32>,
     pub max_connection_share: Option<Ratio>,
+}
+
+/// One of an upstream's `routes`: what it matches, and the policy blocks
+/// it sets over the upstream's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub name: Spanned<String>,
+    #[serde(rename = "match", default)]
+    pub matches: Option<Spanned<RawMatch>>,
+    pub idempotent: Option<bool>,
+    pub criticality: Option<Spanned<Criticality>>,
+    pub fallback: Option<Spanned<RawFallback>>,
+    pub faults: Option<Spanned<FaultSpec>>,
+    pub dead_letter: Option<Spanned<RawDeadLetter>>,
+    pub timeout: Option<HumanDuration>,
+    pub per_try_timeout: Option<HumanDuration>,
+    pub stream_idle_timeout: Option<HumanDuration>,
+    pub first_byte_timeout: Option<HumanDuration>,
+    pub retry: Option<Spanned<RawRetry>>,
+    pub hedge: Option<RawHedge>,
+    pub circuit_breaker: Option<RawBreaker>,
+}
+
+/// A route's `match`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMatch {
+    pub path: Option<Spanned<RawPath>>,
+    pub method: Option<Spanned<String>>,
+    #[serde(default)]
+    pub headers: Entries<Spanned<String>, Spanned<String>>,
+    pub grpc: Option<Spanned<RawGrpcMatch>>,
+}
+
+/// A route's `match.path`: one of the three.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPath {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+/// A route's `match.grpc`: a service, and one of its methods or all.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGrpcMatch {
+    pub service: String,
+    pub method: Option<String>,
 }
 
 /// A header the sidecar sets on every request to an upstream: a value, or
@@ -268,6 +320,22 @@ pub(crate) struct RawFallback {
     pub body: Option<String>,
     pub body_file: Option<Spanned<String>>,
     pub message_base64: Option<Spanned<String>>,
+}
+
+impl RawRoute {
+    /// This route's policy fields.
+    pub fn policy(&self) -> RawPolicy {
+        RawPolicy {
+            timeout: self.timeout,
+            per_try_timeout: self.per_try_timeout,
+            stream_idle_timeout: self.stream_idle_timeout,
+            first_byte_timeout: self.first_byte_timeout,
+            retry: self.retry.as_ref().map(|r| r.value.clone()),
+            hedge: self.hedge.clone(),
+            circuit_breaker: self.circuit_breaker.clone(),
+            ..RawPolicy::default()
+        }
+    }
 }
 
 impl RawUpstream {

@@ -41,6 +41,7 @@ struct Pending {
     dead_letter: Option<DeadLetterPolicy>,
     tls: Option<crate::transport::tls::UpstreamTls>,
     request_headers: Vec<super::InjectedHeader>,
+    routes: Vec<Arc<super::RouteConfig>>,
 }
 
 /// A listener's address, and where the file sets it (`None`: the default).
@@ -242,6 +243,7 @@ fn finish_upstreams(
                 tls: p.tls,
                 request_headers: p.request_headers,
                 failover,
+                routes: p.routes,
             })
         })
         .collect();
@@ -317,10 +319,12 @@ fn resolve_upstream(
     let hosts = resolve_hosts(check, &name.value, up, &prefix);
     let sni = resolve_sni(check, up, &prefix);
     let protocol = up.protocol.unwrap_or_default();
-    let policy = resolve_policy(check, raw, up, &name, protocol, &prefix);
+    let merged = up.policy().merge(&raw.defaults);
+    let policy = resolve_policy(check, &merged, &name, protocol, &prefix);
     let criticality = up.criticality.as_ref().map(|c| c.value).unwrap_or_default();
-    let fallback = resolve_degradation(check, file, up, criticality, &prefix);
-    let dead_letter = resolve_dead_letter(check, raw, up, &prefix);
+    let fallback =
+        resolve_degradation(check, file, up.fallback.as_ref(), criticality, &prefix).map(Arc::new);
+    let dead_letter = resolve_dead_letter(check, raw, up.dead_letter.as_ref(), &prefix);
     if let Some(faults) = &up.faults
         && let Err(errors) = faults.value.resolve()
     {
@@ -333,11 +337,22 @@ fn resolve_upstream(
         _ => None,
     };
     let request_headers = resolve_injected(check, file, &up.request_headers, &prefix);
+    let faults = up.faults.as_ref().map(|f| f.value.clone());
+    let inherited = super::routes::Inherited {
+        policy: &merged,
+        protocol,
+        criticality,
+        fallback: &fallback,
+        faults: &faults,
+        dead_letter,
+    };
+    let routes = super::routes::resolve_routes(check, file, raw, up, &inherited, &prefix);
     Pending {
+        routes,
         request_headers,
         tls,
         dead_letter,
-        faults: up.faults.as_ref().map(|f| f.value.clone()),
+        faults,
         address,
         protocol,
         listen,
@@ -345,7 +360,7 @@ fn resolve_upstream(
         sni,
         policy,
         criticality,
-        fallback: fallback.map(Arc::new),
+        fallback,
         name,
     }
 }
@@ -387,13 +402,11 @@ fn resolve_sni(check: &mut Checker, up: &super::raw::RawUpstream, prefix: &str) 
 /// warned of where it can never apply.
 fn resolve_policy(
     check: &mut Checker,
-    raw: &RawConfig,
-    up: &super::raw::RawUpstream,
+    policy: &crate::resilience::policy::RawPolicy,
     name: &Spanned<String>,
     protocol: super::Protocol,
     prefix: &str,
 ) -> crate::resilience::policy::Policy {
-    let policy = up.policy().merge(&raw.defaults);
     if policy.hedge.as_ref().is_some_and(|h| h.delay.is_none()) {
         check.error(
             name,
@@ -402,7 +415,7 @@ fn resolve_policy(
         );
     }
     let resolved = policy.resolve();
-    super::check::policy_warnings(check, name, prefix, &policy, &resolved, protocol);
+    super::check::policy_warnings(check, name, prefix, policy, &resolved, protocol);
     resolved
 }
 

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::resilience::fallback::Criticality;
+use std::time::Duration;
 
 fn error(text: &str) -> String {
     parse("policies.yaml", text).unwrap_err().to_string()
@@ -665,4 +666,186 @@ fn intercept_unmatched_is_passthrough_unless_deny_is_asked() {
         ),
         "{wrong}"
     );
+}
+
+const ROUTED: &str = "\
+defaults:
+  timeout: 20s
+  retry: {max_attempts: 2, backoff: {base: 5ms}}
+upstreams:
+  llm:
+    address: api.example.com:443
+    timeout: 60s
+    retry: {max_attempts: 4}
+    routes:
+      - name: models
+        match: {path: {exact: /v1/models}, method: get}
+        timeout: 2s
+        retry: {backoff: {max: 1s}}
+      - name: chat
+        match: {path: {prefix: /v1/chat/}, headers: {x-tier: gold}}
+        idempotent: true
+        circuit_breaker: {consecutive_failures: 3}
+      - name: rest
+";
+
+#[test]
+fn a_route_s_blocks_merge_over_its_upstream_s_which_merge_over_defaults() {
+    let config = parse("p.yaml", ROUTED).unwrap();
+    let llm = config.upstream("llm").unwrap();
+    let names: Vec<&str> = llm.routes.iter().map(|r| &*r.name).collect();
+    assert_eq!(names, ["models", "chat", "rest"], "in file order");
+    let (models, chat, rest) = (&llm.routes[0], &llm.routes[1], &llm.routes[2]);
+    // The route's own field wins; the upstream's next; then defaults.
+    assert_eq!(models.policy.timeout, Duration::from_secs(2));
+    assert_eq!(models.policy.retry.max_attempts, 4, "from the upstream");
+    assert_eq!(
+        models.policy.retry.backoff_base,
+        Duration::from_millis(5),
+        "from defaults"
+    );
+    assert_eq!(models.policy.retry.backoff_max, Duration::from_secs(1));
+    assert_eq!(models.matches.method, Some(http::Method::GET));
+    assert_eq!(
+        models.matches.path,
+        Some(crate::matching::PathMatch::Exact("/v1/models".into()))
+    );
+    assert_eq!(chat.policy.timeout, Duration::from_secs(60));
+    assert_eq!(chat.policy.retry.idempotent, Some(true));
+    assert!(chat.own_breaker && !models.own_breaker);
+    assert_eq!(
+        chat.policy
+            .circuit_breaker
+            .as_ref()
+            .unwrap()
+            .consecutive_failures,
+        3
+    );
+    assert_eq!(chat.matches.headers.len(), 1);
+    // No match at all: every request the earlier ones leave.
+    assert_eq!(rest.matches, crate::matching::RouteMatch::default());
+    assert_eq!(rest.policy, llm.policy, "nothing of its own");
+    let shown = serde_json::to_value(&**llm).unwrap();
+    assert_eq!(
+        shown["routes"][0]["match"],
+        serde_json::json!({"path": {"exact": "/v1/models"}, "method": "GET"})
+    );
+    assert_eq!(
+        shown["routes"][1]["match"]["path"],
+        serde_json::json!({"prefix": "/v1/chat"})
+    );
+}
+
+#[test]
+fn a_route_an_earlier_one_always_takes_is_an_error() {
+    let text = "\
+upstreams:
+  llm:
+    address: a:1
+    routes:
+      - name: v1
+        match: {path: {prefix: /v1}}
+      - name: models
+        match: {path: {exact: /v1/models}, method: GET}
+      - name: all
+      - name: beta
+        match: {path: {prefix: /v1beta}}
+";
+    assert_eq!(
+        error(text),
+        "policies.yaml:7:15: upstreams.llm.routes[1].match: route \"models\" is never reached: route \"v1\" before it takes every request it matches; put the narrower route first\n\
+         policies.yaml:10:15: upstreams.llm.routes[3].match: route \"beta\" is never reached: route \"all\" before it takes every request it matches; put the narrower route first"
+    );
+}
+
+#[test]
+fn route_mistakes_are_reported_where_written() {
+    let text = "\
+upstreams:
+  svc:
+    address: a:1
+    routes:
+      - name: Bad Name
+      - name: one
+        match: {path: {exact: v1/x}}
+      - name: one
+        match: {path: {exact: /y, prefix: /z}}
+      - name: re
+        match: {path: {regex: '('}, method: 'G T'}
+      - name: grpc
+        match: {grpc: {service: pkg.Svc}}
+      - name: held
+        match: {path: {exact: /held}}
+        retry: {hold_on_pushback: false}
+      - name: degraded
+        match: {path: {exact: /d}}
+        fallback: {body: '{}'}
+";
+    let message = error(text);
+    for expected in [
+        "policies.yaml:5:15: upstreams.svc.routes[0].name: a route name must be",
+        "policies.yaml:7:23: upstreams.svc.routes[1].match.path: \"v1/x\" is not a path: a path starts with /",
+        "policies.yaml:8:15: upstreams.svc.routes[2].name: another route of this upstream is named \"one\"",
+        "policies.yaml:9:23: upstreams.svc.routes[2].match.path: give one of exact, prefix or regex",
+        "policies.yaml:11:23: upstreams.svc.routes[3].match.path.regex: not a valid regular expression: unclosed group\n",
+        "policies.yaml:11:45: upstreams.svc.routes[3].match.method: \"G T\" is not an HTTP method",
+        "policies.yaml:13:23: upstreams.svc.routes[4].match.grpc: a gRPC match needs an upstream with protocol: grpc",
+        "policies.yaml:16:16: upstreams.svc.routes[5].retry.hold_on_pushback: an upstream's pushback holds all its calls",
+        "policies.yaml:19:19: upstreams.svc.routes[6].fallback: a critical upstream never degrades",
+    ] {
+        assert!(message.contains(expected), "{expected}\nnot in\n{message}");
+    }
+}
+
+#[test]
+fn a_grpc_route_is_the_path_of_its_service_or_method_and_may_degrade_on_its_own() {
+    let text = "\
+upstreams:
+  invoices:
+    address: a:1
+    protocol: grpc
+    routes:
+      - name: create
+        match: {grpc: {service: billing.v1.Invoices, method: Create}}
+        idempotent: false
+      - name: reads
+        match: {grpc: {service: billing.v1.Invoices}}
+        criticality: optional
+";
+    let config = parse("p.yaml", text).unwrap();
+    let invoices = config.upstream("invoices").unwrap();
+    let (create, reads) = (&invoices.routes[0], &invoices.routes[1]);
+    assert_eq!(
+        create.matches.path,
+        Some(crate::matching::PathMatch::Exact(
+            "/billing.v1.Invoices/Create".into()
+        ))
+    );
+    assert_eq!(create.policy.retry.idempotent, Some(false));
+    assert_eq!(
+        reads.matches.path,
+        Some(crate::matching::PathMatch::Prefix(
+            "/billing.v1.Invoices".into()
+        ))
+    );
+    assert_eq!(create.criticality, Criticality::Critical);
+    assert!(create.fallback.is_none());
+    assert_eq!(reads.criticality, Criticality::Optional);
+    assert!(reads.fallback.is_some(), "an optional route degrades");
+    assert!(invoices.fallback.is_none(), "its upstream does not");
+}
+
+#[test]
+fn the_routes_example_of_the_reference_is_valid() {
+    let reference = include_str!("../../docs/configuration.md");
+    let section = reference.split("### Routes\n").nth(1).unwrap();
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap();
+    let config = parse("configuration.md", yaml).unwrap_or_else(|e| panic!("{e}"));
+    let billing = config.upstream("billing").unwrap();
+    assert_eq!(billing.routes.len(), 2);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }

@@ -247,11 +247,11 @@ fn leads_back(raw: &RawConfig, names: &HashMap<&str, usize>, from: &str, to: &st
 pub(super) fn resolve_degradation(
     check: &mut Checker,
     file: &str,
-    up: &super::raw::RawUpstream,
+    fallback: Option<&Spanned<RawFallback>>,
     criticality: Criticality,
     prefix: &str,
 ) -> Option<Fallback> {
-    match (&up.fallback, criticality) {
+    match (fallback, criticality) {
         (Some(block), Criticality::Critical) => {
             check.error(
                 block,
@@ -272,10 +272,10 @@ pub(super) fn resolve_degradation(
 pub(super) fn resolve_dead_letter(
     check: &mut Checker,
     raw: &RawConfig,
-    up: &super::raw::RawUpstream,
+    dead_letter: Option<&Spanned<super::raw::RawDeadLetter>>,
     prefix: &str,
 ) -> Option<DeadLetterPolicy> {
-    let d = up.dead_letter.as_ref().filter(|d| d.value.enabled)?;
+    let d = dead_letter.filter(|d| d.value.enabled)?;
     if raw.control_plane.is_none() {
         check.error(
             d,

@@ -170,6 +170,11 @@ pub struct RetryParams {
     /// After a rate limit that says how long to wait, answer every attempt
     /// at once until then (default true; see `hold`).
     pub hold_on_pushback: bool,
+    /// A route's `idempotent`: whether its calls may be sent again
+    /// whatever their method (`true`), or only when the upstream never
+    /// processed them (`false`, even for gRPC or GET); unset: by method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotent: Option<bool>,
 }
 
 /// Hedging parameters.
@@ -287,6 +292,7 @@ impl RawPolicy {
                 buffer_limit: retry.buffer_limit.map_or(64 << 10, |b| b.0),
                 retry_non_idempotent: retry.retry_non_idempotent.unwrap_or(false),
                 hold_on_pushback: retry.hold_on_pushback.unwrap_or(true),
+                idempotent: None,
             },
             hedge: self.hedge.as_ref().and_then(|h| {
                 Some(HedgeParams {

@@ -64,11 +64,11 @@ pub struct Stack {
     timeout: Duration,
     per_try_timeout: Option<Duration>,
     stream_timeouts: Option<StreamTimeouts>,
-    limiter: Limiter,
+    limiter: Arc<Limiter>,
     retry: Retry,
     breaker: Option<Arc<Breaker>>,
-    hold: Option<Hold>,
-    faults: FaultCell,
+    hold: Option<Arc<Hold>>,
+    faults: Arc<FaultCell>,
     client: Arc<UpstreamClient>,
     metrics: UpstreamMetrics,
 }
@@ -93,13 +93,13 @@ impl Stack {
                 policy.first_byte_timeout,
                 policy.stream_idle_timeout,
             ),
-            limiter: Limiter::new(
+            limiter: Arc::new(Limiter::new(
                 name.clone(),
                 policy.max_concurrent_requests,
                 policy.max_pending,
                 policy.max_connection_share,
                 metrics.clone(),
-            ),
+            )),
             retry: Retry::new(
                 policy.retry.clone(),
                 policy.hedge.clone(),
@@ -110,11 +110,57 @@ impl Stack {
             hold: policy
                 .retry
                 .hold_on_pushback
-                .then(|| Hold::new(policy.retry.max_pushback)),
-            faults: FaultCell::new(faults),
+                .then(|| Arc::new(Hold::new(policy.retry.max_pushback))),
+            faults: Arc::new(FaultCell::new(faults)),
             client,
             metrics: metrics.clone(),
             name,
+        }
+    }
+
+    /// The stack of one of this upstream's routes (`name`: `upstream/route`):
+    /// its own timeouts, retries and budget under `policy`; the upstream's
+    /// slots, pushback hold and client; the upstream's breaker unless
+    /// `own_breaker`, the upstream's faults unless it has its own
+    /// (`faults`). `metrics` count for the route and the upstream.
+    pub fn route(
+        &self,
+        name: Arc<str>,
+        policy: &Policy,
+        own_breaker: bool,
+        faults: Option<Option<Faults>>,
+        metrics: &UpstreamMetrics,
+    ) -> Self {
+        let breaker = match own_breaker {
+            false => self.breaker.clone(),
+            true => policy
+                .circuit_breaker
+                .clone()
+                .map(|params| Breaker::new(name, params, metrics.clone())),
+        };
+        Self {
+            timeout: policy.timeout,
+            per_try_timeout: policy.per_try_timeout,
+            stream_timeouts: StreamTimeouts::new(
+                policy.first_byte_timeout,
+                policy.stream_idle_timeout,
+            ),
+            limiter: self.limiter.clone(),
+            retry: Retry::new(
+                policy.retry.clone(),
+                policy.hedge.clone(),
+                policy.stream_idle_timeout,
+                metrics.clone(),
+            ),
+            breaker,
+            hold: self.hold.clone(),
+            faults: match faults {
+                Some(own) => Arc::new(FaultCell::new(own)),
+                None => self.faults.clone(),
+            },
+            client: self.client.clone(),
+            metrics: metrics.clone(),
+            name: self.name.clone(),
         }
     }
 
@@ -191,7 +237,7 @@ impl Stack {
             attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let span = observe.span;
-        if let Some(retry_after) = self.hold.as_ref().and_then(Hold::remaining) {
+        if let Some(retry_after) = self.hold.as_deref().and_then(Hold::remaining) {
             return Err(ProxyError::Pushback {
                 upstream: self.name.clone(),
                 retry_after,

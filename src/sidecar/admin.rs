@@ -15,7 +15,7 @@
 //! | `/metrics` | Prometheus / OpenMetrics text |
 //! | `/config` | the resolved config as JSON |
 //! | `/circuits` | each upstream's circuit: state, counters, time to the next probe |
-//! | `POST /circuits/<upstream>/open\|close\|reset` | force a circuit's state |
+//! | `POST /circuits/<upstream>[/<route>]/open\|close\|reset` | force a circuit's state (a route's own breaker's with its name) |
 //! | `/faults` | each upstream's faults in force |
 //! | `PUT /faults/<upstream>` | replace an upstream's faults (JSON, as in the policy file) |
 //! | `DELETE /faults/<upstream>` | stop injecting faults into an upstream |
@@ -122,13 +122,23 @@ impl AdminState {
         self.live.load().upstream(name).cloned()
     }
 
+    /// Every circuit breaker: each upstream's, and each route's own as
+    /// `upstream/route`.
     fn circuits(&self) -> Vec<(Arc<str>, Arc<Breaker>)> {
-        self.live
-            .load()
-            .upstreams()
-            .iter()
-            .filter_map(|u| Some((u.config.name.clone(), u.breaker()?.clone())))
-            .collect()
+        let live = self.live.load();
+        let mut circuits = Vec::new();
+        for upstream in live.upstreams() {
+            if let Some(breaker) = upstream.breaker() {
+                circuits.push((upstream.config.name.clone(), breaker.clone()));
+            }
+            for route in upstream.routes() {
+                if let Some(breaker) = route.own_breaker() {
+                    let name = format!("{}/{}", upstream.config.name, route.config.name);
+                    circuits.push((name.into(), breaker.clone()));
+                }
+            }
+        }
+        circuits
     }
 }
 
@@ -346,12 +356,12 @@ fn delete_faults(state: &AdminState, name: &str) -> Response<Body> {
     text(StatusCode::OK, "faults cleared\n")
 }
 
-/// `POST /circuits/<upstream>/open|close|reset`.
+/// `POST /circuits/<upstream>[/<route>]/open|close|reset`.
 fn force_circuit(state: &AdminState, rest: &str) -> Response<Body> {
-    let Some((name, action)) = rest.split_once('/') else {
+    let Some((name, action)) = rest.rsplit_once('/') else {
         return text(
             StatusCode::NOT_FOUND,
-            "use /circuits/<upstream>/open|close|reset\n",
+            "use /circuits/<upstream>/open|close|reset, or /circuits/<upstream>/<route>/...\n",
         );
     };
     let circuits = state.circuits();

@@ -159,6 +159,24 @@ impl Control {
             .map(|u| u.config.name.to_string())
             .collect();
         let live = Live::build(config, generation, &self.metrics, Some(&current));
+        // Routes' own circuits that are gone, so that none lingers open.
+        let circuits = |live: &Live| -> Vec<(Arc<str>, Arc<str>)> {
+            live.upstreams()
+                .iter()
+                .flat_map(|u| {
+                    u.routes()
+                        .iter()
+                        .filter(|r| r.own_breaker().is_some())
+                        .map(|r| (u.config.name.clone(), r.config.name.clone()))
+                })
+                .collect()
+        };
+        let kept = circuits(&live);
+        for (upstream, route) in circuits(&current) {
+            if !kept.contains(&(upstream.clone(), route.clone())) {
+                self.metrics.forget_route(&upstream, &route);
+            }
+        }
         let source = live.config.source.clone();
         let upstreams = addresses(&live);
         self.outbound.configure(&live.config);

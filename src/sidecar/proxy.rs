@@ -237,7 +237,8 @@ async fn forward(
     dead_letters: Option<Arc<DeadLetters>>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let _in_flight = upstream.metrics.start();
+    let lane = upstream.lane(&request);
+    let _in_flight = lane.metrics().start();
     let span = tracing.map(|t| {
         t.request(
             request.headers(),
@@ -246,7 +247,7 @@ async fn forward(
             &upstream.config.name,
         )
     });
-    let capture = match (dead_letters, upstream.config.dead_letter) {
+    let capture = match (dead_letters, lane.dead_letter()) {
         (Some(sink), Some(policy)) => {
             let head = sink.head(request.method(), request.uri(), request.headers());
             Some((sink, Capture::new(policy.max_body), head))
@@ -263,13 +264,14 @@ async fn forward(
         attempts: capture.is_some().then_some(&attempts),
     };
     let result = if failover.is_empty() {
-        upstream.call(request, grpc, observe).await
+        lane.call(request, grpc, observe).await
     } else {
         // Boxed: its future holds several calls, and inline it would make
         // every request's future that large (moving it costs memcpy).
         Box::pin(failover::call(&upstream, &failover, request, grpc, observe)).await
     };
-    let failure = if upstream.config.fallback.is_some() || capture.is_some() {
+    let fallback = lane.fallback();
+    let failure = if fallback.is_some() || capture.is_some() {
         fallback::reason(&result, grpc)
     } else {
         None
@@ -280,19 +282,19 @@ async fn forward(
             attempts: attempts.load(Ordering::Relaxed),
             grpc,
         };
-        let durable = upstream.config.dead_letter.is_some_and(|d| d.durable);
+        let durable = lane.dead_letter().is_some_and(|d| d.durable);
         if let Some(flushed) = sink.submit(&upstream.config.name, head, capture, failed, durable) {
             // The answer waits for the letter to be safe on disk.
             let _ = flushed.await;
         }
     }
     let mut answered = None;
-    let (outcome, response, error, degraded) = match (&upstream.config.fallback, failure, result) {
+    let (outcome, response, error, degraded) = match (fallback, failure, result) {
         (Some(fallback), Some(reason), result) => {
             if let Err(error) = &result {
                 tracing::debug!(upstream = %upstream.config.name, %error, %reason, "degraded");
             }
-            upstream.metrics.fallback(&reason);
+            lane.metrics().fallback(&reason);
             let response = fallback.answer(&reason, grpc);
             (Outcome::Degraded, response, None, Some(reason))
         }
@@ -314,8 +316,7 @@ async fn forward(
             (outcome, response, Some(error.reason()), None)
         }
     };
-    upstream
-        .metrics
+    lane.metrics()
         .record(outcome, started.elapsed().as_secs_f64());
     Ok(match span {
         None => response,

@@ -95,6 +95,40 @@ struct StateLabels {
     to: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    upstream: String,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteOutcomeLabels {
+    upstream: String,
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteReasonLabels {
+    upstream: String,
+    route: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteKindLabels {
+    upstream: String,
+    route: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStateLabels {
+    upstream: String,
+    route: String,
+    to: &'static str,
+}
+
 fn labels(upstream: &str) -> UpstreamLabels {
     UpstreamLabels {
         upstream: upstream.to_owned(),
@@ -128,6 +162,68 @@ pub struct Metrics {
     config_generation: Gauge,
     config_reloads: Counter,
     config_reload_failures: Counter,
+    routes: RouteFamilies,
+}
+
+/// The families with a `route` label: a routed request counts in them
+/// and in its upstream's.
+struct RouteFamilies {
+    requests: Family<RouteOutcomeLabels, Counter>,
+    duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    retries: Family<RouteReasonLabels, Counter>,
+    timeouts: Family<RouteKindLabels, Counter>,
+    circuit_state: Family<RouteLabels, Gauge>,
+    circuit_transitions: Family<RouteStateLabels, Counter>,
+}
+
+impl RouteFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<RouteOutcomeLabels, Counter>::default();
+        registry.register(
+            "route_requests",
+            "Requests that matched one of an upstream's routes, by upstream, route and outcome (also counted in breakwater_requests_total)",
+            requests.clone(),
+        );
+        let duration: Family<RouteLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        registry.register(
+            "route_request_duration_seconds",
+            "Time from receiving a routed request to sending its response headers, by upstream and route",
+            duration.clone(),
+        );
+        let retries = Family::<RouteReasonLabels, Counter>::default();
+        registry.register(
+            "route_retries",
+            "Retried attempts of routed requests, by upstream, route and the failure that caused them",
+            retries.clone(),
+        );
+        let timeouts = Family::<RouteKindLabels, Counter>::default();
+        registry.register(
+            "route_timeouts",
+            "Timeouts of routed requests, by upstream, route and kind (as breakwater_timeouts_total)",
+            timeouts.clone(),
+        );
+        let circuit_state = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "route_circuit_state",
+            "The state of a route's own circuit breaker (a route that sets circuit_breaker): 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        let circuit_transitions = Family::<RouteStateLabels, Counter>::default();
+        registry.register(
+            "route_circuit_transitions",
+            "Transitions of a route's own circuit breaker, by the state entered",
+            circuit_transitions.clone(),
+        );
+        Self {
+            requests,
+            duration,
+            retries,
+            timeouts,
+            circuit_state,
+            circuit_transitions,
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -309,7 +405,9 @@ impl Metrics {
             "Config reloads refused (invalid file, or a port that cannot be bound); the config in force stays",
             config_reload_failures.clone(),
         );
+        let routes = RouteFamilies::register(&mut registry);
         Self {
+            routes,
             registry,
             requests,
             duration,
@@ -396,7 +494,70 @@ impl Metrics {
             fallbacks: self.fallbacks.clone(),
             failovers: self.failovers.clone(),
             faults: self.faults.clone(),
+            route: None,
         }))
+    }
+
+    /// The handles a request that matched `route` of an upstream records
+    /// into: the upstream's (`upstream`), and the route's.
+    pub fn route(&self, upstream: &UpstreamMetrics, route: &str) -> UpstreamMetrics {
+        let name = &upstream.0.name;
+        let families = &self.routes;
+        let labels = RouteLabels {
+            upstream: name.clone(),
+            route: route.to_owned(),
+        };
+        let outcome = |o: Outcome| {
+            families.requests.get_or_create_owned(&RouteOutcomeLabels {
+                upstream: name.clone(),
+                route: route.to_owned(),
+                outcome: o.label(),
+            })
+        };
+        let timeout = |kind: &'static str| {
+            families.timeouts.get_or_create_owned(&RouteKindLabels {
+                upstream: name.clone(),
+                route: route.to_owned(),
+                kind,
+            })
+        };
+        let transition = |to: &'static str| {
+            families
+                .circuit_transitions
+                .get_or_create_owned(&RouteStateLabels {
+                    upstream: name.clone(),
+                    route: route.to_owned(),
+                    to,
+                })
+        };
+        let handles = RouteHandles {
+            name: route.to_owned(),
+            outcomes: [
+                outcome(Outcome::Success),
+                outcome(Outcome::Error),
+                outcome(Outcome::Failure),
+                outcome(Outcome::Degraded),
+                outcome(Outcome::Rejected),
+            ],
+            duration: families.duration.get_or_create_owned(&labels),
+            retries: families.retries.clone(),
+            timeouts: [
+                timeout("deadline"),
+                timeout("per-try"),
+                timeout("stream-idle"),
+                timeout("first-byte"),
+                timeout("caller-idle"),
+            ],
+            circuit_state: families.circuit_state.clone(),
+            transitions: [
+                transition("closed"),
+                transition("open"),
+                transition("half-open"),
+            ],
+        };
+        let mut both = Handles::clone(&upstream.0);
+        both.route = Some(handles);
+        UpstreamMetrics(Arc::new(both))
     }
 
     /// Records the generation of the config now in force.
@@ -456,6 +617,15 @@ impl Metrics {
         self.in_flight.remove(&labels);
     }
 
+    /// Drops the circuit gauge of a route a reload removed or whose
+    /// breaker it replaced.
+    pub fn forget_route(&self, upstream: &str, route: &str) {
+        self.routes.circuit_state.remove(&RouteLabels {
+            upstream: upstream.to_owned(),
+            route: route.to_owned(),
+        });
+    }
+
     /// Counts a redirected connection by what became of it (the kinds
     /// registered above).
     pub fn intercepted(&self, kind: &'static str) {
@@ -478,6 +648,7 @@ impl Metrics {
     }
 }
 
+#[derive(Clone)]
 struct Handles {
     name: String,
     success: Counter,
@@ -503,6 +674,35 @@ struct Handles {
     fallbacks: Family<ReasonLabels, Counter>,
     failovers: Family<FailoverLabels, Counter>,
     faults: Family<KindLabels, Counter>,
+    /// Set for a route's requests: they count for it too.
+    route: Option<RouteHandles>,
+}
+
+/// A route's handles, beside its upstream's.
+#[derive(Clone)]
+struct RouteHandles {
+    name: String,
+    /// By outcome, in `Outcome`'s order.
+    outcomes: [Counter; 5],
+    duration: Histogram,
+    retries: Family<RouteReasonLabels, Counter>,
+    /// deadline, per-try, stream-idle, first-byte, caller-idle.
+    timeouts: [Counter; 5],
+    circuit_state: Family<RouteLabels, Gauge>,
+    transitions: [Counter; 3],
+}
+
+impl RouteHandles {
+    fn timeout(&self, kind: usize) {
+        self.timeouts[kind].inc();
+    }
+
+    fn labels(&self, upstream: &str) -> RouteLabels {
+        RouteLabels {
+            upstream: upstream.to_owned(),
+            route: self.name.clone(),
+        }
+    }
 }
 
 /// One upstream's metric handles, cheap to clone.
@@ -533,6 +733,10 @@ impl UpstreamMetrics {
             Outcome::Rejected => self.0.rejected.inc(),
         };
         self.0.duration.observe(seconds);
+        if let Some(route) = &self.0.route {
+            route.outcomes[outcome as usize].inc();
+            route.duration.observe(seconds);
+        }
     }
 }
 
@@ -540,6 +744,16 @@ impl UpstreamMetrics {
     /// Counts a retry caused by `reason` (a bounded failure label).
     pub fn retry(&self, reason: &str) {
         self.by_reason(&self.0.retries, reason);
+        if let Some(route) = &self.0.route {
+            route
+                .retries
+                .get_or_create(&RouteReasonLabels {
+                    upstream: self.0.name.clone(),
+                    route: route.name.clone(),
+                    reason: reason.to_owned(),
+                })
+                .inc();
+        }
     }
 
     /// Counts a fallback answered for `reason` (a bounded label).
@@ -583,15 +797,38 @@ impl UpstreamMetrics {
         self.0.budget_exhausted.inc();
     }
 
-    /// Shows a new breaker's state (closed) without counting a transition.
+    /// Shows a new breaker's state (closed) without counting a transition:
+    /// the route's own breaker's, for a route's handles.
     pub fn circuit_created(&self) {
-        self.0.circuit_state.set(0);
+        match &self.0.route {
+            None => {
+                self.0.circuit_state.set(0);
+            }
+            Some(route) => {
+                route
+                    .circuit_state
+                    .get_or_create(&route.labels(&self.0.name))
+                    .set(0);
+            }
+        }
     }
 
     /// Records a circuit state (0 closed, 1 open, 2 half-open) entered.
     pub fn circuit(&self, state: u8) {
-        self.0.circuit_state.set(i64::from(state));
-        self.0.transitions[usize::from(state.min(2))].inc();
+        let entered = usize::from(state.min(2));
+        match &self.0.route {
+            None => {
+                self.0.circuit_state.set(i64::from(state));
+                self.0.transitions[entered].inc();
+            }
+            Some(route) => {
+                route
+                    .circuit_state
+                    .get_or_create(&route.labels(&self.0.name))
+                    .set(i64::from(state));
+                route.transitions[entered].inc();
+            }
+        }
     }
 
     /// Counts a shed request.
@@ -606,6 +843,9 @@ impl UpstreamMetrics {
         } else {
             self.0.deadline_timeouts.inc();
         }
+        if let Some(route) = &self.0.route {
+            route.timeout(usize::from(per_try));
+        }
     }
 
     /// Counts a stream cut for stalling after its first frame
@@ -616,11 +856,17 @@ impl UpstreamMetrics {
         } else {
             self.0.stream_idle_timeouts.inc();
         }
+        if let Some(route) = &self.0.route {
+            route.timeout(if before_first_frame { 3 } else { 2 });
+        }
     }
 
     /// Counts an answer cut because its caller stopped reading it.
     pub fn caller_idle(&self) {
         self.0.caller_idle_timeouts.inc();
+        if let Some(route) = &self.0.route {
+            route.timeout(4);
+        }
     }
 
     /// Counts an answer the upstream broke off after its headers

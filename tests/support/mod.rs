@@ -426,6 +426,22 @@ pub fn answer(status: u16, headers: &[(&'static str, &str)], text: &'static str)
     response
 }
 
+/// A gRPC answer, trailers-only in its body (status after headers, no
+/// message), as proxies and some servers send failures.
+pub fn grpc_failure(code: &'static str) -> Response<Body> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", code.parse().unwrap());
+    let frames = vec![Ok::<_, body::BoxError>(hyper::body::Frame::trailers(
+        trailers,
+    ))];
+    let stream = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+    let mut response = Response::new(body::boxed(stream));
+    response
+        .headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    response
+}
+
 /// Reads a metric's value from the Prometheus text of a sidecar; `None`
 /// when the series is not there (a renamed series must fail a test, not
 /// read as 0).

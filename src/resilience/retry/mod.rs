@@ -4,9 +4,10 @@
 //! A failed attempt is retried only if all of these hold:
 //! - attempts are left (`max_attempts` counts the first);
 //! - its failure matches `retry.on` (see `classify`);
-//! - it is safe: the method is idempotent, the request carries an
-//!   `Idempotency-Key`, `retry_non_idempotent` is set, the call is gRPC
-//!   (gRFC A6: the policy's codes say what is safe), or the upstream did
+//! - it is safe: the request carries an `Idempotency-Key`; its route says
+//!   `idempotent: true` (and not `false`); else the method is idempotent,
+//!   `retry_non_idempotent` is set or the call is gRPC (gRFC A6: the
+//!   policy's codes say what is safe); or the upstream did
 //!   not process it (connect failure, refused stream, 429, 503:
 //!   `Failure::never_processed`);
 //! - the request body can be replayed (`replay`);
@@ -173,9 +174,14 @@ impl Template {
 
 /// Whether sending the request again is safe whatever the failure.
 fn safe_to_repeat(parts: &http::request::Parts, params: &RetryParams, grpc: bool) -> bool {
+    if parts.headers.contains_key(IDEMPOTENCY_KEY) {
+        return true;
+    }
+    if let Some(idempotent) = params.idempotent {
+        return idempotent;
+    }
     params.retry_non_idempotent
         || grpc
-        || parts.headers.contains_key(IDEMPOTENCY_KEY)
         || matches!(
             parts.method,
             Method::GET
