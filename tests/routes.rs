@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use support::*;
 use tokio::time::Instant;
 
-/// One request through the sidecar to `host`, with the elapsed time.
+/// One request through the sidecar to `llm`, with the elapsed time.
 async fn timed(
     sidecar: &breakwater::sidecar::Sidecar,
     method: Method,

@@ -57,6 +57,15 @@ pub struct Observe<'a> {
     pub attempts: Option<&'a std::sync::atomic::AtomicU32>,
 }
 
+/// What a route's stack may take from its upstream's.
+struct Shared {
+    limiter: Arc<Limiter>,
+    breaker: Option<Arc<Breaker>>,
+    hold: Option<Arc<Hold>>,
+    faults: Arc<FaultCell>,
+    client: Arc<UpstreamClient>,
+}
+
 /// One upstream's resilience stack.
 #[derive(Debug)]
 pub struct Stack {
@@ -82,17 +91,7 @@ impl Stack {
         client: Arc<UpstreamClient>,
         metrics: &UpstreamMetrics,
     ) -> Self {
-        let breaker = policy
-            .circuit_breaker
-            .clone()
-            .map(|params| Breaker::new(name.clone(), params, metrics.clone()));
-        Self {
-            timeout: policy.timeout,
-            per_try_timeout: policy.per_try_timeout,
-            stream_timeouts: StreamTimeouts::new(
-                policy.first_byte_timeout,
-                policy.stream_idle_timeout,
-            ),
+        let shared = Shared {
             limiter: Arc::new(Limiter::new(
                 name.clone(),
                 policy.max_concurrent_requests,
@@ -100,22 +99,18 @@ impl Stack {
                 policy.max_connection_share,
                 metrics.clone(),
             )),
-            retry: Retry::new(
-                policy.retry.clone(),
-                policy.hedge.clone(),
-                policy.stream_idle_timeout,
-                metrics.clone(),
-            ),
-            breaker,
+            breaker: policy
+                .circuit_breaker
+                .clone()
+                .map(|params| Breaker::new(name.clone(), params, metrics.clone())),
             hold: policy
                 .retry
                 .hold_on_pushback
                 .then(|| Arc::new(Hold::new(policy.retry.max_pushback))),
             faults: Arc::new(FaultCell::new(faults)),
             client,
-            metrics: metrics.clone(),
-            name,
-        }
+        };
+        Self::with(name, policy, shared, metrics)
     }
 
     /// The stack of one of this upstream's routes (`name`: `upstream/route`):
@@ -131,13 +126,27 @@ impl Stack {
         faults: Option<Option<Faults>>,
         metrics: &UpstreamMetrics,
     ) -> Self {
-        let breaker = match own_breaker {
-            false => self.breaker.clone(),
-            true => policy
-                .circuit_breaker
-                .clone()
-                .map(|params| Breaker::new(name, params, metrics.clone())),
+        let shared = Shared {
+            limiter: self.limiter.clone(),
+            breaker: match own_breaker {
+                false => self.breaker.clone(),
+                true => policy
+                    .circuit_breaker
+                    .clone()
+                    .map(|params| Breaker::new(name, params, metrics.clone())),
+            },
+            hold: self.hold.clone(),
+            faults: match faults {
+                Some(own) => Arc::new(FaultCell::new(own)),
+                None => self.faults.clone(),
+            },
+            client: self.client.clone(),
         };
+        Self::with(self.name.clone(), policy, shared, metrics)
+    }
+
+    /// A stack with `policy`'s timeouts and retries over `shared`.
+    fn with(name: Arc<str>, policy: &Policy, shared: Shared, metrics: &UpstreamMetrics) -> Self {
         Self {
             timeout: policy.timeout,
             per_try_timeout: policy.per_try_timeout,
@@ -145,22 +154,19 @@ impl Stack {
                 policy.first_byte_timeout,
                 policy.stream_idle_timeout,
             ),
-            limiter: self.limiter.clone(),
+            limiter: shared.limiter,
             retry: Retry::new(
                 policy.retry.clone(),
                 policy.hedge.clone(),
                 policy.stream_idle_timeout,
                 metrics.clone(),
             ),
-            breaker,
-            hold: self.hold.clone(),
-            faults: match faults {
-                Some(own) => Arc::new(FaultCell::new(own)),
-                None => self.faults.clone(),
-            },
-            client: self.client.clone(),
+            breaker: shared.breaker,
+            hold: shared.hold,
+            faults: shared.faults,
+            client: shared.client,
             metrics: metrics.clone(),
-            name: self.name.clone(),
+            name,
         }
     }
 
