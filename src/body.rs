@@ -43,6 +43,10 @@ enum Kind {
     /// A frame read ahead (boxed: a frame is large, and this is the rare
     /// shape), then the rest.
     Prefixed(Option<Box<Frame<Bytes>>>, Incoming),
+    /// Bytes read ahead (a JSON-RPC answer's start), then the rest.
+    Ahead(Option<Bytes>, Box<Body>),
+    /// Only trailers.
+    Trailers(Option<HeaderMap>),
     Replay(ReplayBody),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -84,6 +88,20 @@ impl Body {
         self.permit = Some(permit);
         self
     }
+}
+
+/// A body whose start, `read`, was read ahead and is put back in front
+/// of `rest`.
+pub fn ahead(read: Bytes, rest: Body) -> Body {
+    Body::of(Kind::Ahead(
+        (!read.is_empty()).then_some(read),
+        Box::new(rest),
+    ))
+}
+
+/// A body of only `trailers`.
+pub fn trailers(trailers: HeaderMap) -> Body {
+    Body::of(Kind::Trailers(Some(trailers)))
 }
 
 /// An empty body.
@@ -137,6 +155,13 @@ impl http_body::Body for Body {
                 Some(frame) => Poll::Ready(Some(Ok(*frame))),
                 None => Pin::new(rest).poll_frame(cx).map_err(Into::into),
             },
+            Kind::Ahead(read, rest) => match read.take() {
+                Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                None => Pin::new(&mut **rest).poll_frame(cx),
+            },
+            Kind::Trailers(trailers) => {
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
             Kind::Replay(body) => Pin::new(body).poll_frame(cx),
             Kind::Boxed(body) => Pin::new(body).poll_frame(cx),
         };
@@ -152,6 +177,8 @@ impl http_body::Body for Body {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Incoming(incoming) => incoming.is_end_stream(),
             Kind::Prefixed(first, rest) => first.is_none() && rest.is_end_stream(),
+            Kind::Ahead(read, rest) => read.is_none() && rest.is_end_stream(),
+            Kind::Trailers(trailers) => trailers.is_none(),
             Kind::Replay(body) => body.is_end_stream(),
             Kind::Boxed(body) => body.is_end_stream(),
         }
@@ -162,7 +189,17 @@ impl http_body::Body for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(incoming) => incoming.size_hint(),
-            Kind::Prefixed(..) => SizeHint::default(),
+            Kind::Prefixed(..) | Kind::Trailers(_) => SizeHint::default(),
+            Kind::Ahead(read, rest) => {
+                let read = read.as_ref().map_or(0, |b| b.len() as u64);
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + read);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint
+            }
             Kind::Replay(body) => body.size_hint(),
             Kind::Boxed(body) => body.size_hint(),
         }

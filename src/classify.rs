@@ -41,6 +41,9 @@ pub enum Failure {
     Http(u16),
     /// The upstream answered with this gRPC status (not OK).
     Grpc(u8),
+    /// The upstream's JSON-RPC answer was this error, one that is the
+    /// upstream's failure (`jsonrpc::Dialect::judge`).
+    JsonRpc(i32),
 }
 
 impl Failure {
@@ -54,6 +57,7 @@ impl Failure {
             Failure::PerTryTimeout => "per-try-timeout".into(),
             Failure::Http(code) => format!("http-{code}"),
             Failure::Grpc(code) => format!("grpc-{}", grpc::name(code)),
+            Failure::JsonRpc(code) => format!("jsonrpc{code}"),
         }
     }
 
@@ -84,7 +88,8 @@ impl Failure {
             Failure::ConnectFailure
             | Failure::Reset
             | Failure::RefusedStream
-            | Failure::PerTryTimeout => true,
+            | Failure::PerTryTimeout
+            | Failure::JsonRpc(_) => true,
         }
     }
 
@@ -92,9 +97,11 @@ impl Failure {
     /// less loaded: every transport failure, HTTP 5xx and 429, and gRPC
     /// `UNAVAILABLE`, `DEADLINE_EXCEEDED` and `RESOURCE_EXHAUSTED` (not
     /// `INTERNAL` or `UNKNOWN`, which say the upstream met the request and
-    /// broke on it). A saga step's own `retry` waits out only these.
+    /// broke on it, as a JSON-RPC internal or server error does). A saga
+    /// step's own `retry` waits out only these.
     pub fn is_transient(self) -> bool {
         match self {
+            Failure::JsonRpc(_) => false,
             Failure::Grpc(code) => {
                 matches!(
                     code,
@@ -135,6 +142,9 @@ pub fn classify<B>(result: &Result<Response<B>, ProxyError>, grpc: bool) -> Opti
 /// Classifies an answer from the upstream (`grpc`: the call is gRPC, so
 /// its `grpc-status` counts). `None` means success.
 pub fn classify_response<B>(response: &Response<B>, grpc: bool) -> Option<Failure> {
+    if let Some(crate::jsonrpc::Verdict::Failure(code)) = response.extensions().get() {
+        return Some(Failure::JsonRpc(*code));
+    }
     let grpc_status = grpc.then(|| {
         grpc::status(response.headers()).or_else(|| {
             response
@@ -194,6 +204,8 @@ pub enum Condition {
     Class(u16),
     /// A gRPC code by name, such as `unavailable`.
     Grpc(u8),
+    /// `jsonrpc-error`: a JSON-RPC error that is the upstream's failure.
+    JsonRpc,
 }
 
 impl Condition {
@@ -205,6 +217,7 @@ impl Condition {
             "refused-stream" => Condition::RefusedStream,
             "per-try-timeout" => Condition::PerTryTimeout,
             "deadline-exceeded" => Condition::DeadlineExceeded,
+            "jsonrpc-error" => Condition::JsonRpc,
             _ => {
                 if let Some(code) = grpc::NAMES.iter().position(|c| *c == text) {
                     return (code != 0).then_some(Condition::Grpc(code as u8));
@@ -233,6 +246,7 @@ impl Condition {
             (Condition::Status(want), Failure::Http(code)) => want == code,
             (Condition::Class(class), Failure::Http(code)) => code / 100 == class,
             (Condition::Grpc(want), Failure::Grpc(code)) => want == code,
+            (Condition::JsonRpc, Failure::JsonRpc(_)) => true,
             _ => false,
         }
     }
@@ -249,6 +263,7 @@ impl fmt::Display for Condition {
             Condition::Status(code) => write!(f, "{code}"),
             Condition::Class(class) => write!(f, "{class}xx"),
             Condition::Grpc(code) => f.write_str(grpc::name(*code)),
+            Condition::JsonRpc => f.write_str("jsonrpc-error"),
         }
     }
 }
@@ -266,7 +281,7 @@ impl Conditions {
                 Condition::parse(name).ok_or_else(|| {
                     format!(
                         "unknown condition {name:?}: expected connect-failure, reset, refused-stream, \
-                         per-try-timeout, deadline-exceeded, an HTTP status (503) or class (5xx), \
+                         per-try-timeout, deadline-exceeded, jsonrpc-error, an HTTP status (503) or class (5xx), \
                          or a gRPC code name (unavailable, resource-exhausted, ...)"
                     )
                 })

@@ -240,7 +240,10 @@ pub fn config_check(file: &Path) -> ExitCode {
             "  upstream {} -> {} ({}){} hosts [{}]",
             upstream.name,
             upstream.address,
-            upstream.protocol,
+            match upstream.jsonrpc {
+                Some(dialect) => format!("{}, {dialect}", upstream.protocol),
+                None => upstream.protocol.to_string(),
+            },
             listen,
             upstream.hosts.join(", ")
         );

@@ -25,6 +25,7 @@ pub mod example;
 pub mod grpc;
 pub mod inject;
 pub mod intercept;
+pub mod jsonrpc;
 pub mod matching;
 pub mod resilience;
 pub mod sidecar;

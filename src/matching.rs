@@ -122,6 +122,9 @@ pub struct RouteMatch {
     /// Headers that must be present with these values (any of a repeated
     /// header's values may be the one).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The JSON-RPC method, if the route names one (read from the
+    /// request as `jsonrpc::Call`).
+    pub jsonrpc_method: Option<Box<str>>,
 }
 
 impl RouteMatch {
@@ -136,6 +139,12 @@ impl RouteMatch {
             && !path.matches(request.uri().path())
         {
             return false;
+        }
+        if let Some(method) = &self.jsonrpc_method {
+            let call = request.extensions().get::<crate::jsonrpc::Call>();
+            if call.and_then(|c| c.method.as_deref()) != Some(&**method) {
+                return false;
+            }
         }
         self.headers.iter().all(|(name, value)| {
             request
@@ -156,6 +165,9 @@ impl RouteMatch {
         words.extend(self.path.as_ref().map(PathMatch::describe));
         for (name, value) in &self.headers {
             words.push(format!("{name}: {}", value.to_str().unwrap_or("(bytes)")));
+        }
+        if let Some(method) = &self.jsonrpc_method {
+            words.push(format!("JSON-RPC {method}"));
         }
         if words.is_empty() {
             "every request".to_owned()
@@ -183,7 +195,12 @@ impl RouteMatch {
             .headers
             .iter()
             .all(|condition| later.headers.contains(condition));
-        method && path && headers
+        let jsonrpc = match (&self.jsonrpc_method, &later.jsonrpc_method) {
+            (None, _) => true,
+            (Some(a), Some(b)) => a == b,
+            (Some(_), None) => false,
+        };
+        method && path && headers && jsonrpc
     }
 }
 
@@ -213,6 +230,12 @@ impl serde::Serialize for RouteMatch {
                 .collect();
             map.serialize_entry("headers", &headers)?;
         }
+        if let Some(method) = &self.jsonrpc_method {
+            map.serialize_entry(
+                "jsonrpc",
+                &std::collections::BTreeMap::from([("method", &**method)]),
+            )?;
+        }
         map.end()
     }
 }
@@ -237,6 +260,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| (n.parse().unwrap(), v.parse().unwrap()))
                 .collect(),
+            jsonrpc_method: None,
         }
     }
 

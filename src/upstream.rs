@@ -73,6 +73,7 @@ impl Upstream {
             &config.policy,
             resolve_faults(config.faults.as_ref()),
             client.clone(),
+            config.jsonrpc,
             &metrics,
         );
         let routes = config
@@ -131,6 +132,7 @@ impl Upstream {
         let old = &self.config;
         if old.address != config.address
             || old.protocol != config.protocol
+            || old.jsonrpc != config.jsonrpc
             || old.tls != config.tls
             || old.request_headers != config.request_headers
             || old.policy != config.policy
@@ -221,7 +223,19 @@ impl<'a> Lane<'a> {
         grpc: bool,
         observe: Observe<'_>,
     ) -> Result<Response<Body>, ProxyError> {
-        let request = self.upstream.client.prepare(request);
+        let request = match self.upstream.config.jsonrpc {
+            None => self.upstream.client.prepare(request),
+            // The call read at the edge says what may be retried.
+            Some(_) => {
+                let mut request = request;
+                let call = request.extensions_mut().remove::<crate::jsonrpc::Call>();
+                let mut request = self.upstream.client.prepare(request);
+                if let Some(call) = call {
+                    request.extensions_mut().insert(call);
+                }
+                request
+            }
+        };
         let stack = self.route.map_or(&self.upstream.stack, |r| &r.stack);
         stack.call(request, grpc, observe).await
     }

@@ -67,7 +67,7 @@ fn config_check_prints_a_summary_or_positioned_errors() {
     assert_eq!(
         stderr.trim(),
         format!(
-            "{}:4:15: upstreams.ocr.protocol: unknown variant \"grcp\", expected one of http1, http2, grpc",
+            "{}:4:15: upstreams.ocr.protocol: unknown variant \"grcp\", expected one of http1, http2, grpc, mcp, a2a",
             bad.path().display()
         )
     );

@@ -178,6 +178,7 @@ pub(super) fn policy_warnings<T>(
     written: &RawPolicy,
     policy: &Policy,
     protocol: Protocol,
+    jsonrpc: Option<crate::jsonrpc::Dialect>,
 ) {
     let per_try = policy
         .per_try_timeout
@@ -212,7 +213,7 @@ pub(super) fn policy_warnings<T>(
         ("circuit_breaker.failure_on", failure_on),
     ] {
         for condition in conditions.map(|c| c.0.as_slice()).unwrap_or_default() {
-            if let Some(why) = never_matches(*condition, protocol, per_try.is_some()) {
+            if let Some(why) = never_matches(*condition, protocol, jsonrpc, per_try.is_some()) {
                 check.warn(
                     at,
                     format!("{prefix}.{field}"),
@@ -225,7 +226,12 @@ pub(super) fn policy_warnings<T>(
 
 /// Why no failure of an upstream speaking `protocol` can match
 /// `condition`, if none can.
-fn never_matches(condition: Condition, protocol: Protocol, per_try: bool) -> Option<String> {
+fn never_matches(
+    condition: Condition,
+    protocol: Protocol,
+    jsonrpc: Option<crate::jsonrpc::Dialect>,
+    per_try: bool,
+) -> Option<String> {
     let client_error = "an answer below 500 other than 429 is not a failure (it is the caller's)";
     match condition {
         Condition::Status(code) if code < 500 && code != 429 => Some(client_error.into()),
@@ -236,6 +242,9 @@ fn never_matches(condition: Condition, protocol: Protocol, per_try: bool) -> Opt
         Condition::Grpc(_) if protocol != Protocol::Grpc => Some(format!(
             "a gRPC code, and this upstream speaks {protocol}, whose answers carry none"
         )),
+        Condition::JsonRpc if jsonrpc.is_none() => Some(
+            "a JSON-RPC error, and this upstream does not speak JSON-RPC (protocol: mcp, protocol: a2a or jsonrpc: true)".into(),
+        ),
         Condition::PerTryTimeout if !per_try => {
             Some("no per_try_timeout shorter than timeout is set".into())
         }

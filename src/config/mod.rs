@@ -193,6 +193,11 @@ pub struct UpstreamConfig {
     pub address: Authority,
     /// The protocol spoken to the upstream.
     pub protocol: Protocol,
+    /// The JSON-RPC protocol it speaks over HTTP, if any (`protocol: mcp`,
+    /// `protocol: a2a`, `jsonrpc: true`): its answers are classified by
+    /// their JSON-RPC errors, its calls retried by method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jsonrpc: Option<crate::jsonrpc::Dialect>,
     /// A dedicated local port for this upstream, if any.
     pub listen: Option<SocketAddr>,
     /// Names routed to this upstream on the shared port, lowercase. The

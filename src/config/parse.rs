@@ -373,6 +373,12 @@ fn in_words(message: &str) -> String {
             ),
         };
     }
+    if let Some(rest) = message.strip_prefix("unknown variant \"")
+        && let Some((value, known)) = rest.split_once("\", expected one of ")
+        && !known.contains(", ")
+    {
+        return format!("unknown value \"{value}\": expected {known}");
+    }
     if let Some(rest) = message.strip_prefix("duplicate mapping key: ") {
         let key = rest.split(", set ").next().unwrap_or(rest);
         return format!("\"{key}\" is given twice in this block: keep one");

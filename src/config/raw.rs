@@ -12,7 +12,6 @@ use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
-use super::Protocol;
 use crate::resilience::fallback::Criticality;
 use crate::resilience::faults::FaultSpec;
 use crate::resilience::policy::{RawBreaker, RawHedge, RawPolicy, RawRetry};
@@ -73,12 +72,25 @@ pub(crate) struct RawAdmin {
     pub probes_listen: Option<Spanned<String>>,
 }
 
+/// An upstream's `protocol`: a transport, or a JSON-RPC protocol over
+/// HTTP/1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawProtocol {
+    Http1,
+    Http2,
+    Grpc,
+    Mcp,
+    A2a,
+}
+
 /// One upstream's block under `upstreams`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUpstream {
     pub address: Spanned<String>,
-    pub protocol: Option<Protocol>,
+    pub protocol: Option<RawProtocol>,
+    pub jsonrpc: Option<Spanned<bool>>,
     pub listen: Option<Spanned<String>>,
     #[serde(default)]
     pub hosts: Vec<Spanned<String>>,
@@ -141,6 +153,14 @@ pub(crate) struct RawMatch {
     #[serde(default)]
     pub headers: Entries<Spanned<String>, Spanned<String>>,
     pub grpc: Option<Spanned<RawGrpcMatch>>,
+    pub jsonrpc: Option<Spanned<RawJsonRpcMatch>>,
+}
+
+/// A route's `match.jsonrpc`: a JSON-RPC method.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawJsonRpcMatch {
+    pub method: String,
 }
 
 /// A route's `match.path`: one of the three.

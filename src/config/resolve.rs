@@ -30,6 +30,7 @@ struct Pending {
     name: Spanned<String>,
     address: Option<Authority>,
     protocol: super::Protocol,
+    jsonrpc: Option<crate::jsonrpc::Dialect>,
     listen: Option<SocketAddr>,
     /// Explicit claims first: the name, then `hosts`.
     hosts: Vec<String>,
@@ -231,6 +232,7 @@ fn finish_upstreams(
                 name: Arc::from(p.name.value.as_str()),
                 address: p.address.expect("checked above"),
                 protocol: p.protocol,
+                jsonrpc: p.jsonrpc,
                 listen: p.listen,
                 hosts: p.hosts,
                 address_host,
@@ -318,9 +320,9 @@ fn resolve_upstream(
     });
     let hosts = resolve_hosts(check, &name.value, up, &prefix);
     let sni = resolve_sni(check, up, &prefix);
-    let protocol = up.protocol.unwrap_or_default();
+    let (protocol, jsonrpc) = resolve_protocol(check, up, &prefix);
     let merged = up.policy().merge(&raw.defaults);
-    let policy = resolve_policy(check, &merged, &name, protocol, &prefix);
+    let policy = resolve_policy(check, &merged, &name, protocol, jsonrpc, &prefix);
     let criticality = up.criticality.as_ref().map(|c| c.value).unwrap_or_default();
     let fallback =
         resolve_degradation(check, file, up.fallback.as_ref(), criticality, &prefix).map(Arc::new);
@@ -341,6 +343,7 @@ fn resolve_upstream(
     let inherited = super::routes::Inherited {
         policy: &merged,
         protocol,
+        jsonrpc,
         criticality,
         fallback: &fallback,
         faults: &faults,
@@ -355,6 +358,7 @@ fn resolve_upstream(
         faults,
         address,
         protocol,
+        jsonrpc,
         listen,
         hosts,
         sni,
@@ -362,6 +366,46 @@ fn resolve_upstream(
         criticality,
         fallback,
         name,
+    }
+}
+
+/// An upstream's transport and, if it speaks one, its JSON-RPC protocol:
+/// `protocol: mcp` and `protocol: a2a` are JSON-RPC over HTTP/1.1;
+/// `jsonrpc: true` is plain JSON-RPC over `http1` or `http2`.
+fn resolve_protocol(
+    check: &mut Checker,
+    up: &super::raw::RawUpstream,
+    prefix: &str,
+) -> (super::Protocol, Option<crate::jsonrpc::Dialect>) {
+    use super::Protocol;
+    use super::raw::RawProtocol;
+    use crate::jsonrpc::Dialect;
+    let (protocol, dialect) = match up.protocol.unwrap_or(RawProtocol::Http1) {
+        RawProtocol::Http1 => (Protocol::Http1, None),
+        RawProtocol::Http2 => (Protocol::Http2, None),
+        RawProtocol::Grpc => (Protocol::Grpc, None),
+        RawProtocol::Mcp => (Protocol::Http1, Some(Dialect::Mcp)),
+        RawProtocol::A2a => (Protocol::Http1, Some(Dialect::A2a)),
+    };
+    match &up.jsonrpc {
+        Some(on) if on.value && dialect.is_some() => {
+            check.error(
+                on,
+                format!("{prefix}.jsonrpc"),
+                "this protocol is JSON-RPC already: remove jsonrpc",
+            );
+            (protocol, dialect)
+        }
+        Some(on) if on.value && protocol == Protocol::Grpc => {
+            check.error(
+                on,
+                format!("{prefix}.jsonrpc"),
+                "a gRPC upstream does not speak JSON-RPC: use protocol http1 or http2",
+            );
+            (protocol, None)
+        }
+        Some(on) if on.value => (protocol, Some(Dialect::Jsonrpc)),
+        _ => (protocol, dialect),
     }
 }
 
@@ -405,6 +449,7 @@ fn resolve_policy(
     policy: &crate::resilience::policy::RawPolicy,
     name: &Spanned<String>,
     protocol: super::Protocol,
+    jsonrpc: Option<crate::jsonrpc::Dialect>,
     prefix: &str,
 ) -> crate::resilience::policy::Policy {
     if policy.hedge.as_ref().is_some_and(|h| h.delay.is_none()) {
@@ -415,7 +460,7 @@ fn resolve_policy(
         );
     }
     let resolved = policy.resolve();
-    super::check::policy_warnings(check, name, prefix, policy, &resolved, protocol);
+    super::check::policy_warnings(check, name, prefix, policy, &resolved, protocol, jsonrpc);
     resolved
 }
 

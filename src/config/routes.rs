@@ -22,6 +22,7 @@ pub(super) struct Inherited<'a> {
     /// The upstream's policy fields, merged over `defaults`.
     pub policy: &'a RawPolicy,
     pub protocol: Protocol,
+    pub jsonrpc: Option<crate::jsonrpc::Dialect>,
     pub criticality: Criticality,
     pub fallback: &'a Option<Arc<Fallback>>,
     pub faults: &'a Option<FaultSpec>,
@@ -58,7 +59,7 @@ pub(super) fn resolve_routes(
         }
         names.push(&name.value);
         let matches = match &route.value.matches {
-            Some(m) => resolve_match(check, m, inherited.protocol, &field),
+            Some(m) => resolve_match(check, m, inherited, &field),
             None => RouteMatch::default(),
         };
         if let Some(earlier) = routes.iter().find(|r| r.matches.covers(&matches)) {
@@ -119,6 +120,7 @@ fn resolve_route(
         &written,
         &policy,
         inherited.protocol,
+        inherited.jsonrpc,
     );
     let criticality = route
         .criticality
@@ -161,9 +163,10 @@ fn resolve_route(
 fn resolve_match(
     check: &mut Checker,
     at: &Spanned<RawMatch>,
-    protocol: Protocol,
+    inherited: &Inherited<'_>,
     field: &str,
 ) -> RouteMatch {
+    let protocol = inherited.protocol;
     let raw = &at.value;
     let mut matches = RouteMatch::default();
     if let Some(path) = &raw.path {
@@ -191,6 +194,24 @@ fn resolve_match(
     }
     if let Some(grpc) = &raw.grpc {
         matches.path = resolve_grpc(check, grpc, raw.path.is_some(), protocol, field);
+    }
+    if let Some(jsonrpc) = &raw.jsonrpc {
+        let method = &jsonrpc.value.method;
+        if inherited.jsonrpc.is_none() {
+            check.error(
+                jsonrpc,
+                format!("{field}.match.jsonrpc"),
+                "a JSON-RPC match needs an upstream that speaks it: protocol: mcp, protocol: a2a or jsonrpc: true",
+            );
+        } else if method.is_empty() {
+            check.error(
+                jsonrpc,
+                format!("{field}.match.jsonrpc.method"),
+                "expected a method such as tools/call",
+            );
+        } else {
+            matches.jsonrpc_method = Some(method.as_str().into());
+        }
     }
     if let Some(method) = &raw.method {
         match Method::from_bytes(method.value.to_ascii_uppercase().as_bytes()) {

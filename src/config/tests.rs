@@ -47,7 +47,7 @@ fn unknown_variant_names_line_column_and_field() {
     let text = "admin:\n  listen: 127.0.0.1:15000\nupstreams:\n  ocr:\n    address: ocr-agent:8080\n    protocol: grcp\n";
     assert_eq!(
         error(text),
-        "policies.yaml:6:15: upstreams.ocr.protocol: unknown variant \"grcp\", expected one of http1, http2, grpc"
+        "policies.yaml:6:15: upstreams.ocr.protocol: unknown variant \"grcp\", expected one of http1, http2, grpc, mcp, a2a"
     );
 }
 
@@ -848,4 +848,108 @@ fn the_routes_example_of_the_reference_is_valid() {
     let billing = config.upstream("billing").unwrap();
     assert_eq!(billing.routes.len(), 2);
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
+
+#[test]
+fn json_rpc_upstreams_route_by_method_and_may_generate_keys() {
+    let config = parse(
+        "p.yaml",
+        "\
+upstreams:
+  tools:
+    address: 127.0.0.1:9000
+    protocol: mcp
+    routes:
+      - name: calls
+        match: {jsonrpc: {method: tools/call}}
+        retry: {idempotency_key: generate}
+  agent:
+    address: 127.0.0.1:9001
+    protocol: a2a
+  rpc:
+    address: 127.0.0.1:9002
+    protocol: http2
+    jsonrpc: true
+  web:
+    address: 127.0.0.1:9003
+",
+    )
+    .unwrap();
+    use crate::jsonrpc::Dialect;
+    let tools = config.upstream("tools").unwrap();
+    assert_eq!(tools.protocol, Protocol::Http1);
+    assert_eq!(tools.jsonrpc, Some(Dialect::Mcp));
+    assert!(!tools.policy.retry.generate_idempotency_key);
+    let calls = &tools.routes[0];
+    assert_eq!(calls.matches.jsonrpc_method.as_deref(), Some("tools/call"));
+    assert_eq!(calls.matches.describe(), "JSON-RPC tools/call");
+    assert!(calls.policy.retry.generate_idempotency_key);
+    assert_eq!(
+        config.upstream("agent").unwrap().jsonrpc,
+        Some(Dialect::A2a)
+    );
+    let rpc = config.upstream("rpc").unwrap();
+    assert_eq!(
+        (rpc.protocol, rpc.jsonrpc),
+        (Protocol::Http2, Some(Dialect::Jsonrpc))
+    );
+    assert_eq!(config.upstream("web").unwrap().jsonrpc, None);
+    // The breaker counts JSON-RPC failures unless told otherwise.
+    let breaker = tools.policy.circuit_breaker.as_ref().unwrap();
+    assert!(
+        breaker
+            .failure_on
+            .matches(crate::classify::Failure::JsonRpc(-32603))
+    );
+}
+
+#[test]
+fn json_rpc_mistakes_are_reported_where_written() {
+    let text = "\
+upstreams:
+  tools:
+    address: a:1
+    protocol: mcp
+    jsonrpc: true
+    routes:
+      - name: empty
+        match: {jsonrpc: {method: ''}}
+  grpc:
+    address: a:2
+    protocol: grpc
+    jsonrpc: true
+  web:
+    address: a:3
+    circuit_breaker: {failure_on: [jsonrpc-error]}
+    routes:
+      - name: calls
+        match: {jsonrpc: {method: tools/call}}
+";
+    let message = error(text);
+    for expected in [
+        "policies.yaml:5:14: upstreams.tools.jsonrpc: this protocol is JSON-RPC already: remove jsonrpc",
+        "policies.yaml:8:26: upstreams.tools.routes[0].match.jsonrpc.method: expected a method such as tools/call",
+        "policies.yaml:12:14: upstreams.grpc.jsonrpc: a gRPC upstream does not speak JSON-RPC",
+        "policies.yaml:18:26: upstreams.web.routes[0].match.jsonrpc: a JSON-RPC match needs an upstream that speaks it",
+    ] {
+        assert!(message.contains(expected), "{expected}\nnot in\n{message}");
+    }
+    assert_eq!(
+        error("upstreams:\n  web:\n    address: a:3\n    retry: {idempotency_key: always}\n"),
+        "policies.yaml:4:30: upstreams.web.retry.idempotency_key: unknown value \"always\": expected generate"
+    );
+    // A condition that can never match is warned of.
+    let config = parse(
+        "p.yaml",
+        "upstreams:\n  web:\n    address: a:3\n    circuit_breaker: {failure_on: [jsonrpc-error]}\n",
+    )
+    .unwrap();
+    let warnings: Vec<String> = config.warning_lines().collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("upstreams.web.circuit_breaker.failure_on")
+                && w.contains("does not speak JSON-RPC")),
+        "{warnings:?}"
+    );
 }

@@ -165,7 +165,7 @@ pub(super) fn resolve_failover(
                 );
                 continue;
             }
-            let grpc = raw.upstreams.0[i].1.protocol == Some(super::Protocol::Grpc);
+            let grpc = raw.upstreams.0[i].1.protocol == Some(super::raw::RawProtocol::Grpc);
             let rewrite = entry
                 .value
                 .rewrite

@@ -48,8 +48,20 @@ pub(crate) struct RawRetry {
     pub buffer_limit: Option<ByteSize>,
     pub retry_non_idempotent: Option<bool>,
     pub hold_on_pushback: Option<bool>,
+    pub idempotency_key: Option<KeySource>,
 }
-merge_fields!(RawRetry { max_attempts, on, buffer_limit, retry_non_idempotent, hold_on_pushback } nested { backoff, budget });
+merge_fields!(RawRetry { max_attempts, on, buffer_limit, retry_non_idempotent, hold_on_pushback, idempotency_key } nested { backoff, budget });
+
+/// `retry.idempotency_key`: where a call's `Idempotency-Key` comes from
+/// when the caller sent none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySource {
+    /// The sidecar makes one per call, the same for all its attempts, so
+    /// that an upstream honouring the header sees every retry as the same
+    /// call (and the call may be retried whatever its method).
+    Generate,
+}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +187,8 @@ pub struct RetryParams {
     /// processed them (`false`, even for gRPC or GET); unset: by method.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotent: Option<bool>,
+    /// Calls without an `Idempotency-Key` get one made by the sidecar.
+    pub generate_idempotency_key: bool,
 }
 
 /// Hedging parameters.
@@ -214,7 +228,7 @@ pub struct BreakerParams {
     pub half_open_probes: u32,
     /// Failures that count (default: transport errors, timeouts, 5xx but
     /// 501, and gRPC unavailable, internal, unknown, deadline-exceeded,
-    /// data-loss). Rate limiting (429, resource-exhausted) is not an
+    /// data-loss, and JSON-RPC errors that are the upstream's). Rate limiting (429, resource-exhausted) is not an
     /// outage: it counts only when listed, and then toward the failure
     /// rate only.
     pub failure_on: Conditions,
@@ -247,6 +261,7 @@ pub fn default_breaker_failures() -> Conditions {
         "unknown",
         "deadline-exceeded",
         "data-loss",
+        "jsonrpc-error",
     ])
 }
 
@@ -293,6 +308,7 @@ impl RawPolicy {
                 retry_non_idempotent: retry.retry_non_idempotent.unwrap_or(false),
                 hold_on_pushback: retry.hold_on_pushback.unwrap_or(true),
                 idempotent: None,
+                generate_idempotency_key: retry.idempotency_key == Some(KeySource::Generate),
             },
             hedge: self.hedge.as_ref().and_then(|h| {
                 Some(HedgeParams {

@@ -11,6 +11,7 @@
 //! | circuit breaker | attempt | Below retry, so every attempt counts and an open circuit fails an attempt at once; `circuit-open` is not a retryable failure, so retries stop there. |
 //! | per-try timeout | attempt | Below the breaker, so a timed-out attempt counts as a failure; the outgoing deadline header carries the time left. |
 //! | client | attempt | Sends one attempt on the pooled (HTTP/1.1) or shared (HTTP/2) connection, and reads the first frame of a unary-like gRPC answer so a status in its trailers is classified too. |
+//! | JSON-RPC peek | attempt's answer | For an upstream that speaks JSON-RPC, reads an answer to a `POST` up to its verdict (`jsonrpc::peek`), inside the per-try timeout, so that an error in a `200` is classified before the breaker and retry see the attempt. |
 //! | stream watch | attempt's answer | Wraps the answer's body (`stream`): a stall or a break after the headers is cut, counted and reported to this attempt's breaker; a good streaming answer is recorded by the breaker when its body ends. |
 //!
 //! The order is pinned by `tests/resilience.rs::layer_order`.
@@ -44,6 +45,7 @@ use crate::body::Body;
 use crate::body::Completion;
 use crate::classify::{self, Failure};
 use crate::error::ProxyError;
+use crate::jsonrpc::{self, Dialect};
 use crate::telemetry::metrics::UpstreamMetrics;
 use crate::telemetry::traces::{AttemptStart, RequestSpan};
 use crate::transport::client::UpstreamClient;
@@ -64,6 +66,7 @@ struct Shared {
     hold: Option<Arc<Hold>>,
     faults: Arc<FaultCell>,
     client: Arc<UpstreamClient>,
+    jsonrpc: Option<Dialect>,
 }
 
 /// One upstream's resilience stack.
@@ -79,16 +82,19 @@ pub struct Stack {
     hold: Option<Arc<Hold>>,
     faults: Arc<FaultCell>,
     client: Arc<UpstreamClient>,
+    jsonrpc: Option<Dialect>,
     metrics: UpstreamMetrics,
 }
 
 impl Stack {
-    /// Builds the stack for an upstream, with the faults to inject (if any).
+    /// Builds the stack for an upstream, with the faults to inject (if
+    /// any), reading its answers as `jsonrpc` frames them if it speaks it.
     pub fn new(
         name: Arc<str>,
         policy: &Policy,
         faults: Option<Faults>,
         client: Arc<UpstreamClient>,
+        jsonrpc: Option<Dialect>,
         metrics: &UpstreamMetrics,
     ) -> Self {
         let shared = Shared {
@@ -109,6 +115,7 @@ impl Stack {
                 .then(|| Arc::new(Hold::new(policy.retry.max_pushback))),
             faults: Arc::new(FaultCell::new(faults)),
             client,
+            jsonrpc,
         };
         Self::with(name, policy, shared, metrics)
     }
@@ -141,6 +148,7 @@ impl Stack {
                 None => self.faults.clone(),
             },
             client: self.client.clone(),
+            jsonrpc: self.jsonrpc,
         };
         Self::with(self.name.clone(), policy, shared, metrics)
     }
@@ -165,6 +173,7 @@ impl Stack {
             hold: shared.hold,
             faults: shared.faults,
             client: shared.client,
+            jsonrpc: shared.jsonrpc,
             metrics: metrics.clone(),
             name,
         }
@@ -290,13 +299,30 @@ impl Stack {
             deadline: deadline.at,
             started,
         };
+        let peek = self
+            .jsonrpc
+            .filter(|_| request.method() == http::Method::POST);
         let send = async {
-            let Some(injection) = injection else {
-                return self.client.send(request, completion).await;
+            let answer = match injection {
+                None => self.client.send(request, completion).await,
+                // Boxed: faults are rare; their future should not grow the
+                // common one.
+                Some(injection) => Box::pin(self.inject(injection, request, completion)).await,
             };
-            // Boxed: faults are rare; their future should not grow the
-            // common one.
-            Box::pin(self.inject(injection, request, completion)).await
+            match (peek, answer) {
+                (Some(dialect), Ok(response)) => {
+                    let timeouts = self.stream_timeouts;
+                    Box::pin(jsonrpc::peek(
+                        response,
+                        dialect,
+                        timeouts,
+                        &self.metrics,
+                        &self.name,
+                    ))
+                    .await
+                }
+                (_, answer) => answer,
+            }
         };
         let result = match self.per_try_timeout {
             None => send.await,

@@ -20,6 +20,7 @@ use crate::classify;
 use crate::config::Rewrite;
 use crate::edge;
 use crate::error::ProxyError;
+use crate::jsonrpc;
 use crate::resilience::fallback;
 use crate::resilience::stack::Observe;
 use crate::telemetry::metrics::{Metrics, Outcome};
@@ -221,6 +222,44 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     }
 }
 
+/// What the edge keeps of a JSON-RPC call while it is under way.
+struct Exchange {
+    /// The method, as a metric label.
+    method: &'static str,
+    /// The request's id, for the answers the sidecar makes.
+    id: Option<Box<serde_json::value::RawValue>>,
+    /// It named an MCP session.
+    session: bool,
+}
+
+impl Exchange {
+    fn new(dialect: jsonrpc::Dialect, request: &Request<Body>) -> Self {
+        let call = request.extensions().get::<jsonrpc::Call>();
+        Self {
+            method: dialect.label(call.and_then(|c| c.method.as_deref())),
+            id: call.and_then(|c| c.id.clone()),
+            session: dialect == jsonrpc::Dialect::Mcp
+                && request.headers().contains_key(jsonrpc::MCP_SESSION_ID),
+        }
+    }
+
+    /// What the answer said, as a metric label. A 404 to a call in an MCP
+    /// session says the session is gone (the client initializes again):
+    /// passed on as it is, and no failure of the server.
+    fn outcome(&self, response: &Response<Body>, made: bool) -> &'static str {
+        if made {
+            return "none";
+        }
+        if self.session && response.status() == http::StatusCode::NOT_FOUND {
+            return "session-expired";
+        }
+        response
+            .extensions()
+            .get::<jsonrpc::Verdict>()
+            .map_or("none", |v| v.label())
+    }
+}
+
 /// Sends a request to its upstream and records the outcome (and, with
 /// tracing on, the request's span; with dead letters on, a letter for a
 /// request that finally failed).
@@ -237,6 +276,24 @@ async fn forward(
     dead_letters: Option<Arc<DeadLetters>>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    let mut request = request.map(Body::incoming);
+    let mut jsonrpc = None;
+    if let Some(dialect) = upstream.config.jsonrpc
+        && request.method() == Method::POST
+    {
+        let idle = upstream.config.policy.stream_idle_timeout;
+        // Boxed: JSON-RPC upstreams should not grow every call's future.
+        request = match Box::pin(jsonrpc::read_call(request, dialect, idle)).await {
+            Ok(request) => request,
+            Err(error) => {
+                upstream
+                    .metrics
+                    .record(Outcome::Rejected, started.elapsed().as_secs_f64());
+                return Ok(edge::error_response(&error, false));
+            }
+        };
+        jsonrpc = Some(Exchange::new(dialect, &request));
+    }
     let lane = upstream.lane(&request);
     let _in_flight = lane.metrics().start();
     let span = tracing.map(|t| {
@@ -256,7 +313,7 @@ async fn forward(
     };
     let request = match &capture {
         Some((_, capture, _)) => request.map(|b| capture.wrap(b)),
-        None => request.map(Body::incoming),
+        None => request,
     };
     let attempts = AtomicU32::new(0);
     let observe = Observe {
@@ -295,7 +352,10 @@ async fn forward(
                 tracing::debug!(upstream = %upstream.config.name, %error, %reason, "degraded");
             }
             lane.metrics().fallback(&reason);
-            let response = fallback.answer(&reason, grpc);
+            let response = match jsonrpc.as_ref().and_then(|j| j.id.as_deref()) {
+                Some(id) => jsonrpc::degraded_answer(id, &fallback.body, &reason),
+                None => fallback.answer(&reason, grpc),
+            };
             (Outcome::Degraded, response, None, Some(reason))
         }
         (_, _, Ok(response)) => {
@@ -308,7 +368,10 @@ async fn forward(
         }
         (_, _, Err(error)) => {
             tracing::debug!(upstream = %upstream.config.name, %error, "upstream call failed");
-            let response = edge::error_response(&error, grpc);
+            let response = match jsonrpc.as_ref().and_then(|j| j.id.as_deref()) {
+                Some(id) => jsonrpc::answer_error(id, &error),
+                None => edge::error_response(&error, grpc),
+            };
             let outcome = match error.is_callers() {
                 true => Outcome::Rejected,
                 false => Outcome::Failure,
@@ -318,6 +381,12 @@ async fn forward(
     };
     lane.metrics()
         .record(outcome, started.elapsed().as_secs_f64());
+    if let Some(exchange) = &jsonrpc {
+        lane.metrics().jsonrpc(
+            exchange.method,
+            exchange.outcome(&response, error.is_some()),
+        );
+    }
     Ok(match span {
         None => response,
         Some(span) => {

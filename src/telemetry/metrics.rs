@@ -85,6 +85,13 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JsonRpcLabels {
+    upstream: String,
+    method: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InterceptLabels {
     kind: &'static str,
 }
@@ -158,6 +165,7 @@ pub struct Metrics {
     dead_letters_dropped: Family<UpstreamLabels, Counter>,
     dead_letters_delivered: Family<UpstreamLabels, Counter>,
     dead_letter_spool: Family<UpstreamLabels, Gauge>,
+    jsonrpc: Family<JsonRpcLabels, Counter>,
     control_plane_unreachable: Gauge,
     config_generation: Gauge,
     config_reloads: Counter,
@@ -381,6 +389,12 @@ impl Metrics {
             "Dead letters waiting in the local spool for the control plane",
             dead_letter_spool.clone(),
         );
+        let jsonrpc = Family::<JsonRpcLabels, Counter>::default();
+        registry.register(
+            "jsonrpc_answers",
+            "Answers to JSON-RPC calls (MCP, A2A), by method and what they said: result, tool-error (an MCP tool's isError), error (about the request), failure (the upstream's), session-expired (an MCP session's 404), none (no JSON-RPC answer read)",
+            jsonrpc.clone(),
+        );
         let control_plane_unreachable = Gauge::default();
         registry.register(
             "control_plane_unreachable",
@@ -429,6 +443,7 @@ impl Metrics {
             dead_letters_dropped,
             dead_letters_delivered,
             dead_letter_spool,
+            jsonrpc,
             control_plane_unreachable,
             config_generation,
             config_reloads,
@@ -494,6 +509,7 @@ impl Metrics {
             fallbacks: self.fallbacks.clone(),
             failovers: self.failovers.clone(),
             faults: self.faults.clone(),
+            jsonrpc: self.jsonrpc.clone(),
             route: None,
         }))
     }
@@ -674,6 +690,7 @@ struct Handles {
     fallbacks: Family<ReasonLabels, Counter>,
     failovers: Family<FailoverLabels, Counter>,
     faults: Family<KindLabels, Counter>,
+    jsonrpc: Family<JsonRpcLabels, Counter>,
     /// Set for a route's requests: they count for it too.
     route: Option<RouteHandles>,
 }
@@ -768,6 +785,19 @@ impl UpstreamMetrics {
             .get_or_create(&FailoverLabels {
                 upstream: self.0.name.clone(),
                 to: to.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts the answer to a JSON-RPC call of `method` (a bounded label)
+    /// by what it said (`outcome`).
+    pub fn jsonrpc(&self, method: &'static str, outcome: &'static str) {
+        self.0
+            .jsonrpc
+            .get_or_create(&JsonRpcLabels {
+                upstream: self.0.name.clone(),
+                method,
+                outcome,
             })
             .inc();
     }

@@ -4,8 +4,11 @@
 //! A failed attempt is retried only if all of these hold:
 //! - attempts are left (`max_attempts` counts the first);
 //! - its failure matches `retry.on` (see `classify`);
-//! - it is safe: the request carries an `Idempotency-Key`; its route says
-//!   `idempotent: true` (and not `false`); else the method is idempotent,
+//! - it is safe: the request carries an `Idempotency-Key` (its own, or
+//!   one the sidecar made: `idempotency_key: generate`); its route says
+//!   `idempotent: true` (and not `false`); a JSON-RPC call's method is one
+//!   its protocol makes safe (`jsonrpc::Dialect::safe`: `tools/list`, not
+//!   `tools/call`); else the HTTP method is idempotent,
 //!   `retry_non_idempotent` is set or the call is gRPC (gRFC A6: the
 //!   policy's codes say what is safe); or the upstream did
 //!   not process it (connect failure, refused stream, 429, 503:
@@ -172,6 +175,12 @@ impl Template {
     }
 }
 
+/// A new idempotency key: 128 random bits in hex.
+fn new_key() -> HeaderValue {
+    let key = format!("{:032x}", fastrand::u128(..));
+    HeaderValue::from_str(&key).expect("hex is a header value")
+}
+
 /// Whether sending the request again is safe whatever the failure.
 fn safe_to_repeat(parts: &http::request::Parts, params: &RetryParams, grpc: bool) -> bool {
     if parts.headers.contains_key(IDEMPOTENCY_KEY) {
@@ -179,6 +188,13 @@ fn safe_to_repeat(parts: &http::request::Parts, params: &RetryParams, grpc: bool
     }
     if let Some(idempotent) = params.idempotent {
         return idempotent;
+    }
+    if let Some(safe) = parts
+        .extensions
+        .get::<crate::jsonrpc::Call>()
+        .and_then(|c| c.safe)
+    {
+        return safe;
     }
     params.retry_non_idempotent
         || grpc
@@ -261,7 +277,10 @@ impl Retry {
         // Only a call that may be retried or hedged pays into the budget
         // (an atomic add, mostly); with retries off nothing withdraws.
         self.budget.deposit();
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        if self.params.generate_idempotency_key && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
+            parts.headers.insert(IDEMPOTENCY_KEY, new_key());
+        }
         let safe = safe_to_repeat(&parts, &self.params, grpc);
         let template = Template::new(parts, body, self.params.buffer_limit, self.request_idle);
         if let Some(hedge) = self.hedge.clone().filter(|_| safe) {

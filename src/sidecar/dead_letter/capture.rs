@@ -8,7 +8,6 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::Notify;
 
 use super::REST_OF_BODY;
@@ -21,7 +20,7 @@ struct Captured {
     truncated: bool,
     ended: bool,
     /// The unread rest, put back when the body was dropped early.
-    rest: Option<Incoming>,
+    rest: Option<Body>,
     dropped: bool,
 }
 
@@ -44,7 +43,7 @@ impl Capture {
     }
 
     /// Wraps the request body so that what is read is kept.
-    pub fn wrap(&self, incoming: Incoming) -> Body {
+    pub fn wrap(&self, incoming: Body) -> Body {
         body::boxed(CaptureBody {
             inner: Some(incoming),
             capture: self.clone(),
@@ -114,7 +113,7 @@ fn keep(c: &mut Captured, data: &Bytes, max: usize) {
 
 /// A request body that keeps a copy of what is read.
 struct CaptureBody {
-    inner: Option<Incoming>,
+    inner: Option<Body>,
     capture: Capture,
 }
 
