@@ -45,8 +45,8 @@ enum Kind {
     Prefixed(Option<Box<Frame<Bytes>>>, Incoming),
     /// Bytes read ahead (a JSON-RPC answer's start), then the rest.
     Ahead(Option<Bytes>, Box<Body>),
-    /// Only trailers.
-    Trailers(Option<HeaderMap>),
+    /// Only trailers (boxed: a header map is large, and this is rare).
+    Trailers(Option<Box<HeaderMap>>),
     Replay(ReplayBody),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -101,7 +101,7 @@ pub fn ahead(read: Bytes, rest: Body) -> Body {
 
 /// A body of only `trailers`.
 pub fn trailers(trailers: HeaderMap) -> Body {
-    Body::of(Kind::Trailers(Some(trailers)))
+    Body::of(Kind::Trailers(Some(Box::new(trailers))))
 }
 
 /// An empty body.
@@ -160,7 +160,7 @@ impl http_body::Body for Body {
                 None => Pin::new(&mut **rest).poll_frame(cx),
             },
             Kind::Trailers(trailers) => {
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             Kind::Replay(body) => Pin::new(body).poll_frame(cx),
             Kind::Boxed(body) => Pin::new(body).poll_frame(cx),

@@ -178,7 +178,8 @@ pub fn classify_error(error: &ProxyError) -> Option<Failure> {
         ProxyError::Connect { .. } | ProxyError::TlsHandshake { .. } => {
             Some(Failure::ConnectFailure)
         }
-        ProxyError::Upstream { .. } => Some(Failure::Reset),
+        // A stream cut for stalling counts as the stream watch counts it.
+        ProxyError::Upstream { .. } | ProxyError::StreamStalled { .. } => Some(Failure::Reset),
         ProxyError::RefusedStream { .. } => Some(Failure::RefusedStream),
         ProxyError::PerTryTimeout { .. } => Some(Failure::PerTryTimeout),
         _ => None,

@@ -112,6 +112,17 @@ pub enum ProxyError {
         /// The transport error.
         source: BoxError,
     },
+    /// The answer's stream stalled before the part the sidecar reads to
+    /// classify it (a JSON-RPC answer's first event) came.
+    #[error("upstream {upstream}'s answer stalled: no data for {} before its JSON-RPC answer", humantime::format_duration(*after))]
+    StreamStalled {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// The stream timeout that passed.
+        after: Duration,
+        /// It was the wait for the first data (`first_byte_timeout`).
+        first_byte: bool,
+    },
     /// The HTTP/2 upstream refused the stream before processing it.
     #[error("upstream {upstream} refused the stream")]
     RefusedStream {
@@ -201,6 +212,10 @@ impl ProxyError {
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::TlsHandshake { .. } => "tls-handshake",
             ProxyError::Upstream { .. } => "upstream-reset",
+            ProxyError::StreamStalled {
+                first_byte: true, ..
+            } => "first-byte-timeout",
+            ProxyError::StreamStalled { .. } => "stream-idle-timeout",
             ProxyError::RefusedStream { .. } => "refused-stream",
             ProxyError::PerTryTimeout { .. } => "per-try-timeout",
             ProxyError::DeadlineExceeded { .. } => "deadline-exceeded",
@@ -225,9 +240,9 @@ impl ProxyError {
             | ProxyError::TlsHandshake { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::RefusedStream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::PerTryTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::PerTryTimeout { .. }
+            | ProxyError::DeadlineExceeded { .. }
+            | ProxyError::StreamStalled { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::CircuitOpen { .. }
             | ProxyError::Overloaded { .. }
             | ProxyError::OverShare { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -251,6 +266,7 @@ impl ProxyError {
             | ProxyError::CircuitOpen { .. } => grpc::UNAVAILABLE,
             ProxyError::PerTryTimeout { .. }
             | ProxyError::DeadlineExceeded { .. }
+            | ProxyError::StreamStalled { .. }
             | ProxyError::RequestIdle { .. } => grpc::DEADLINE_EXCEEDED,
             ProxyError::Overloaded { .. }
             | ProxyError::OverShare { .. }

@@ -81,12 +81,13 @@ const MCP_SAFE: &[&str] = &[
 ];
 /// MCP methods with effects.
 const MCP_UNSAFE: &[&str] = &["tools/call"];
-/// A2A methods safe to send again: reads, and a cancel (cancelling twice
-/// is cancelling once).
+/// A2A methods safe to send again: reads (a subscription to a task's
+/// events included), and a cancel (cancelling twice is cancelling once).
 const A2A_SAFE: &[&str] = &[
     "GetTask",
     "ListTasks",
     "CancelTask",
+    "SubscribeToTask",
     "GetTaskPushNotificationConfig",
     "ListTaskPushNotificationConfigs",
     "GetExtendedAgentCard",
@@ -101,7 +102,6 @@ const MCP_OTHER: &[&str] = &[
     "resources/unsubscribe",
 ];
 const A2A_OTHER: &[&str] = &[
-    "SubscribeToTask",
     "CreateTaskPushNotificationConfig",
     "DeleteTaskPushNotificationConfig",
 ];
@@ -150,10 +150,15 @@ impl Dialect {
     ///
     /// - `-32603` (internal error) and the server-error range
     ///   `-32099..=-32000` are the upstream's failures, except the codes
-    ///   each protocol gives a meaning there: MCP's `-32002` (resource not
-    ///   found), `-32020..=-32022` and `-32042` (URL elicitation
-    ///   required); A2A's `-32001..=-32009` (task not found, not
-    ///   cancelable, unsupported operation, ...).
+    ///   each protocol gives a meaning there: MCP reserves
+    ///   `-32020..=-32099` for its own codes (from 2026-07-28: `-32020`
+    ///   header mismatch, `-32021` missing client capability, `-32022`
+    ///   unsupported protocol version) and retired `-32002` (resource not
+    ///   found) and `-32042` (URL elicitation required); A2A's
+    ///   `-32001..=-32009` say what is wrong with the request (task not
+    ///   found, not cancelable, unsupported operation, version not
+    ///   supported, ...), but for `-32006`, an invalid answer of the
+    ///   agent's own, which is its failure.
     /// - Every other code (`-32700` parse error, `-32600` invalid request,
     ///   `-32601` method not found, `-32602` invalid params, and codes an
     ///   application defines) is an answer about the request: the same
@@ -163,8 +168,8 @@ impl Dialect {
         let code = i32::try_from(code).unwrap_or(i32::MIN);
         let defined = match self {
             Dialect::Jsonrpc => false,
-            Dialect::Mcp => matches!(code, -32002 | -32022..=-32020 | -32042),
-            Dialect::A2a => matches!(code, -32009..=-32001),
+            Dialect::Mcp => matches!(code, -32099..=-32020 | -32002),
+            Dialect::A2a => matches!(code, -32009..=-32001) && code != -32006,
         };
         match code {
             -32603 => Verdict::Failure(code),
@@ -409,7 +414,11 @@ pub async fn peek(
                 Ok(frame) => frame,
                 Err(_) => {
                     metrics.stream_cut(first_byte.is_some());
-                    return Err(stalled(upstream, wait));
+                    return Err(ProxyError::StreamStalled {
+                        upstream: upstream.clone(),
+                        after: wait,
+                        first_byte: first_byte.is_some(),
+                    });
                 }
             },
         };
@@ -482,12 +491,101 @@ impl ReadAhead {
     }
 }
 
-fn stalled(upstream: &std::sync::Arc<str>, after: Duration) -> ProxyError {
-    ProxyError::Upstream {
-        upstream: upstream.clone(),
-        source: format!("the answer's stream stalled for {after:?} before its JSON-RPC answer")
-            .into(),
+/// The answer to the JSON-RPC call `id`, which is an event stream: when
+/// the stream fails (the sidecar cut it for stalling, the upstream broke
+/// it off) between two events, it ends instead with one more event, a
+/// JSON-RPC error for the call (`-31001` for a stall, `-31005` for a
+/// break), so that the caller's client fails the call with a reason
+/// rather than with a stream that ended without an answer. A stream that
+/// fails inside an event (part of it was sent) fails as it would
+/// elsewhere: an event cannot be finished for the upstream.
+pub fn close_with_error(response: Response<Body>, id: Box<RawValue>) -> Response<Body> {
+    if framing(response.headers()) != Some(Framing::Events) {
+        return response;
     }
+    response.map(|body| {
+        body::boxed(Closing {
+            inner: body,
+            id: Some(id),
+            tail: Vec::new(),
+            done: false,
+        })
+    })
+}
+
+/// An event stream that ends with a JSON-RPC error event when it fails.
+struct Closing {
+    inner: Body,
+    /// Taken when the closing event is made.
+    id: Option<Box<RawValue>>,
+    /// The last bytes passed on (up to four): whether they end an event.
+    tail: Vec<u8>,
+    done: bool,
+}
+
+impl http_body::Body for Closing {
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let tail = &mut self.tail;
+                    tail.extend_from_slice(&data[data.len().saturating_sub(4)..]);
+                    let extra = tail.len().saturating_sub(4);
+                    tail.drain(..extra);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) if self.at_boundary() && self.id.is_some() => {
+                self.done = true;
+                let id = self.id.take().expect("checked");
+                let (code, reason) =
+                    match error.downcast_ref::<crate::resilience::stream::StreamCut>() {
+                        Some(cut) if cut.cut.is_timeout() => (-31001, cut.cut.reason()),
+                        Some(cut) => (-31005, cut.cut.reason()),
+                        None => (-31005, "truncated"),
+                    };
+                let message = crate::error::error_text(&*error);
+                Poll::Ready(Some(Ok(http_body::Frame::data(error_event(
+                    &id, code, &message, reason,
+                )))))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+}
+
+impl Closing {
+    /// What was passed on so far ends an event (or nothing was).
+    fn at_boundary(&self) -> bool {
+        let tail = &self.tail[..];
+        tail.is_empty()
+            || tail.ends_with(b"\n\n")
+            || tail.ends_with(b"\r\r")
+            || tail.ends_with(b"\r\n\r\n")
+    }
+}
+
+/// One server-sent event holding a JSON-RPC error for the call `id`.
+fn error_event(id: &RawValue, code: i32, message: &str, reason: &str) -> Bytes {
+    let mut event = b"event: message\ndata: ".to_vec();
+    event.extend_from_slice(&error_body(id, code, message, reason));
+    event.extend_from_slice(b"\n\n");
+    event.into()
 }
 
 /// The JSON-RPC error code of an answer the sidecar makes for `error`:
@@ -495,7 +593,9 @@ fn stalled(upstream: &std::sync::Arc<str>, after: Duration) -> ProxyError {
 /// implementations, so that no caller mistakes it for the server's own.
 pub fn error_code(error: &ProxyError) -> i32 {
     match error {
-        ProxyError::DeadlineExceeded { .. } | ProxyError::PerTryTimeout { .. } => -31001,
+        ProxyError::DeadlineExceeded { .. }
+        | ProxyError::PerTryTimeout { .. }
+        | ProxyError::StreamStalled { .. } => -31001,
         ProxyError::CircuitOpen { .. } => -31002,
         ProxyError::Overloaded { .. } | ProxyError::OverShare { .. } => -31003,
         ProxyError::Pushback { .. } => -31004,
@@ -532,6 +632,18 @@ pub fn answer_error(id: &RawValue, error: &ProxyError) -> Response<Body> {
 /// `5xx`). `x-breakwater-error` says why, as on every answer the sidecar
 /// makes; `data.reason` says it in the body.
 pub fn error_answer(id: &RawValue, code: i32, message: &str, reason: &str) -> Response<Body> {
+    let text = error_body(id, code, message, reason);
+    let mut response = body::typed(StatusCode::OK, "application/json", text);
+    if let Ok(reason) = HeaderValue::from_str(reason) {
+        response
+            .headers_mut()
+            .insert(crate::edge::ERROR_HEADER, reason);
+    }
+    response
+}
+
+/// A JSON-RPC error for the call `id`, as JSON.
+fn error_body(id: &RawValue, code: i32, message: &str, reason: &str) -> Vec<u8> {
     #[derive(Serialize)]
     struct Answer<'a> {
         jsonrpc: &'static str,
@@ -557,14 +669,7 @@ pub fn error_answer(id: &RawValue, code: i32, message: &str, reason: &str) -> Re
             data: Data { reason },
         },
     };
-    let text = serde_json::to_vec(&answer).expect("an answer serialises");
-    let mut response = body::typed(StatusCode::OK, "application/json", text);
-    if let Ok(reason) = HeaderValue::from_str(reason) {
-        response
-            .headers_mut()
-            .insert(crate::edge::ERROR_HEADER, reason);
-    }
-    response
+    serde_json::to_vec(&answer).expect("an answer serialises")
 }
 
 /// The answer a degraded call to the JSON-RPC request `id` gets: its
@@ -643,7 +748,6 @@ mod tests {
         for (dialect, code, verdict) in [
             (Dialect::Mcp, -32603, Failure(-32603)),
             (Dialect::Mcp, -32000, Failure(-32000)),
-            (Dialect::Mcp, -32099, Failure(-32099)),
             (Dialect::Mcp, -32600, Error(-32600)),
             (Dialect::Mcp, -32601, Error(-32601)),
             (Dialect::Mcp, -32602, Error(-32602)),
@@ -651,7 +755,9 @@ mod tests {
             (Dialect::Mcp, -32002, Error(-32002)),
             (Dialect::Mcp, -32020, Error(-32020)),
             (Dialect::Mcp, -32022, Error(-32022)),
-            (Dialect::Mcp, -32023, Failure(-32023)),
+            (Dialect::Mcp, -32099, Error(-32099)),
+            (Dialect::Mcp, -32019, Failure(-32019)),
+            (Dialect::A2a, -32006, Failure(-32006)),
             (Dialect::Mcp, -32042, Error(-32042)),
             (Dialect::Mcp, 42, Error(42)),
             (Dialect::A2a, -32001, Error(-32001)),

@@ -437,21 +437,18 @@ async fn a_cut_event_stream_is_resumed_or_failed_as_each_version_says() {
     // sidecar answers the call itself, with a JSON-RPC error.
     let run = mcp(&python, port, LEGACY, &["call", "slow", r#"{"seconds":3}"#]).await;
     assert!(!run.ok);
-    assert!(run.stderr.contains("MCPError -31005"), "{}", run.stderr);
+    assert!(run.stderr.contains("MCPError -31001"), "{}", run.stderr);
     assert!(run.stderr.contains("stalled"), "{}", run.stderr);
 
     // 2026-07-28: a call's stream that stalls past stream_idle_timeout
     // after its first event (a progress notification, passed on at once)
-    // is cut: the client sees the stream end without an answer, and
-    // closing it cancels the call on the server. Not retried.
+    // is cut between two events: it ends with a JSON-RPC error event for
+    // the call, which the client raises; closing the stream cancels the
+    // call on the server. Not retried.
     let run = mcp(&python, port, MODERN, &["call", "slow", r#"{"seconds":3}"#]).await;
     assert!(!run.ok);
     assert!(run.stderr.contains("progress 1.0/3.0"), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("SSE stream ended without a response"),
-        "{}",
-        run.stderr
-    );
+    assert!(run.stderr.contains("MCPError -31001"), "{}", run.stderr);
     assert_eq!(
         peer.received("tools/call").await,
         3,
@@ -515,4 +512,47 @@ async fn a2a_reads_are_retried_sends_are_not_and_task_errors_are_answers() {
     let circuits = admin_json(admin, "/circuits").await;
     assert_eq!(circuits["agent"]["window_failures"], 2, "{circuits}");
     assert_eq!(circuits["agent"]["consecutive_failures"], 0, "{circuits}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2a_a_stream_broken_after_its_first_event_is_not_sent_again() {
+    let Some(python) = support::python::python("a2a") else {
+        return;
+    };
+    let peer = Peer::start(&python, "a2a_peer.py").await;
+    // Its first event (the task) is about 420 bytes; the break comes in
+    // the second.
+    let routes = "    routes:\n      - name: streams\n        match: {jsonrpc: {method: SendStreamingMessage}}\n        faults: {truncate: {percent: 100, after_bytes: 600}}\n";
+    let (sidecar, port) = sidecar_in_front(&peer, "agent", "a2a", routes).await;
+    let args = vec![
+        "--url".to_owned(),
+        format!("http://{port}/"),
+        "stream".to_owned(),
+        "hello".to_owned(),
+    ];
+    let run = client(&python, "a2a_peer.py", args).await;
+    assert!(!run.ok, "{}", run.stdout);
+    assert!(run.stderr.contains("event task"), "{}", run.stderr);
+    assert_eq!(peer.received("SendStreamingMessage").await, 1);
+    let admin = sidecar.admin_addr;
+    assert_eq!(
+        answers(admin, "agent", "SendStreamingMessage", "result").await,
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            admin,
+            "breakwater_broken_streams_total{upstream=\"agent\",kind=\"truncated\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "breakwater_retries_total{upstream=\"agent\",reason=\"reset\"}"
+        )
+        .await,
+        None
+    );
 }

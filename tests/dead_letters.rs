@@ -63,9 +63,19 @@ async fn letters_as(addr: SocketAddr, token: Option<&str>) -> Vec<DeadLetter> {
 /// `n`: a letter delivered twice arrives before the spool is empty, so it
 /// is seen.
 async fn delivered(addr: SocketAddr, sidecar_admin: SocketAddr, n: usize) -> Vec<DeadLetter> {
-    let spooled = "breakwater_dead_letter_spool{upstream=\"orders\"}";
+    delivered_from("orders", addr, sidecar_admin, n).await
+}
+
+/// As [`delivered`], for letters of `upstream`.
+async fn delivered_from(
+    upstream: &str,
+    addr: SocketAddr,
+    sidecar_admin: SocketAddr,
+    n: usize,
+) -> Vec<DeadLetter> {
+    let spooled = format!("breakwater_dead_letter_spool{{upstream=\"{upstream}\"}}");
     let letters = eventually(Duration::from_secs(10), "letters delivered", || async {
-        let drained = metric(sidecar_admin, spooled).await == Some(0.0);
+        let drained = metric(sidecar_admin, &spooled).await == Some(0.0);
         let letters = letters(addr).await;
         (drained && letters.len() >= n).then_some(letters)
     })
@@ -678,5 +688,61 @@ async fn a_missing_token_file_keeps_letters_spooled_until_the_token_is_mounted()
         detail.contains(&format!("control plane: http://{} ok", running.grpc_addr)),
         "{detail}"
     );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_route_s_dead_letters_keep_json_rpc_calls_it_takes_and_no_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = control_plane(&dir.path().join("cp"), "127.0.0.1:0".parse().unwrap(), None).await;
+    // An MCP server that fails every call inside a 200.
+    let upstream = HttpUpstream::start(|request: Request<Incoming>| async move {
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let call: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let answer = serde_json::json!({
+            "jsonrpc": "2.0", "id": call["id"],
+            "error": {"code": -32603, "message": "internal error"}
+        });
+        let mut response = http::Response::new(breakwater::body::full(answer.to_string()));
+        response
+            .headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        response
+    })
+    .await;
+    let sidecar = sidecar(&format!(
+        "control_plane: {{url: 'http://{}'}}\ndead_letters: {{spool_dir: '{}'}}\nupstreams:\n  tools:\n    address: '{}'\n    protocol: mcp\n    routes:\n      - name: calls\n        match: {{jsonrpc: {{method: tools/call}}}}\n        dead_letter: true\n",
+        running.grpc_addr,
+        dir.path().join("spool").display(),
+        upstream.addr
+    ))
+    .await;
+    let call = |id: u32, method: &str| {
+        Request::post("/mcp")
+            .header("host", "tools")
+            .header("content-type", "application/json")
+            .body(breakwater::body::full(format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}","params":{{"name":"charge"}}}}"#
+            )))
+            .unwrap()
+    };
+    // The server's own JSON-RPC error reaches the caller in its 200.
+    assert_eq!(
+        send(sidecar.proxy_addr, call(1, "tools/list")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(sidecar.proxy_addr, call(2, "tools/call")).await,
+        StatusCode::OK
+    );
+    let letters = delivered_from("tools", running.grpc_addr, sidecar.admin_addr, 1).await;
+    let letter = &letters[0];
+    assert_eq!(letter.upstream, "tools");
+    assert_eq!(letter.reason, "jsonrpc-32603");
+    assert_eq!(
+        letter.body,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"charge"}}"#
+    );
+    assert!(!letter.body_truncated);
     running.shutdown().await;
 }

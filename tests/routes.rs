@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
@@ -365,6 +367,117 @@ async fn a_grpc_method_its_route_says_is_not_idempotent_is_not_sent_again() {
             "breakwater_route_requests_total{upstream=\"billing\",route=\"create\",outcome=\"error\"}"
         )
         .await,
+        1.0
+    );
+}
+
+/// An upstream for `per_try_timeout`, `hedge` and `stream_idle_timeout`
+/// on routes: `/slow*` answers after 3 s; `/hedged*` makes its first
+/// caller wait 5 s and answers the others at once; `/stream*` sends one
+/// event, then one every 10 s.
+async fn timing_upstream() -> HttpUpstream {
+    let first_hedged = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    HttpUpstream::start(move |req: Request<Incoming>| {
+        let first_hedged = first_hedged.clone();
+        async move {
+            let path = req.uri().path().to_owned();
+            if path.starts_with("/slow") {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            } else if path.starts_with("/hedged") && first_hedged.swap(false, Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            } else if path.starts_with("/stream") {
+                let events = futures_util::stream::unfold(0u32, |i| async move {
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                    let event = bytes::Bytes::from(format!("data: {i}\n\n"));
+                    Some((
+                        Ok::<_, breakwater::body::BoxError>(hyper::body::Frame::data(event)),
+                        i + 1,
+                    ))
+                });
+                let body = breakwater::body::boxed(http_body_util::StreamBody::new(events));
+                return http::Response::new(body);
+            }
+            answer(200, &[], "ok")
+        }
+    })
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_s_per_try_timeout_hedge_and_stream_timeout_apply_to_its_requests_only() {
+    let upstream = timing_upstream().await;
+    let sidecar = sidecar(&format!(
+        "upstreams:
+  llm:
+    address: '{}'
+    timeout: 60s
+    stream_idle_timeout: 60s
+    circuit_breaker: {{enabled: false}}
+    retry: {{backoff: {{base: 1ms, max: 1ms}}}}
+    routes:
+      - name: tries
+        match: {{path: {{exact: /slow}}}}
+        per_try_timeout: 1s
+        retry: {{max_attempts: 2, on: [per-try-timeout]}}
+      - name: hedged
+        match: {{path: {{exact: /hedged}}}}
+        hedge: {{delay: 100ms}}
+      - name: stream
+        match: {{path: {{exact: /stream}}}}
+        stream_idle_timeout: 1s
+",
+        upstream.addr
+    ))
+    .await;
+    // Two attempts of a second each, then the route's per-try timeout.
+    let (parts, elapsed) = timed(&sidecar, Method::GET, "/slow").await;
+    assert_eq!(parts.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(parts.headers["x-breakwater-error"], "per-try-timeout");
+    assert!(
+        elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2100),
+        "{elapsed:?}"
+    );
+    assert_eq!(upstream.requests(), 2);
+    let (parts, elapsed) = timed(&sidecar, Method::GET, "/slow-other").await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert!(elapsed >= Duration::from_secs(3), "{elapsed:?}");
+
+    // The hedged route sends a second attempt after 100 ms, which wins.
+    let (parts, elapsed) = timed(&sidecar, Method::GET, "/hedged").await;
+    assert_eq!(parts.status, StatusCode::OK);
+    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+    assert_eq!(upstream.last_seen().headers["x-breakwater-attempt"], "2");
+
+    // The stream route's idle timeout cuts a stalled stream after 1 s;
+    // elsewhere the upstream's 60 s lets it run.
+    let started = Instant::now();
+    let response = get(sidecar.proxy_addr, "llm", "/stream").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .is_err()
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(2),
+        "{elapsed:?}"
+    );
+    let admin = sidecar.admin_addr;
+    let route = |name: &str, kind: &str| {
+        format!(
+            "breakwater_route_timeouts_total{{upstream=\"llm\",route=\"{name}\",kind=\"{kind}\"}}"
+        )
+    };
+    assert_eq!(
+        metric_value(admin, &route("stream", "stream-idle")).await,
+        1.0
+    );
+    assert_eq!(metric_value(admin, &route("tries", "per-try")).await, 2.0);
+    assert_eq!(
+        metric_value(admin, "breakwater_hedges_total{upstream=\"llm\"}").await,
         1.0
     );
 }

@@ -243,3 +243,46 @@ async fn without_tracing_traceparent_passes_through_untouched() {
     read_body(http1_client().request(request).await.unwrap()).await;
     assert_eq!(upstream.last_seen().headers["traceparent"], caller.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_span_names_its_route_and_json_rpc_method_and_error() {
+    let (collector, endpoint) = collector().await;
+    let tracing = Tracing::otlp(&endpoint).unwrap();
+    let upstream = HttpUpstream::start(|_req: Request<Incoming>| async {
+        answer(
+            200,
+            &[("content-type", "application/json")],
+            r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32603,"message":"boom"}}"#,
+        )
+    })
+    .await;
+    let sidecar = traced_sidecar(
+        &format!(
+            "upstreams:\n  tools:\n    address: '{}'\n    protocol: mcp\n    retry: {{max_attempts: 1}}\n    routes:\n      - name: calls\n        match: {{jsonrpc: {{method: tools/call}}}}\n",
+            upstream.addr
+        ),
+        &tracing,
+    )
+    .await;
+    let body = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"x"}}"#;
+    let (parts, _) = call(sidecar.proxy_addr, "tools", Method::POST, "/mcp", body).await;
+    assert_eq!(parts.status, StatusCode::OK);
+    let spans = flushed(&tracing, &collector, 2).await;
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap();
+    let text = |key| match attribute(server, key) {
+        Some(Value::StringValue(text)) => text,
+        other => panic!("{key}: {other:?}"),
+    };
+    assert_eq!(text("breakwater.route"), "calls");
+    assert_eq!(text("rpc.system"), "jsonrpc");
+    assert_eq!(text("rpc.method"), "tools/call");
+    assert_eq!(
+        attribute(server, "rpc.jsonrpc.error_code"),
+        Some(Value::IntValue(-32603))
+    );
+    // The server's failure marks the span as an error.
+    assert_eq!(server.status.as_ref().unwrap().message, "jsonrpc-32603");
+}

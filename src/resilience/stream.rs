@@ -112,6 +112,25 @@ impl Cut {
     }
 }
 
+/// The error a stream the sidecar cut for stalling ends with: what
+/// happened, in words, and the cut (which a JSON-RPC call's answer turns
+/// into a last error event, `jsonrpc::close`).
+#[derive(Debug)]
+pub struct StreamCut {
+    /// What cut it.
+    pub cut: Cut,
+    /// What happened.
+    pub message: String,
+}
+
+impl std::fmt::Display for StreamCut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StreamCut {}
+
 /// What happens when a stream ends: with the cut that ended it, or
 /// `None` when it ended whole or the caller dropped it.
 pub type OnEnd = Box<dyn FnOnce(Option<Cut>) + Send>;
@@ -183,7 +202,7 @@ impl Watched {
             Cut::Caller => format!("the caller read nothing for {}", after(self.timeouts.idle)),
         };
         if !self.grpc {
-            return Err(error.unwrap_or_else(|| message.into()));
+            return Err(error.unwrap_or_else(|| Box::new(StreamCut { cut, message })));
         }
         let code = match cut.is_timeout() {
             true => grpc::DEADLINE_EXCEEDED,

@@ -292,17 +292,26 @@ async fn forward(
                 return Ok(edge::error_response(&error, false));
             }
         };
-        jsonrpc = Some(Exchange::new(dialect, &request));
+        // Boxed: an upstream that does not speak JSON-RPC pays a pointer.
+        jsonrpc = Some(Box::new(Exchange::new(dialect, &request)));
     }
     let lane = upstream.lane(&request);
     let _in_flight = lane.metrics().start();
     let span = tracing.map(|t| {
-        t.request(
+        let span = t.request(
             request.headers(),
             request.method(),
             request.uri().path(),
             &upstream.config.name,
-        )
+        );
+        let method = jsonrpc.as_ref().and_then(|_| {
+            let call = request.extensions().get::<jsonrpc::Call>();
+            call.and_then(|c| c.method.as_deref())
+        });
+        if lane.route.is_some() || method.is_some() {
+            span.matched(lane.route_name(), method);
+        }
+        span
     });
     let capture = match (dead_letters, lane.dead_letter()) {
         (Some(sink), Some(policy)) => {
@@ -360,6 +369,10 @@ async fn forward(
         }
         (_, _, Ok(response)) => {
             answered = classify::classify_response(&response, grpc);
+            let response = match jsonrpc.as_ref().and_then(|j| j.id.clone()) {
+                Some(id) => jsonrpc::close_with_error(response, id),
+                None => response,
+            };
             let outcome = match answered {
                 None => Outcome::Success,
                 Some(_) => Outcome::Error,

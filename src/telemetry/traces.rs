@@ -204,6 +204,19 @@ impl RequestSpan {
         AttemptSpan { cx }
     }
 
+    /// Records what the request matched: its route, and its JSON-RPC
+    /// method (OpenTelemetry's `rpc.system: jsonrpc` and `rpc.method`).
+    pub fn matched(&self, route: Option<&str>, jsonrpc_method: Option<&str>) {
+        let span = self.cx.span();
+        if let Some(route) = route {
+            span.set_attribute(KeyValue::new("breakwater.route", route.to_owned()));
+        }
+        if let Some(method) = jsonrpc_method {
+            span.set_attribute(KeyValue::new("rpc.system", "jsonrpc"));
+            span.set_attribute(KeyValue::new("rpc.method", method.to_owned()));
+        }
+    }
+
     /// Records how the request ended: the answer's status, and the
     /// sidecar's reason when it answered itself or degraded, or the
     /// upstream's failure as classified.
@@ -221,6 +234,11 @@ impl RequestSpan {
         ));
         if let Some(code) = grpc_status(response.headers()) {
             span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
+        }
+        if let Some(crate::jsonrpc::Verdict::Error(code) | crate::jsonrpc::Verdict::Failure(code)) =
+            response.extensions().get()
+        {
+            span.set_attribute(KeyValue::new("rpc.jsonrpc.error_code", i64::from(*code)));
         }
         if let Some(reason) = degraded {
             span.set_attribute(KeyValue::new("breakwater.degraded", reason.to_owned()));
