@@ -204,6 +204,18 @@ impl Upstream {
         grpc: bool,
         observe: Observe<'_>,
     ) -> Result<Response<Body>, ProxyError> {
+        // A saga step's or a replayed letter's JSON-RPC call is read as a
+        // caller's is, for its route and what may be retried.
+        let request = match self.config.jsonrpc {
+            Some(dialect)
+                if request.method() == http::Method::POST
+                    && request.extensions().get::<crate::jsonrpc::Call>().is_none() =>
+            {
+                let idle = self.config.policy.stream_idle_timeout;
+                Box::pin(crate::jsonrpc::read_call(request, dialect, idle)).await?
+            }
+            _ => request,
+        };
         self.lane(&request).call(request, grpc, observe).await
     }
 }

@@ -481,3 +481,35 @@ async fn a_route_s_per_try_timeout_hedge_and_stream_timeout_apply_to_its_request
         1.0
     );
 }
+
+#[tokio::test]
+async fn calls_made_outside_the_proxy_port_are_read_as_json_rpc_too() {
+    // Saga steps and dead-letter replays call `Upstream::call` directly:
+    // their JSON-RPC calls are read for their method as a caller's are.
+    let upstream =
+        HttpUpstream::start(|_req: Request<Incoming>| async { answer(502, &[], "bad gateway") })
+            .await;
+    let config = policies(&format!(
+        "upstreams:\n  tools:\n    address: '{}'\n    protocol: mcp\n    circuit_breaker: {{enabled: false}}\n    retry: {{backoff: {{base: 1ms}}}}\n",
+        upstream.addr
+    ));
+    let metrics = breakwater::telemetry::metrics::Metrics::new();
+    let tools =
+        breakwater::upstream::Upstream::new(config.upstream("tools").unwrap().clone(), &metrics);
+    let mut before = 0;
+    for (method, attempts) in [("tools/list", 3), ("tools/call", 1)] {
+        let request = Request::post(format!("http://{}/mcp", upstream.addr))
+            .header("content-type", "application/json")
+            .body(breakwater::body::full(format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"{method}"}}"#
+            )))
+            .unwrap();
+        let response = tools
+            .call(request, false, Default::default())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(upstream.requests() - before, attempts, "{method}");
+        before = upstream.requests();
+    }
+}

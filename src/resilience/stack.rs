@@ -303,26 +303,12 @@ impl Stack {
             .jsonrpc
             .filter(|_| request.method() == http::Method::POST);
         let send = async {
-            let answer = match injection {
-                None => self.client.send(request, completion).await,
-                // Boxed: faults are rare; their future should not grow the
-                // common one.
-                Some(injection) => Box::pin(self.inject(injection, request, completion)).await,
-            };
-            match (peek, answer) {
-                (Some(dialect), Ok(response)) => {
-                    let timeouts = self.stream_timeouts;
-                    Box::pin(jsonrpc::peek(
-                        response,
-                        dialect,
-                        timeouts,
-                        &self.metrics,
-                        &self.name,
-                    ))
-                    .await
-                }
-                (_, answer) => answer,
+            if injection.is_none() && peek.is_none() {
+                return self.client.send(request, completion).await;
             }
+            // Boxed: faults and JSON-RPC answers are the rare paths; their
+            // futures should not grow the common one.
+            Box::pin(self.send_rare(injection, peek, request, completion)).await
         };
         let result = match self.per_try_timeout {
             None => send.await,
@@ -435,6 +421,29 @@ impl Stack {
             cause: cause.map(Cause::label),
             breaker,
             faults: injection.map(Injection::kinds).unwrap_or_default(),
+        }
+    }
+
+    /// Sends an attempt with its injected faults, if any, and reads its
+    /// JSON-RPC answer's verdict (`jsonrpc::peek`) when `peek` says which
+    /// protocol it speaks.
+    async fn send_rare(
+        &self,
+        injection: Option<Injection>,
+        peek: Option<Dialect>,
+        request: Request<Body>,
+        completion: Option<Completion>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let answer = match injection {
+            None => self.client.send(request, completion).await,
+            Some(injection) => self.inject(injection, request, completion).await,
+        };
+        match (peek, answer) {
+            (Some(dialect), Ok(response)) => {
+                let timeouts = self.stream_timeouts;
+                jsonrpc::peek(response, dialect, timeouts, &self.metrics, &self.name).await
+            }
+            (_, answer) => answer,
         }
     }
 

@@ -211,14 +211,40 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 .filter_map(|t| Some((live.upstream(&t.upstream)?.clone(), t.rewrite.clone())))
                 .collect()
         };
-        Box::pin(forward(
-            upstream,
-            failover,
-            request,
-            grpc,
-            self.tracing.clone(),
-            self.dead_letters.clone(),
-        ))
+        let (tracing, dead_letters) = (self.tracing.clone(), self.dead_letters.clone());
+        match upstream.config.jsonrpc {
+            Some(dialect) if request.method() == Method::POST => Box::pin(async move {
+                // A JSON-RPC call is read first, for its method and id; on
+                // a path of its own, so that other calls' futures do not
+                // carry its state.
+                let idle = upstream.config.policy.stream_idle_timeout;
+                let started = Instant::now();
+                let request = request.map(Body::incoming);
+                let request = match jsonrpc::read_call(request, dialect, idle).await {
+                    Ok(request) => request,
+                    Err(error) => {
+                        upstream
+                            .metrics
+                            .record(Outcome::Rejected, started.elapsed().as_secs_f64());
+                        return Ok(edge::error_response(&error, false));
+                    }
+                };
+                let exchange = Some(Box::new(Exchange::new(dialect, &request)));
+                let call = (request, exchange);
+                forward(upstream, failover, call, grpc, tracing, dead_letters).await
+            }),
+            _ => {
+                let call = (request.map(Body::incoming), None);
+                Box::pin(forward(
+                    upstream,
+                    failover,
+                    call,
+                    grpc,
+                    tracing,
+                    dead_letters,
+                ))
+            }
+        }
     }
 }
 
@@ -270,31 +296,12 @@ impl Exchange {
 async fn forward(
     upstream: Arc<Upstream>,
     failover: Vec<(Arc<Upstream>, Option<Arc<Rewrite>>)>,
-    request: Request<Incoming>,
+    (request, jsonrpc): (Request<Body>, Option<Box<Exchange>>),
     grpc: bool,
     tracing: Option<Tracing>,
     dead_letters: Option<Arc<DeadLetters>>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let mut request = request.map(Body::incoming);
-    let mut jsonrpc = None;
-    if let Some(dialect) = upstream.config.jsonrpc
-        && request.method() == Method::POST
-    {
-        let idle = upstream.config.policy.stream_idle_timeout;
-        // Boxed: JSON-RPC upstreams should not grow every call's future.
-        request = match Box::pin(jsonrpc::read_call(request, dialect, idle)).await {
-            Ok(request) => request,
-            Err(error) => {
-                upstream
-                    .metrics
-                    .record(Outcome::Rejected, started.elapsed().as_secs_f64());
-                return Ok(edge::error_response(&error, false));
-            }
-        };
-        // Boxed: an upstream that does not speak JSON-RPC pays a pointer.
-        jsonrpc = Some(Box::new(Exchange::new(dialect, &request)));
-    }
     let lane = upstream.lane(&request);
     let _in_flight = lane.metrics().start();
     let span = tracing.map(|t| {
