@@ -65,6 +65,7 @@ impl From<StoreError> for ApiError {
                 ),
                 current,
             },
+            StoreError::Precondition(m) => ApiError::Precondition(m),
             StoreError::Storage(m) => ApiError::Internal(m),
         }
     }

@@ -23,6 +23,14 @@
 //! | `GET /v1/sagas/{id}` | one saga |
 //! | `GET /v1/sagas[/{id}]?watch=true` | events as JSON lines |
 //! | `POST /v1/sagas/{id}/abort` | abort (`{"reason": "..."}`, optional) |
+//! | `PUT /v1/threads/{thread}` | store a thread checkpoint (LangGraph; `threads`) |
+//! | `GET /v1/threads/{thread}[?checkpoint_ns=&checkpoint_id=]` | one checkpoint, or the newest of a namespace |
+//! | `GET /v1/threads/{thread}/history[?checkpoint_ns=&before=&filter=&page_size=&page_token=]` | list, newest first |
+//! | `POST /v1/threads/{thread}/writes` | store pending writes |
+//! | `DELETE /v1/threads/{thread}` | delete the thread |
+//! | `POST /v1/threads/{thread}/copy` | copy to `{"target_thread_id"}` |
+//! | `POST /v1/threads/{thread}/prune` | keep the newest `{"keep": N}` per namespace |
+//! | `DELETE /v1/runs/{run_id}` | delete a run's checkpoints, in every thread |
 //!
 //! Errors answer `{"error": {"code": "NOT_FOUND", "message": "..."}}` with
 //! the matching HTTP status (400, 401, 403, 404, 409, 500). `GET`s need
@@ -55,6 +63,8 @@ use crate::api::{
 };
 use crate::body::{self, Body};
 use crate::values::HumanDuration;
+
+mod threads;
 
 /// The HTTP API's handler.
 #[derive(Debug, Clone)]
@@ -297,6 +307,14 @@ impl HttpApi {
         }
         self.auth.check(request.headers(), access)?;
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        if matches!(segments.as_slice(), ["v1", "threads" | "runs", ..]) {
+            return match self.threads(request, &segments).await {
+                Some(answer) => answer,
+                None => Err(ApiError::NotFound(format!(
+                    "no such endpoint: {path}: see the API in docs/control-plane.md"
+                ))),
+            };
+        }
         match (request.method().clone(), segments.as_slice()) {
             (Method::GET, ["v1", "status"]) => Ok(json(
                 StatusCode::OK,

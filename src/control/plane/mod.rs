@@ -23,7 +23,9 @@ use crate::api::{
 };
 
 mod letters;
+mod threads;
 pub use letters::REPLAY_HEADER;
+pub use threads::ThreadListing;
 
 /// Default largest checkpoint state.
 pub const DEFAULT_MAX_STATE_BYTES: usize = 4 << 20;
@@ -51,6 +53,8 @@ pub struct ControlPlane {
     replaying: Mutex<HashSet<u64>>,
     /// The key sidecars seal letters with, if the control plane has it.
     letter_key: Option<LetterKey>,
+    /// Held around each change to threads (see `threads`).
+    threads_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -151,6 +155,7 @@ impl ControlPlane {
             sagas,
             replaying: Mutex::default(),
             letter_key,
+            threads_lock: Mutex::default(),
         }
     }
 

@@ -8,6 +8,7 @@ mod layout;
 mod sled;
 #[cfg(test)]
 mod tests;
+pub mod threads;
 
 use std::time::{Duration, SystemTime};
 
@@ -30,6 +31,10 @@ pub enum StoreError {
         /// The latest version (0: the workflow does not exist).
         current: u64,
     },
+    /// The store cannot do it as things are (a copy onto a thread that
+    /// has checkpoints).
+    #[error("{0}")]
+    Precondition(String),
     /// The storage itself failed.
     #[error("storage error: {0}")]
     Storage(String),
@@ -141,4 +146,6 @@ pub trait Store: Send + Sync + 'static {
     fn saga_counts(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// Makes every write so far durable (blocks until it is on disk).
     fn flush(&self) -> Result<(), StoreError>;
+    /// Its threads (LangGraph's checkpoints).
+    fn threads(&self) -> &dyn threads::ThreadStore;
 }

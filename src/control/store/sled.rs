@@ -24,6 +24,8 @@ pub struct SledStore {
     letters_by_capture: sled::Tree,
     sagas: sled::Tree,
     saga_states: sled::Tree,
+    pub(super) threads: sled::Tree,
+    pub(super) thread_runs: sled::Tree,
     /// The letter count, kept here: sled's `len` walks the tree.
     letter_count: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -53,6 +55,8 @@ impl SledStore {
             letters_by_capture: db.open_tree("dead_letters_by_capture")?,
             sagas: db.open_tree("sagas")?,
             saga_states: db.open_tree("saga_states")?,
+            threads: db.open_tree("threads")?,
+            thread_runs: db.open_tree("thread_runs")?,
             letters,
             letter_count: Arc::new(std::sync::atomic::AtomicU64::new(count)),
             db,
@@ -549,5 +553,9 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    fn threads(&self) -> &dyn super::threads::ThreadStore {
+        self
     }
 }
