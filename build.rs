@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/breakwater/v1/checkpoints.proto",
         "proto/breakwater/v1/dead_letters.proto",
         "proto/breakwater/v1/sagas.proto",
+        "proto/breakwater/v1/threads.proto",
     ];
     for proto in example.iter().chain(&api) {
         println!("cargo:rerun-if-changed={proto}");
@@ -34,6 +35,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // the stock one answers INTERNAL.
     tonic_prost_build::configure()
         .bytes(".")
+        // A checkpoint's channel versions in order, as stored and shown.
+        .btree_map(".breakwater.v1.ThreadCheckpoint.channel_versions")
+        .btree_map(".breakwater.v1.PutThreadCheckpointRequest.channel_versions")
         .codec_path("crate::codec::ApiCodec")
         .compile_fds(descriptors)?;
     Ok(())

@@ -185,3 +185,140 @@ async fn a_graph_waiting_for_a_person_is_resumed_by_another_process() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_threads_grpc_service_and_the_json_port_share_one_store() {
+    use breakwater::api::threads_client::ThreadsClient;
+    use breakwater::api::{
+        ChannelBlob, GetThreadCheckpointRequest, ListThreadCheckpointsRequest, PendingWrite,
+        PutThreadCheckpointRequest, PutThreadWritesRequest, TypedValue,
+    };
+    use breakwater::control::auth::Auth;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = control_options(dir.path());
+    options.auth = Auth::with_token("op-t0k")
+        .unwrap()
+        .with_read_token("viewer-t0k")
+        .unwrap();
+    let running = start_control_plane(options).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = |token: &'static str| {
+        move |mut r: tonic::Request<()>| {
+            let value = format!("Bearer {token}").parse().unwrap();
+            r.metadata_mut().insert("authorization", value);
+            Ok(r)
+        }
+    };
+    let mut operator = ThreadsClient::with_interceptor(channel.clone(), bearer("op-t0k"));
+    let mut viewer = ThreadsClient::with_interceptor(channel, bearer("viewer-t0k"));
+    let typed = |text: &str| {
+        Some(TypedValue {
+            r#type: "json".into(),
+            data: bytes::Bytes::copy_from_slice(text.as_bytes()),
+        })
+    };
+    let put = PutThreadCheckpointRequest {
+        thread_id: "order-7".into(),
+        checkpoint_ns: String::new(),
+        checkpoint_id: "1ef".into(),
+        parent_checkpoint_id: String::new(),
+        checkpoint: typed("{}"),
+        metadata_json: r#"{"step": 1, "run_id": "run-1"}"#.into(),
+        channel_versions: [("items".to_owned(), "00001".to_owned())].into(),
+        blobs: vec![ChannelBlob {
+            channel: "items".into(),
+            version: "00001".into(),
+            value: typed("[1,2]"),
+        }],
+    };
+    // The read-only token reads and changes nothing.
+    let refused = viewer.put(put.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    operator.put(put).await.unwrap();
+    let writes = PutThreadWritesRequest {
+        thread_id: "order-7".into(),
+        checkpoint_ns: String::new(),
+        checkpoint_id: "1ef".into(),
+        writes: vec![PendingWrite {
+            task_id: "t1".into(),
+            idx: 0,
+            channel: "items".into(),
+            value: typed("3"),
+            task_path: "~".into(),
+        }],
+    };
+    assert_eq!(
+        operator
+            .put_writes(writes.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .stored,
+        1
+    );
+    assert_eq!(
+        operator
+            .put_writes(writes)
+            .await
+            .unwrap()
+            .into_inner()
+            .stored,
+        0
+    );
+
+    let read = viewer
+        .get(GetThreadCheckpointRequest {
+            thread_id: "order-7".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.checkpoint_id, "1ef");
+    assert_eq!(read.run_id, "run-1");
+    assert_eq!(read.channel_values[0].value, typed("[1,2]"));
+    assert_eq!(read.pending_writes.len(), 1);
+    let filtered = viewer
+        .list(ListThreadCheckpointsRequest {
+            thread_id: "order-7".into(),
+            filter_json: r#"{"step": 1.0}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(filtered.checkpoints.len(), 1);
+    let missing = viewer
+        .get(GetThreadCheckpointRequest {
+            thread_id: "order-8".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    // The JSON port sees the same checkpoint.
+    let response = http1_client()
+        .request(
+            http::Request::get(format!(
+                "http://{}/v1/threads/order-7?checkpoint_ns=",
+                running.http_addr.unwrap()
+            ))
+            .header("authorization", "Bearer viewer-t0k")
+            .body(breakwater::body::empty())
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, body) = read_body(response).await;
+    assert_eq!(parts.status, http::StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["metadata"]["run_id"], "run-1");
+    assert_eq!(json["pending_writes"][0]["task_id"], "t1");
+    running.shutdown().await;
+}

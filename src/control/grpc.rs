@@ -1,5 +1,6 @@
-//! The gRPC face of the control plane: the `Checkpoints`, `DeadLetters`
-//! and `Sagas` services, bearer token checks, health and reflection.
+//! The gRPC face of the control plane: the `Checkpoints`, `DeadLetters`,
+//! `Sagas` and `Threads` services, bearer token checks, health and
+//! reflection.
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use super::saga::proto as saga_proto;
 use crate::api::checkpoints_server::{self, CheckpointsServer};
 use crate::api::dead_letters_server::{self, DeadLettersServer};
 use crate::api::sagas_server::{self, SagasServer};
+use crate::api::threads_server::ThreadsServer;
 use crate::api::{
     AbortSagaRequest, GetSagaRequest, ListSagasRequest, ListSagasResponse, Saga, SagaEvent,
     StartSagaRequest, WatchSagasRequest,
@@ -24,6 +26,9 @@ use crate::api::{
     PurgeDeadLettersResponse, PutCheckpointRequest, PutCheckpointResponse, ReplayDeadLetterRequest,
     ReplayDeadLetterResponse,
 };
+
+mod threads;
+pub use threads::ThreadsService;
 
 /// Metadata carrying the latest version with an `ABORTED` answer.
 pub const CURRENT_VERSION: &str = "x-breakwater-current-version";
@@ -242,6 +247,11 @@ pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes 
     let sagas = SagasServer::new(SagasService(control.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    // A checkpoint read whole: up to max_state of values and as much of
+    // pending writes.
+    let threads = ThreadsServer::new(ThreadsService(control.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit + control.max_state_bytes());
     let dead_letters = DeadLettersServer::new(DeadLettersService(control))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
@@ -254,6 +264,9 @@ pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes 
             .set_serving::<DeadLettersServer<DeadLettersService>>()
             .await;
         reporter.set_serving::<SagasServer<SagasService>>().await;
+        reporter
+            .set_serving::<ThreadsServer<ThreadsService>>()
+            .await;
     });
     fn guard<S>(inner: S, auth: &Auth) -> Guarded<S> {
         Guarded {
@@ -265,6 +278,7 @@ pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes 
         .add_service(guard(checkpoints, &auth))
         .add_service(guard(dead_letters, &auth))
         .add_service(guard(sagas, &auth))
+        .add_service(guard(threads, &auth))
         .add_service(guard(reflection_v1, &auth))
         .add_service(guard(reflection_v1alpha, &auth))
 }

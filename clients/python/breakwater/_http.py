@@ -4,6 +4,8 @@ Every call is a JSON request and a JSON answer. A call is sent again, a
 few times with a growing pause, when the connection failed or the control
 plane answered 503. A call that is not idempotent is sent again only when
 it surely never arrived (the connection was refused or timed out, or 503).
+A stream of JSON lines (a saga watch) is retried the same way until its
+answer begins, and not after.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Generator, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -203,6 +205,103 @@ class Connection:
                 continue
             return self._answer(response)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    # -- streams of JSON lines ------------------------------------------------
+
+    def _stream_request(self, client: httpx.Client | httpx.AsyncClient, url: str) -> httpx.Request:
+        # Events may be minutes apart: only connecting is bounded.
+        timeout = httpx.Timeout(self._timeout.connect, read=None, write=self._timeout.write)
+        return client.build_request("GET", url, timeout=timeout)
+
+    def _line(self, response: httpx.Response, line: str) -> dict[str, Any] | None:
+        """One JSON line of a stream: its object, ``None`` for a blank line;
+        a line that reports an error (``{"error": ...}``) raises it."""
+        if not line.strip():
+            return None
+        try:
+            value = json.loads(line)
+        except ValueError as e:
+            raise BreakwaterError(f"{self.url} sent a line that is not JSON: {line[:200]!r}") from e
+        if not isinstance(value, dict):
+            raise BreakwaterError(
+                f"{self.url} sent a line that is not a JSON object: {line[:200]!r}"
+            )
+        if "error" in value:
+            raise from_answer(response.status_code, value)
+        return value
+
+    def open_lines(self, url: str) -> httpx.Response:
+        """Starts a GET whose answer is JSON lines; answers it once its
+        status is 2xx (the caller reads and closes it)."""
+        request = self._stream_request(self._client, url)
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self._client.send(request, stream=True)
+            except httpx.TransportError as e:
+                if last or not self._retryable(e, True):
+                    raise self._unreachable(e) from e
+                time.sleep(self._pause(attempt, None))
+                continue
+            if response.is_success:
+                return response
+            try:
+                response.read()
+            finally:
+                response.close()
+            if response.status_code == 503 and not last:
+                time.sleep(self._pause(attempt, response))
+                continue
+            self._answer(response)  # raises: not a 2xx
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def lines(self, response: httpx.Response) -> Generator[dict[str, Any], None, None]:
+        """The JSON objects of a stream from :meth:`open_lines`, until it ends;
+        closes it."""
+        try:
+            for line in response.iter_lines():
+                if (value := self._line(response, line)) is not None:
+                    yield value
+        except httpx.TransportError as e:
+            raise Unavailable(f"the stream from {self.url} broke: {e}") from e
+        finally:
+            response.close()
+
+    async def aopen_lines(self, url: str) -> httpx.Response:
+        """The async :meth:`open_lines`."""
+        client = self._async_client()
+        request = self._stream_request(client, url)
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.TransportError as e:
+                if last or not self._retryable(e, True):
+                    raise self._unreachable(e) from e
+                await asyncio.sleep(self._pause(attempt, None))
+                continue
+            if response.is_success:
+                return response
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            if response.status_code == 503 and not last:
+                await asyncio.sleep(self._pause(attempt, response))
+                continue
+            self._answer(response)  # raises: not a 2xx
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def alines(self, response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
+        """The async :meth:`lines`."""
+        try:
+            async for line in response.aiter_lines():
+                if (value := self._line(response, line)) is not None:
+                    yield value
+        except httpx.TransportError as e:
+            raise Unavailable(f"the stream from {self.url} broke: {e}") from e
+        finally:
+            await response.aclose()
 
     # -- closing -------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "BreakwaterError",
+    "DataLoss",
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
@@ -75,6 +76,11 @@ class VersionConflict(BreakwaterError):
         self.current_version = current_version
 
 
+class DataLoss(BreakwaterError):
+    """A saga watch fell too far behind and events were dropped
+    (``DATA_LOSS``): watch again, and read the sagas' state with ``get``."""
+
+
 _BY_CODE: dict[str, type[BreakwaterError]] = {
     "NOT_FOUND": NotFound,
     "INVALID_ARGUMENT": InvalidArgument,
@@ -83,6 +89,7 @@ _BY_CODE: dict[str, type[BreakwaterError]] = {
     "PERMISSION_DENIED": PermissionDenied,
     "UNAVAILABLE": Unavailable,
     "ABORTED": VersionConflict,
+    "DATA_LOSS": DataLoss,
 }
 
 _CODE_BY_STATUS = {

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::{HttpApi, invalid, json, percent_decode, query};
-use crate::api::json::B64;
+use crate::api::json::{B64, rfc3339};
 use crate::body::Body;
 use crate::control::error::ApiError;
 use crate::control::plane::ThreadListing;
@@ -35,7 +35,7 @@ impl Typed {
             .map_err(|_| invalid(format!("{field}.data_base64 is not base64")))?;
         Ok(TypedValue {
             r#type: self.r#type,
-            data,
+            data: data.into(),
         })
     }
 
@@ -132,8 +132,8 @@ struct CheckpointJson {
 
 impl From<ThreadCheckpoint> for CheckpointJson {
     fn from(c: ThreadCheckpoint) -> Self {
-        let created = std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.created_at_ms);
         Self {
+            created_at: rfc3339(c.created_at.as_ref()),
             metadata: serde_json::from_str(&c.metadata_json)
                 .unwrap_or_else(|_| serde_json::json!({})),
             channel_values: c
@@ -170,7 +170,6 @@ impl From<ThreadCheckpoint> for CheckpointJson {
             checkpoint_ns: c.checkpoint_ns,
             checkpoint_id: c.checkpoint_id,
             parent_checkpoint_id: c.parent_checkpoint_id,
-            created_at: Some(humantime::format_rfc3339_millis(created).to_string()),
         }
     }
 }
@@ -263,14 +262,12 @@ impl HttpApi {
             blobs,
         };
         let stored = self.control.put_thread_checkpoint(new).await?;
-        let created =
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(stored.created_at_ms);
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({
                 "checkpoint_ns": stored.checkpoint_ns,
                 "checkpoint_id": stored.checkpoint_id,
-                "created_at": humantime::format_rfc3339_millis(created).to_string(),
+                "created_at": rfc3339(stored.created_at.as_ref()),
             }),
         ))
     }

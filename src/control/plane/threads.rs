@@ -97,6 +97,9 @@ impl ControlPlane {
         if !c.parent_checkpoint_id.is_empty() {
             check_id("parent_checkpoint_id", &c.parent_checkpoint_id)?;
         }
+        if !c.run_id.is_empty() {
+            check_id("metadata.run_id", &c.run_id)?;
+        }
         if c.metadata_json.len() > MAX_METADATA_BYTES {
             return Err(ApiError::Invalid(format!(
                 "metadata is {} bytes, over the limit of {MAX_METADATA_BYTES}",

@@ -18,114 +18,30 @@
 //! thread's change is one batch on `threads`; the run index is written
 //! first and may hold stale entries, which readers check and drop.
 //!
-//! The messages are protobuf (prost), as the other records are, with the
-//! field numbers a `Threads` gRPC service will use.
+//! The records are the `Threads` gRPC service's own messages
+//! (`proto/breakwater/v1/threads.proto`), as the other records are.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
 use prost::Message;
 
-use super::layout::millis;
+use super::layout::{millis, timestamp};
 use super::{SledStore, StoreError};
 
-/// A value as the client's serializer wrote it (LangGraph:
-/// `serde.dumps_typed`); `type: "empty"` holds no value.
-#[derive(Clone, PartialEq, Message)]
-pub struct TypedValue {
-    /// The serializer's type tag (`msgpack`, `json`, `empty`, ...).
-    #[prost(string, tag = "1")]
-    pub r#type: String,
-    /// The bytes.
-    #[prost(bytes = "vec", tag = "2")]
-    pub data: Vec<u8>,
-}
+pub use crate::api::{ChannelBlob, PendingWrite, ThreadCheckpoint, TypedValue};
 
 impl TypedValue {
-    /// Whether it holds no value.
+    /// Whether it holds no value (`type: "empty"`).
     pub fn is_empty_marker(&self) -> bool {
         self.r#type == "empty"
     }
 }
 
-/// One channel's value at one version.
-#[derive(Clone, PartialEq, Message)]
-pub struct ChannelBlob {
-    /// The channel.
-    #[prost(string, tag = "1")]
-    pub channel: String,
-    /// Its version.
-    #[prost(string, tag = "2")]
-    pub version: String,
-    /// Its value.
-    #[prost(message, optional, tag = "3")]
-    pub value: Option<TypedValue>,
-}
-
-/// A task's write, waiting to be applied.
-#[derive(Clone, PartialEq, Message)]
-pub struct PendingWrite {
-    /// The task.
-    #[prost(string, tag = "1")]
-    pub task_id: String,
-    /// Its index among the task's writes; negative for LangGraph's
-    /// special channels (error, interrupt, ...).
-    #[prost(int32, tag = "2")]
-    pub idx: i32,
-    /// The channel written.
-    #[prost(string, tag = "3")]
-    pub channel: String,
-    /// The value.
-    #[prost(message, optional, tag = "4")]
-    pub value: Option<TypedValue>,
-    /// The task's path (LangGraph orders writes by it).
-    #[prost(string, tag = "5")]
-    pub task_path: String,
-}
-
-/// One checkpoint of a thread, as stored (its values and writes empty)
-/// and as read (filled in).
-#[derive(Clone, PartialEq, Message)]
-pub struct ThreadCheckpoint {
-    /// The thread.
-    #[prost(string, tag = "1")]
-    pub thread_id: String,
-    /// Its namespace (`""`: the root).
-    #[prost(string, tag = "2")]
-    pub checkpoint_ns: String,
-    /// Its id.
-    #[prost(string, tag = "3")]
-    pub checkpoint_id: String,
-    /// Its parent's id (`""`: none).
-    #[prost(string, tag = "4")]
-    pub parent_checkpoint_id: String,
-    /// The checkpoint without its channel values.
-    #[prost(message, optional, tag = "5")]
-    pub checkpoint: Option<TypedValue>,
-    /// Its metadata: a JSON object.
-    #[prost(string, tag = "6")]
-    pub metadata_json: String,
-    /// Each channel's version.
-    #[prost(btree_map = "string, string", tag = "7")]
-    pub channel_versions: BTreeMap<String, String>,
-    /// The values at those versions (those that hold one), when read.
-    #[prost(message, repeated, tag = "8")]
-    pub channel_values: Vec<ChannelBlob>,
-    /// Its pending writes in `(task_path, task_id, idx)` order, when read.
-    #[prost(message, repeated, tag = "9")]
-    pub pending_writes: Vec<PendingWrite>,
-    /// The metadata's `run_id`, when it is a string.
-    #[prost(string, tag = "10")]
-    pub run_id: String,
-    /// When it was stored, in Unix milliseconds.
-    #[prost(uint64, tag = "11")]
-    pub created_at_ms: u64,
-}
-
 /// A new checkpoint and the channel values it brings.
 #[derive(Debug, Clone, Default)]
 pub struct NewThreadCheckpoint {
-    /// The checkpoint (values, writes and `created_at_ms` are ignored).
+    /// The checkpoint (values, writes and `created_at` are ignored).
     pub checkpoint: ThreadCheckpoint,
     /// The values of the channels whose version moved.
     pub blobs: Vec<ChannelBlob>,
@@ -451,7 +367,7 @@ impl ThreadStore for SledStore {
         let mut record = new.checkpoint;
         record.channel_values.clear();
         record.pending_writes.clear();
-        record.created_at_ms = millis(now);
+        record.created_at = Some(timestamp(millis(now)));
         let (thread, ns, id) = (
             record.thread_id.clone(),
             record.checkpoint_ns.clone(),
@@ -724,7 +640,7 @@ mod tests {
     fn typed(text: &str) -> Option<TypedValue> {
         Some(TypedValue {
             r#type: "json".into(),
-            data: text.as_bytes().to_vec(),
+            data: bytes::Bytes::copy_from_slice(text.as_bytes()),
         })
     }
 
