@@ -322,3 +322,64 @@ async fn the_threads_grpc_service_and_the_json_port_share_one_store() {
     assert_eq!(json["pending_writes"][0]["task_id"], "t1");
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_saver_verifies_a_tls_control_plane_with_the_ca_it_is_given() {
+    use breakwater::transport::tls::server::{ServerTls, TlsFiles};
+    let Some(python) = support::python::python("langgraph") else {
+        return;
+    };
+    let pki = support::tls::Pki::new();
+    let signed = pki.sign("control-plane", &["localhost"], false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = control_options(dir.path());
+    options.tls = Some(
+        ServerTls::load(TlsFiles {
+            cert: signed.cert_file,
+            key: signed.key_file,
+        })
+        .unwrap(),
+    );
+    let running = start_control_plane(options).await;
+    let url = format!("https://localhost:{}", running.http_addr.unwrap().port());
+    // One checkpoint put and read back over TLS; then the same without
+    // the CA, which must fail (never plaintext, never unverified).
+    let program = r#"
+import sys
+from breakwater.errors import Unavailable
+from breakwater.langgraph import BreakwaterSaver
+from langgraph.checkpoint.base import empty_checkpoint
+url, ca = sys.argv[1], sys.argv[2]
+config = {"configurable": {"thread_id": "tls-1", "checkpoint_ns": ""}}
+checkpoint = empty_checkpoint()
+with BreakwaterSaver(url, ca_file=ca, retries=0) as saver:
+    saver.put(config, checkpoint, {"source": "input", "step": -1}, {})
+    assert saver.get_tuple(config).checkpoint["id"] == checkpoint["id"]
+print("verified")
+try:
+    with BreakwaterSaver(url, retries=0) as saver:
+        saver.get_tuple(config)
+    print("unverified: read")
+except Unavailable as error:
+    print("refused:", error)
+"#;
+    let (python, ca) = (python.clone(), pki.ca_file.display().to_string());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args(["-c", program, &url, &ca])
+            .env("PYTHONPATH", root().join("clients/python"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "verified", "{stdout}");
+    assert!(
+        lines[1].starts_with("refused:") && lines[1].contains("certificate"),
+        "{stdout}"
+    );
+    running.shutdown().await;
+}
