@@ -746,3 +746,51 @@ async fn a_route_s_dead_letters_keep_json_rpc_calls_it_takes_and_no_others() {
     assert!(!letter.body_truncated);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn letters_page_from_the_first_id_on() {
+    // Letter ids start at 0: a page that ends on letter 0 continues.
+    let dir = tempfile::tempdir().unwrap();
+    let running = control_plane(&dir.path().join("cp"), "127.0.0.1:0".parse().unwrap(), None).await;
+    let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = DeadLettersClient::new(channel);
+    for uri in ["/a", "/b", "/c"] {
+        let letter = DeadLetter {
+            upstream: "orders".into(),
+            method: "POST".into(),
+            uri: uri.into(),
+            reason: "http-503".into(),
+            ..Default::default()
+        };
+        client
+            .enqueue(EnqueueDeadLetterRequest {
+                letter: Some(letter),
+            })
+            .await
+            .unwrap();
+    }
+    let mut uris = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list(ListDeadLettersRequest {
+                page_size: 1,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        uris.extend(page.letters.into_iter().map(|l| l.uri));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(uris, ["/a", "/b", "/c"]);
+    running.shutdown().await;
+}

@@ -1,8 +1,10 @@
-//! LangGraph on the control plane: `breakwater.langgraph.BreakwaterSaver`
+//! Python on the control plane: `breakwater.langgraph.BreakwaterSaver`
 //! (clients/python) against a real control plane, judged by LangGraph's
 //! own conformance suite (`langgraph-checkpoint-conformance`, every base
-//! and extended capability), and by a real graph whose process is killed
-//! in its third node and resumed by another.
+//! and extended capability), by a real graph whose process is killed in
+//! its third node and resumed by another, and over TLS; the threads' gRPC
+//! service beside the JSON port; and `breakwater.Client`'s three APIs,
+//! across a restart of the control plane.
 //!
 //! The packages live in the virtualenv `.ci/run` makes (see
 //! `tests/support/python.rs`); the client package is taken from
@@ -380,6 +382,120 @@ except Unavailable as error:
     assert!(
         lines[1].starts_with("refused:") && lines[1].contains("certificate"),
         "{stdout}"
+    );
+    running.shutdown().await;
+}
+
+/// A control plane with a token and two saga participants: one that
+/// accepts every call, one with nothing listening.
+async fn control_plane_for_clients(
+    dir: &Path,
+    participant: std::net::SocketAddr,
+) -> breakwater::control::Running {
+    let mut options = control_options(dir);
+    options.auth = breakwater::control::auth::Auth::with_token("op-t0k").unwrap();
+    options.policies = Some(policies(&format!(
+        "upstreams:\n  participant: {{address: '{participant}'}}\n  down: {{address: '{}'}}\n",
+        closed_port().await
+    )));
+    start_control_plane(options).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_s_three_apis_work_against_a_real_control_plane() {
+    let Some(python) = support::python::python("httpx") else {
+        return;
+    };
+    let participant = HttpUpstream::start(|_req: http::Request<hyper::body::Incoming>| async {
+        answer(
+            201,
+            &[("content-type", "application/json")],
+            r#"{"id": "p-1"}"#,
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let running = control_plane_for_clients(dir.path(), participant.addr).await;
+    let url = format!("http://{}", running.http_addr.unwrap());
+    let args = vec![
+        url,
+        "op-t0k".to_owned(),
+        "--participant".to_owned(),
+        "participant".to_owned(),
+        "--failing".to_owned(),
+        "down".to_owned(),
+    ];
+    let output = script(&python, "client_test.py", args).await;
+    let stdout = text(&output.stdout);
+    println!("{stdout}");
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    // Every check printed a line; none failed.
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert!(
+        stdout.lines().filter(|l| l.starts_with("ok")).count() >= 60,
+        "{stdout}"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_carries_its_calls_over_a_control_plane_restart() {
+    let Some(python) = support::python::python("httpx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = control_options(dir.path());
+    options.auth = breakwater::control::auth::Auth::with_token("op-t0k").unwrap();
+    let running = start_control_plane(options).await;
+    let (grpc, http) = (running.grpc_addr, running.http_addr.unwrap());
+    let mut child = Command::new(&python)
+        .arg(root().join("tests/python/client_test.py"))
+        .args(["retry", &format!("http://{http}"), "op-t0k"])
+        .env("PYTHONPATH", root().join("clients/python"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    while let Some(line) = seen.recv().await {
+        let started = line.starts_with("put 5:");
+        printed.push(line);
+        if started {
+            break;
+        }
+    }
+    // The control plane goes away for a second, mid-run, and comes back
+    // on the same ports with the same data.
+    running.shutdown().await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut options = control_options(dir.path());
+    options.auth = breakwater::control::auth::Auth::with_token("op-t0k").unwrap();
+    options.listen = grpc;
+    options.http_listen = Some(http);
+    let running = start_control_plane(options).await;
+    while let Some(line) = seen.recv().await {
+        printed.push(line);
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let printed = printed.join("\n");
+    assert!(status.success(), "{printed}");
+    let summary: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["versions"], 40, "{printed}");
+    // One put waited out the restart.
+    assert!(
+        summary["longest_put_s"].as_f64().unwrap() >= 0.9,
+        "{printed}"
     );
     running.shutdown().await;
 }

@@ -4,7 +4,7 @@
 
 use std::time::SystemTime;
 
-use super::{ControlPlane, check_id, page_token};
+use super::{ControlPlane, check_id};
 use crate::api::purge_dead_letters_request::Target as PurgeTarget;
 use crate::api::seal::Seal;
 use crate::api::{
@@ -12,6 +12,18 @@ use crate::api::{
 };
 use crate::control::error::{ApiError, page_size};
 use crate::control::saga::call::{Prepared, Upstreams, send};
+
+/// Parses a letter listing's page token: the id to continue after, which
+/// may be 0 (letter ids start there, unlike checkpoint versions).
+fn letter_token(token: &str) -> Result<Option<u64>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError::Invalid(format!("page_token {token:?} is not one this API gave")))
+}
 
 impl ControlPlane {
     /// Stores a dead letter; answers once it is durable.
@@ -63,7 +75,7 @@ impl ControlPlane {
         request: &ListDeadLettersRequest,
     ) -> Result<ListDeadLettersResponse, ApiError> {
         let _timer = self.timer("dead_letters.List");
-        let after = page_token(&request.page_token)?;
+        let after = letter_token(&request.page_token)?;
         let upstream = (!request.upstream.is_empty()).then_some(request.upstream.as_str());
         let (letters, next) = self.store.list_letters(
             upstream,
