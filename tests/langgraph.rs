@@ -47,7 +47,8 @@ async fn langgraphs_conformance_suite_passes_every_capability() {
     };
     let dir = tempfile::tempdir().unwrap();
     let running = start_control_plane(control_options(dir.path())).await;
-    let url = format!("http://{}", running.http_addr.unwrap());
+    // The gRPC URL, as the CLI takes it: the port serves JSON too.
+    let url = format!("http://{}", running.grpc_addr);
     let output = script(&python, "langgraph_conformance.py", vec![url]).await;
     let stdout = text(&output.stdout);
     // The suite's whole report, in the test's output.
@@ -304,24 +305,51 @@ async fn the_threads_grpc_service_and_the_json_port_share_one_store() {
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
-    // The JSON port sees the same checkpoint.
+    // The JSON API sees the same checkpoint, on its port and on the gRPC
+    // port (over HTTP/1.1 there, as any JSON client speaks it).
+    for addr in [running.http_addr.unwrap(), running.grpc_addr] {
+        let response = http1_client()
+            .request(
+                http::Request::get(format!("http://{addr}/v1/threads/order-7?checkpoint_ns="))
+                    .header("authorization", "Bearer viewer-t0k")
+                    .body(breakwater::body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let (parts, body) = read_body(response).await;
+        assert_eq!(parts.status, http::StatusCode::OK, "{addr}");
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["metadata"]["run_id"], "run-1");
+        assert_eq!(json["pending_writes"][0]["task_id"], "t1");
+    }
+    // The token is checked there as well.
     let response = http1_client()
         .request(
-            http::Request::get(format!(
-                "http://{}/v1/threads/order-7?checkpoint_ns=",
-                running.http_addr.unwrap()
+            http::Request::delete(format!("http://{}/v1/threads/order-7", running.grpc_addr))
+                .header("authorization", "Bearer viewer-t0k")
+                .body(breakwater::body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), http::StatusCode::FORBIDDEN);
+    // A gRPC call no service takes is still answered as gRPC.
+    let mut h2 = h2_connect(running.grpc_addr).await;
+    let unknown = h2
+        .send_request(
+            http::Request::post(format!(
+                "http://{}/breakwater.v1.Nope/Get",
+                running.grpc_addr
             ))
+            .header("content-type", "application/grpc")
             .header("authorization", "Bearer viewer-t0k")
             .body(breakwater::body::empty())
             .unwrap(),
         )
         .await
         .unwrap();
-    let (parts, body) = read_body(response).await;
-    assert_eq!(parts.status, http::StatusCode::OK);
-    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(json["metadata"]["run_id"], "run-1");
-    assert_eq!(json["pending_writes"][0]["task_id"], "t1");
+    assert_eq!(unknown.headers()["grpc-status"], "12", "UNIMPLEMENTED");
     running.shutdown().await;
 }
 

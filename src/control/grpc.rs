@@ -226,7 +226,14 @@ impl sagas_server::Sagas for SagasService {
 
 /// The gRPC router: checkpoints and reflection behind the token check,
 /// health open to probes.
-pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes {
+///
+/// What no gRPC service takes (another path, a request that is not gRPC)
+/// goes to `json`, the JSON API: the gRPC port serves it too.
+pub fn router(
+    control: Arc<ControlPlane>,
+    auth: Auth,
+    json: super::http::HttpApi,
+) -> tonic::service::Routes {
     let limit = control.max_state_bytes() + (1 << 20);
     let checkpoints = CheckpointsServer::new(CheckpointsService(control.clone()))
         .max_decoding_message_size(limit)
@@ -274,13 +281,21 @@ pub fn router(control: Arc<ControlPlane>, auth: Auth) -> tonic::service::Routes 
             auth: auth.clone(),
         }
     }
-    tonic::service::Routes::new(health)
+    let routes = tonic::service::Routes::new(health)
         .add_service(guard(checkpoints, &auth))
         .add_service(guard(dead_letters, &auth))
         .add_service(guard(sagas, &auth))
         .add_service(guard(threads, &auth))
         .add_service(guard(reflection_v1, &auth))
-        .add_service(guard(reflection_v1alpha, &auth))
+        .add_service(guard(reflection_v1alpha, &auth));
+    let fallback = tower::service_fn(move |request: http::Request<_>| {
+        let json = json.clone();
+        async move {
+            let request = request.map(crate::body::boxed);
+            json.handle(request).await
+        }
+    });
+    routes.into_axum_router().fallback_service(fallback).into()
 }
 
 /// A service behind the token check, which needs the call's path (a read

@@ -47,7 +47,6 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::auth::{Access, Auth};
@@ -75,6 +74,8 @@ pub struct HttpApi {
     grpc_addr: std::net::SocketAddr,
     /// Status pages served (which tells a refreshed page from the first).
     renders: Arc<AtomicU64>,
+    /// It answers on the gRPC port, the requests no gRPC service took.
+    on_grpc_port: bool,
 }
 
 /// `PUT /v1/checkpoints/{workflow}`.
@@ -174,7 +175,7 @@ fn percent_decode(segment: &str) -> Result<String, ApiError> {
 }
 
 /// The query's `key=value` pairs.
-fn query(request: &Request<Incoming>) -> Result<BTreeMap<String, String>, ApiError> {
+fn query(request: &Request<Body>) -> Result<BTreeMap<String, String>, ApiError> {
     let mut pairs = BTreeMap::new();
     for pair in request
         .uri()
@@ -211,18 +212,34 @@ impl HttpApi {
             auth,
             grpc_addr,
             renders: Arc::default(),
+            on_grpc_port: false,
+        }
+    }
+
+    /// The same API, answering on the gRPC port: what is not a gRPC call
+    /// there (JSON over HTTP/1.1 or HTTP/2, the status page) is served as
+    /// on the JSON port, so that a client given the gRPC URL (as the CLI
+    /// takes it) can speak JSON to it.
+    pub fn on_grpc_port(self) -> Self {
+        Self {
+            on_grpc_port: true,
+            ..self
         }
     }
 
     /// Answers one request. A gRPC call (the CLI or a client pointed at
     /// this port by mistake) is answered as gRPC, `UNIMPLEMENTED`, with
     /// where the gRPC port is: JSON would read as a garbled message.
-    pub async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(&self, request: Request<Body>) -> Result<Response<Body>, Infallible> {
         if crate::grpc::is_grpc(request.headers()) {
-            let message = format!(
-                "this is the control plane's JSON port; its gRPC port is {}",
-                self.grpc_addr.port()
-            );
+            let message = match self.on_grpc_port {
+                // A gRPC call no service took (the gRPC port's fallback).
+                true => format!("no such gRPC method: {}", request.uri().path()),
+                false => format!(
+                    "this is the control plane's JSON port; its gRPC port is {}",
+                    self.grpc_addr.port()
+                ),
+            };
             return Ok(crate::grpc::trailers_only(
                 crate::grpc::UNIMPLEMENTED,
                 &message,
@@ -237,7 +254,7 @@ impl HttpApi {
     /// A JSON body, or `T::default()` when there is none.
     async fn optional_body<T: serde::de::DeserializeOwned + Default>(
         &self,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<T, ApiError> {
         let bytes = self.bytes(request).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -248,12 +265,12 @@ impl HttpApi {
 
     async fn body<T: serde::de::DeserializeOwned>(
         &self,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<T, ApiError> {
         parse(&self.bytes(request).await?)
     }
 
-    async fn bytes(&self, request: Request<Incoming>) -> Result<Bytes, ApiError> {
+    async fn bytes(&self, request: Request<Body>) -> Result<Bytes, ApiError> {
         // Base64 and JSON escaping make a state up to ~4/3 its size.
         let limit = self.control.max_state_bytes() * 2 + (64 << 10);
         match Limited::new(request.into_body(), limit).collect().await {
@@ -288,7 +305,7 @@ impl HttpApi {
 
     /// One arm per endpoint of the table above: long, and clearer as one
     /// table than split.
-    async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    async fn route(&self, request: Request<Body>) -> Result<Response<Body>, ApiError> {
         let path = request.uri().path().to_owned();
         if path == "/" && request.method() == Method::GET {
             // The page's shell holds no data: its script asks for the
@@ -531,7 +548,7 @@ impl HttpApi {
     async fn put(
         &self,
         workflow_id: String,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, ApiError> {
         let body: PutBody = self.body(request).await?;
         let state = match (body.state, body.state_base64) {

@@ -287,7 +287,8 @@ fn serve_all(
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
     let grpc_addr = local(&listeners.grpc);
-    let routes = grpc::router(control.clone(), options.auth.clone());
+    let json = http::HttpApi::new(control.clone(), options.auth.clone(), grpc_addr);
+    let routes = grpc::router(control.clone(), options.auth.clone(), json.on_grpc_port());
     tasks.spawn(serve_grpc(
         listeners.grpc,
         routes,
@@ -299,7 +300,7 @@ fn serve_all(
         let tls = options.tls.clone();
         tasks.spawn(serve_http(listener, stop.clone(), tls, move |request| {
             let api = api.clone();
-            async move { api.handle(request).await }
+            async move { api.handle(request.map(Body::incoming)).await }
         }));
     }
     if let Some(listener) = listeners.admin {
@@ -355,6 +356,8 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     tonic::transport::Server::builder()
+        // JSON over HTTP/1.1 too, for the requests no gRPC service takes.
+        .accept_http1(true)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;

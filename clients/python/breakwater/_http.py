@@ -36,8 +36,8 @@ _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 _MAYBE_SENT = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 _WRONG_PORT = (
-    " (the answer was not HTTP/1.1: is this the gRPC port? This client needs the"
-    " control plane's JSON port, the one given with --http-listen)"
+    " (the answer was not HTTP/1.1: is this a Breakwater control plane? Its gRPC"
+    " port answers JSON from this version on; its --http-listen port always does)"
 )
 
 
@@ -58,7 +58,7 @@ def with_query(p: str, query: Mapping[str, str] | None) -> str:
 class Connection:
     """A sync and an async HTTP client to one control plane.
 
-    ``url`` is the JSON port's base URL, such as ``http://127.0.0.1:7071``
+    ``url`` is the control plane's base URL, such as ``http://127.0.0.1:7070``
     (a path after the port is kept as a prefix). ``retries`` is how many
     times a failed call is sent again.
     """

@@ -3,7 +3,7 @@ over its JSON port.
 
     from breakwater import Client
 
-    with Client("http://127.0.0.1:7071", token=TOKEN) as bw:
+    with Client("http://127.0.0.1:7070", token=TOKEN) as bw:
         put = bw.checkpoints.put("invoice-17", {"total": 12.5}, step="ocr", expected_version=0)
         latest = bw.checkpoints.get("invoice-17")
         for letter in bw.dead_letters.list(upstream="accounting"):
@@ -605,7 +605,7 @@ class _Base:
 
     @property
     def url(self) -> str:
-        """The control plane's JSON port."""
+        """The control plane's URL."""
         return self._conn.url
 
 
@@ -613,8 +613,9 @@ class Client(_Base):
     """The control plane's checkpoints, dead letters and sagas.
 
     Args:
-        url: The JSON port (``--http-listen``), such as
-            ``http://127.0.0.1:7071``; not the gRPC port the CLI takes.
+        url: The control plane's URL as the CLI takes it, such as
+            ``http://127.0.0.1:7070`` (its gRPC port answers JSON too), or
+            its JSON port (``--http-listen``).
         token: The bearer token: the operator's to change things, the
             read-only one to read.
         ca_file: A PEM file of the CA to trust for ``https://``.

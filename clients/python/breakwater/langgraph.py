@@ -3,15 +3,14 @@ control plane, over its JSON port (``/v1/threads/...``).
 
     from breakwater.langgraph import BreakwaterSaver
 
-    with BreakwaterSaver("http://127.0.0.1:7071", token=TOKEN) as saver:
+    with BreakwaterSaver("http://127.0.0.1:7070", token=TOKEN) as saver:
         graph = builder.compile(checkpointer=saver)
         graph.invoke(inputs, {"configurable": {"thread_id": "order-42"}})
 
-The URL is the control plane's JSON port (``--http-listen``), not the gRPC
-port (``--listen``) that the ``breakwater`` CLI's ``--control-plane``
-takes: this client speaks JSON over HTTP/1.1, and the gRPC port serves
-only gRPC over HTTP/2. The two ports are set apart (the JSON one is off
-unless --http-listen is given), so one cannot be derived from the other.
+The URL is the control plane's, as the ``breakwater`` CLI's
+``--control-plane`` takes it (its gRPC port, ``--listen``, which serves
+the JSON API to requests that are not gRPC), or its JSON port
+(``--http-listen``): this client speaks JSON over HTTP/1.1 to either.
 
 Values are serialized with LangGraph's own serializer (``serde``, by
 default ``JsonPlusSerializer``) and sent as base64; metadata is sent as
@@ -59,7 +58,7 @@ class BreakwaterSaver(BaseCheckpointSaver[str]):
     """A LangGraph checkpointer on Breakwater's control plane.
 
     Args:
-        url: The control plane's JSON port, such as ``http://127.0.0.1:7071``
+        url: The control plane's URL, such as ``http://127.0.0.1:7070``
             (``https://`` when it serves TLS).
         token: The bearer token, if the control plane asks for one. The
             read-only token is enough for reading state; running a graph
@@ -91,7 +90,7 @@ class BreakwaterSaver(BaseCheckpointSaver[str]):
 
     @property
     def url(self) -> str:
-        """The control plane's JSON port."""
+        """The control plane's URL."""
         return self._conn.url
 
     # -- closing ---------------------------------------------------------------

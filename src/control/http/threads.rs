@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::{HttpApi, invalid, json, percent_decode, query};
@@ -179,7 +178,7 @@ impl HttpApi {
     /// that is none of theirs.
     pub(super) async fn threads(
         &self,
-        request: Request<Incoming>,
+        request: Request<Body>,
         segments: &[&str],
     ) -> Option<Result<Response<Body>, ApiError>> {
         let method = request.method().clone();
@@ -227,7 +226,7 @@ impl HttpApi {
     async fn put_thread(
         &self,
         thread: String,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, ApiError> {
         let body: PutBody = self.body(request).await?;
         let run_id = match body.metadata.get("run_id") {
@@ -275,7 +274,7 @@ impl HttpApi {
     fn get_thread(
         &self,
         thread: &str,
-        request: &Request<Incoming>,
+        request: &Request<Body>,
     ) -> Result<Response<Body>, ApiError> {
         let query = query(request)?;
         let ns = query.get("checkpoint_ns").map_or("", String::as_str);
@@ -290,7 +289,7 @@ impl HttpApi {
     fn thread_history(
         &self,
         thread: &str,
-        request: &Request<Incoming>,
+        request: &Request<Body>,
     ) -> Result<Response<Body>, ApiError> {
         let mut query = query(request)?;
         let listing = ThreadListing {
@@ -313,7 +312,7 @@ impl HttpApi {
     async fn thread_writes(
         &self,
         thread: &str,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, ApiError> {
         let thread = percent_decode(thread)?;
         let body: WritesBody = self.body(request).await?;
@@ -342,7 +341,7 @@ impl HttpApi {
     async fn copy_thread(
         &self,
         thread: &str,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, ApiError> {
         let thread = percent_decode(thread)?;
         let body: CopyBody = self.body(request).await?;
@@ -356,7 +355,7 @@ impl HttpApi {
     async fn prune_thread(
         &self,
         thread: &str,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, ApiError> {
         let thread = percent_decode(thread)?;
         let body: PruneBody = self.body(request).await?;
