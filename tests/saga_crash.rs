@@ -311,3 +311,55 @@ async fn sigkill_at_arbitrary_points_under_load_loses_nothing_and_repeats_nothin
     }
     assert!(world.applied_twice().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_s_timer_is_kept_across_a_sigkill() {
+    let world = world(Arc::new(|_, _| false)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut process, url, _) = control_plane(dir.path(), world.policies.path());
+    let mut client = connect(&url).await;
+    // subscribe is not sent before 3 s from now.
+    // (In whole milliseconds: the saga's record keeps times so.)
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let due =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(now.as_millis() as u64 + 3000);
+    let mut definition: breakwater::api::SagaDefinition = signup("tim", "tim@example.com");
+    definition.steps[1].not_before = Some(prost_types::Timestamp::from(due));
+    // Every saga's events, from before it starts.
+    let mut events = client
+        .watch(WatchSagasRequest { id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .start(StartSagaRequest {
+            definition: Some(definition),
+        })
+        .await
+        .unwrap();
+    // Killed once the wait is stored, and started again: it waits out
+    // what is left, then sends the step once.
+    loop {
+        let event = events.message().await.unwrap().unwrap();
+        if event.saga_id == "tim" && event.message.starts_with("step subscribe waits until") {
+            break;
+        }
+    }
+    assert_eq!(world.subscriptions.upstream.requests(), 0);
+    process.child.kill().unwrap();
+    process.child.wait().unwrap();
+    let (_process, url, resumed) = control_plane(dir.path(), world.policies.path());
+    assert_eq!(resumed, 1);
+    let mut client = connect(&url).await;
+    let saga = finished(&mut client, "tim").await;
+    assert_eq!(saga.state(), SagaState::Completed, "{saga:?}");
+    let subscribe = saga.steps[1].action.as_ref().unwrap();
+    let started = std::time::SystemTime::try_from(subscribe.started_at.unwrap()).unwrap();
+    assert!(started >= due, "sent {started:?}, before {due:?}");
+    assert_eq!(subscribe.sends, 1);
+    assert_eq!(world.users.upstream.requests(), 1);
+    assert_eq!(world.subscriptions.upstream.requests(), 1);
+    assert!(world.applied_twice().is_empty());
+}

@@ -105,6 +105,19 @@ fn forward(record: &mut SagaRecord, saga: &Saga, now: Time) -> (Option<Transitio
     if let Some(at) = record.steps[i].action.next_send_at.filter(|at| *at > now) {
         return (None, Move::Wait(at));
     }
+    // A step not to be sent yet waits, durably: the wait is persisted
+    // before it starts, so that a restart waits out what is left of it.
+    let entry = &mut record.steps[i];
+    if entry.state == StepState::Pending
+        && entry.action.sends == 0
+        && entry.action.next_send_at.is_none()
+        && let Some(at) = saga.steps[i].not_before.filter(|at| *at > now)
+    {
+        entry.action.next_send_at = Some(at);
+        let at_text = humantime::format_rfc3339_millis(at.system());
+        let message = format!("step {} waits until {at_text}", saga.steps[i].name);
+        return (Some(Transition::new(Some(i), message)), Move::Wait(at));
+    }
     let step = &saga.steps[i];
     let key = format!("{}/{}/action", saga.id, step.name);
     let answers = record.answers();
@@ -427,6 +440,48 @@ mod tests {
             Move::Send { step, undo, .. } => (step, undo),
             other => panic!("expected a send, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_step_not_to_be_sent_yet_waits_durably_then_goes() {
+        // b is not sent before 5 s after T0: 2023-11-14T22:13:25Z.
+        let b = serde_json::json!({
+            "name": "b",
+            "action": {"upstream": "u", "method": "POST", "path": "/b"},
+            "not_before": "2023-11-14T22:13:25Z"
+        });
+        let (mut record, saga) = saga(b);
+        let due = Time(1_700_000_005_000);
+        assert_eq!(saga.steps[1].not_before, Some(due));
+        next(&mut record, &saga, T0);
+        after_action(&mut record, &saga, 0, answered(200), later(1));
+        // The wait is a transition: persisted before it starts.
+        let (transition, mv) = next(&mut record, &saga, later(2));
+        assert_eq!(
+            transition.unwrap().message,
+            "step b waits until 2023-11-14T22:13:25.000Z"
+        );
+        assert!(matches!(mv, Move::Wait(at) if at == due));
+        assert_eq!(record.steps[1].action.next_send_at, Some(due));
+        assert_eq!(record.steps[1].state, StepState::Pending);
+        // Decided again before it is due (a restart): it waits, and
+        // persists nothing new.
+        let (transition, mv) = next(&mut record, &saga, later(4000));
+        assert!(transition.is_none());
+        assert!(matches!(mv, Move::Wait(at) if at == due));
+        // Due: sent, once.
+        let (_, mv) = next(&mut record, &saga, due);
+        assert_eq!(sent(mv), (1, false));
+        assert_eq!(record.steps[1].action.sends, 1);
+        assert_eq!(record.steps[1].action.next_send_at, None);
+        // A time already past does not wait at all.
+        let past = serde_json::json!({
+            "name": "b",
+            "action": {"upstream": "u", "method": "POST", "path": "/b"},
+            "not_before": "2020-01-01T00:00:00Z"
+        });
+        let (mut record, saga) = self::saga(past);
+        a_done_b_sent(&mut record, &saga);
     }
 
     #[test]

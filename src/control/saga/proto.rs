@@ -114,6 +114,7 @@ pub fn spec_to_proto(spec: &SagaSpec) -> api::SagaDefinition {
                         .max_interval
                         .and_then(|m| prost_types::Duration::try_from(m.0).ok()),
                 }),
+                not_before: timestamp(s.not_before),
             })
             .collect(),
     }
@@ -165,6 +166,7 @@ pub fn spec_from_proto(definition: api::SagaDefinition) -> Result<SagaSpec, Stri
                     },
                 }),
             },
+            not_before: time(step.not_before),
         });
     }
     Ok(SagaSpec {

@@ -74,6 +74,10 @@ pub struct StepSpec {
     /// compensation too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<StepRetrySpec>,
+    /// Not sent before this time (RFC 3339, such as
+    /// `2026-12-05T09:00:00Z`): a durable timer, kept across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<super::record::Time>,
 }
 
 /// A step's own retries, on top of its upstream's policy.
@@ -182,6 +186,8 @@ pub struct Step {
     pub degrade_to: Option<Value>,
     /// Its own retries (1 send when `None`).
     pub retry: Option<StepRetry>,
+    /// Not sent before this time.
+    pub not_before: Option<super::record::Time>,
 }
 
 /// A checked call.
@@ -332,6 +338,7 @@ impl SagaSpec {
                     compensation,
                     degrade_to,
                     retry,
+                    not_before: step.not_before,
                 });
             }
         }
@@ -517,6 +524,24 @@ mod tests {
 
     fn spec(yaml: &str) -> SagaSpec {
         serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_step_s_not_before_is_a_time_as_yaml_writes_it() {
+        let saga = spec(
+            "id: later\nsteps:\n  - name: remind\n    action: {upstream: mail, method: POST, path: /mail}\n    not_before: 2026-12-05T09:00:00Z\n",
+        )
+        .check()
+        .unwrap();
+        let at = saga.steps[0].not_before.unwrap();
+        assert_eq!(
+            humantime::format_rfc3339(at.system()).to_string(),
+            "2026-12-05T09:00:00Z"
+        );
+        let bad: Result<SagaSpec, _> = serde_saphyr::from_str(
+            "id: x\nsteps:\n  - name: a\n    action: {upstream: u, method: GET, path: /}\n    not_before: tomorrow\n",
+        );
+        assert!(bad.is_err());
     }
 
     #[test]
