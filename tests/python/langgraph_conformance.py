@@ -3,8 +3,8 @@ against a running control plane.
 
     python langgraph_conformance.py JSON_URL [TOKEN]
 
-JSON_URL is the control plane's JSON port (--http-listen), such as
-http://127.0.0.1:7071. Prints the suite's full report (each test, with
+JSON_URL is the control plane's URL (its gRPC port, or --http-listen), such as
+http://127.0.0.1:7070. Prints the suite's full report (each test, with
 tracebacks), then one line of JSON: the report as a dict. Exits 1 unless
 all 8 capabilities were detected and passed.
 

@@ -6,7 +6,7 @@ another process: extract -> validate -> enrich -> report.
     python langgraph_crash.py review  URL THREAD SIDE_EFFECTS [--token T]
     python langgraph_crash.py approve URL THREAD SIDE_EFFECTS [--answer JSON] [--token T]
 
-URL is the control plane's JSON port (--http-listen). Every node appends
+URL is the control plane's (its gRPC port, or --http-listen). Every node appends
 its name as a line to SIDE_EFFECTS, flushed and fsynced, just before it
 returns: the file records which nodes finished, across processes.
 
@@ -130,7 +130,7 @@ def build(effects: str, crash_in: str | None, review: bool):
 def main() -> None:
     ap = argparse.ArgumentParser(description="A graph killed mid-run and resumed elsewhere.")
     ap.add_argument("mode", choices=["run", "resume", "review", "approve"])
-    ap.add_argument("url", help="the control plane's JSON port, such as http://127.0.0.1:7071")
+    ap.add_argument("url", help="the control plane's URL, such as http://127.0.0.1:7070")
     ap.add_argument("thread")
     ap.add_argument("side_effects")
     ap.add_argument("--crash-in", choices=["extract", "validate", "enrich", "report"])

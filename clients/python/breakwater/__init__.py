@@ -1,4 +1,4 @@
-"""Python clients for Breakwater's control plane, over its JSON port.
+"""Python clients for Breakwater's control plane, over its JSON API.
 
 ``Client`` (and ``AsyncClient``) reads and changes checkpoints, dead
 letters and sagas. ``breakwater.langgraph.BreakwaterSaver`` is a LangGraph

@@ -1,4 +1,4 @@
-"""Calls to the control plane's JSON port: the token, retries and errors.
+"""Calls to the control plane's JSON API: the token, retries and errors.
 
 Every call is a JSON request and a JSON answer. A call is sent again, a
 few times with a growing pause, when the connection failed or the control
@@ -75,7 +75,7 @@ class Connection:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(
-                f"{url!r} is not an http:// or https:// URL of the control plane's JSON port"
+                f"{url!r} is not an http:// or https:// URL of the control plane"
             )
         self.url = url.rstrip("/")
         self.retries = max(0, retries)
@@ -132,7 +132,7 @@ class Connection:
             if not isinstance(parsed, dict):
                 raise BreakwaterError(
                     f"{self.url} answered HTTP {response.status_code} with no JSON object:"
-                    " is this the control plane's JSON port?",
+                    " is this a Breakwater control plane?",
                     status=response.status_code,
                 )
             return parsed

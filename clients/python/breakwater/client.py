@@ -1,5 +1,5 @@
 """Clients for the control plane's checkpoints, dead letters and sagas,
-over its JSON port.
+over its JSON API.
 
     from breakwater import Client
 

@@ -1,6 +1,6 @@
 """The errors a Breakwater control plane call can raise.
 
-The JSON port answers a failure as
+The JSON API answers a failure as
 ``{"error": {"code": "NOT_FOUND", "message": "..."}}`` with a matching HTTP
 status. The error class is chosen by ``code`` first, and by the HTTP status
 when the body has no code (a proxy's answer, say).

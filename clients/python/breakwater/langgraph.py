@@ -1,5 +1,5 @@
 """A LangGraph checkpointer that keeps a graph's threads in Breakwater's
-control plane, over its JSON port (``/v1/threads/...``).
+control plane, over its JSON API (``/v1/threads/...``).
 
     from breakwater.langgraph import BreakwaterSaver
 
